@@ -1,0 +1,18 @@
+//! dotmac-gitops: declarative GitOps reconciliation for DotMac tenants.
+//!
+//! The data flow, one module per stage (see ARCHITECTURE.md):
+//! `load` -> `validate` -> `render` -> (providers read live) -> `diff` -> `plan` -> `apply`,
+//! with `state` keeping the last-applied record, the audit log and the lock.
+
+pub mod cli;
+pub mod diag;
+pub mod fingerprint;
+pub mod load;
+pub mod model;
+pub mod render;
+pub mod validate;
+pub mod yamlfmt;
+
+/// Counts what a thread holds while it renders a template (see `render::budget`).
+#[global_allocator]
+static ALLOCATOR: render::CountingAllocator = render::CountingAllocator;

@@ -1,0 +1,266 @@
+//! Load: repository files at a revision -> parsed documents.
+//!
+//! Nothing here judges the content beyond "is it readable YAML/TOML within the limits";
+//! `validate` does the rest. Problems become diagnostics so one run reports all of them.
+
+pub mod settings;
+pub mod source;
+pub mod yaml;
+
+use crate::diag::Diagnostic;
+use crate::model::DocRef;
+use rayon::prelude::*;
+use serde_json::Value;
+use source::{FileRole, RawFile, Scope};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Which state of the repository was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The files on disk, as they are.
+    WorkTree,
+    /// The tree of this commit (full hex id).
+    Commit(String),
+}
+
+/// A YAML or TOML file as read (kept for diagnostics).
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub path: Arc<str>,
+    pub text: String,
+}
+
+/// One YAML document, parsed.
+#[derive(Debug, Clone)]
+pub struct LoadedDoc {
+    pub at: DocRef,
+    pub role: FileRole,
+    /// 1-based line of the document's start.
+    pub line: usize,
+    pub value: Value,
+}
+
+/// A repository read at one revision.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub root: PathBuf,
+    pub origin: Origin,
+    pub files: Vec<SourceFile>,
+    pub docs: Vec<LoadedDoc>,
+    /// `dotmac.toml` as a JSON value (for schema checks), if present and parseable.
+    pub settings: Option<Value>,
+    /// The repository's own templates, by name relative to `templates/`.
+    pub templates: BTreeMap<String, Arc<str>>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// A failure to read the repository at all (as opposed to a problem in one of its files).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("no dotmac.toml found in {0} or any folder above it; pass --repo DIR")]
+    NoRoot(String),
+    #[error("{0}")]
+    Git(String),
+}
+
+/// Finds the repository root from `--repo` (or the current directory).
+pub fn find_root(repo: Option<&Path>) -> Result<PathBuf, LoadError> {
+    let start = match repo {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_dir().map_err(|e| LoadError::NoRoot(e.to_string()))?,
+    };
+    source::find_root(&start).ok_or_else(|| LoadError::NoRoot(start.display().to_string()))
+}
+
+/// Reads the repository at `root`: the work tree, or the commit `rev` names.
+pub fn load(root: &Path, rev: Option<&str>, scope: &Scope) -> Result<Loaded, LoadError> {
+    let (raw, problems, origin) = match rev {
+        None => {
+            let (raw, problems) = source::read_worktree(root, scope);
+            (raw, problems, Origin::WorkTree)
+        }
+        Some(rev) => {
+            let (repo, prefix) = source::open_git(root).map_err(LoadError::Git)?;
+            let commit = source::resolve_rev(&repo, rev).map_err(LoadError::Git)?;
+            let tree = source::GitTree {
+                repo: &repo,
+                commit,
+                prefix,
+            };
+            let (raw, problems) = tree.read(scope);
+            (raw, problems, Origin::Commit(commit.to_string()))
+        }
+    };
+    Ok(parse_files(root, origin, raw, problems))
+}
+
+/// Reads the repository at a commit of an already open git repository.
+pub fn load_commit(
+    root: &Path,
+    repo: &git2::Repository,
+    prefix: &str,
+    commit: git2::Oid,
+    scope: &Scope,
+) -> Loaded {
+    let tree = source::GitTree {
+        repo,
+        commit,
+        prefix: prefix.to_owned(),
+    };
+    let (raw, problems) = tree.read(scope);
+    parse_files(root, Origin::Commit(commit.to_string()), raw, problems)
+}
+
+/// Parses raw files into documents (in parallel), collecting every problem.
+pub fn parse_files(
+    root: &Path,
+    origin: Origin,
+    raw: Vec<RawFile>,
+    problems: Vec<source::FileProblem>,
+) -> Loaded {
+    let mut diagnostics: Vec<Diagnostic> = problems
+        .into_iter()
+        .map(|p| {
+            let d = Diagnostic::error("unreadable-file", format!("`{}` {}", p.path, p.message))
+                .file(p.path);
+            match p.line {
+                Some(l) => d.line(l, 1),
+                None => d,
+            }
+        })
+        .collect();
+    let mut templates = BTreeMap::new();
+    let mut yaml_files = Vec::new();
+    let mut settings_file = None;
+    for f in raw {
+        match source::role_of(&f.path) {
+            Some(FileRole::Template) => {
+                let name = f.path["templates/".len()..].to_owned();
+                templates.insert(name, Arc::from(f.text));
+            }
+            Some(FileRole::Settings) => settings_file = Some(f),
+            Some(role) => yaml_files.push((role, f)),
+            None => {}
+        }
+    }
+
+    type Parsed = (SourceFile, Result<Vec<LoadedDoc>, Diagnostic>);
+    let parsed: Vec<Parsed> = yaml_files
+        .into_par_iter()
+        .map(|(role, f)| {
+            let path: Arc<str> = Arc::from(f.path.as_str());
+            let result = match yaml::parse_documents(&f.text) {
+                Ok(docs) => Ok(docs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, d)| LoadedDoc {
+                        at: DocRef {
+                            file: path.clone(),
+                            doc: i,
+                        },
+                        role,
+                        line: d.line,
+                        value: d.value,
+                    })
+                    .collect()),
+                Err(e) => Err(
+                    Diagnostic::error("yaml", format!("invalid YAML: {}", e.message))
+                        .file(f.path.clone())
+                        .line(e.line, e.column),
+                ),
+            };
+            (SourceFile { path, text: f.text }, result)
+        })
+        .collect();
+
+    let mut files = Vec::with_capacity(parsed.len() + 1);
+    let mut docs = Vec::new();
+    for (file, result) in parsed {
+        match result {
+            Ok(d) => docs.extend(d),
+            Err(diag) => diagnostics.push(diag),
+        }
+        files.push(file);
+    }
+
+    let settings = match settings_file {
+        None => {
+            diagnostics.push(
+                Diagnostic::error("settings", "the repository has no dotmac.toml")
+                    .file("dotmac.toml")
+                    .help("create it with at least `format = 1`"),
+            );
+            None
+        }
+        Some(f) => {
+            let value = match toml::from_str::<toml::Table>(&f.text) {
+                Ok(table) => serde_json::to_value(table).ok(),
+                Err(e) => {
+                    let (line, col) = e
+                        .span()
+                        .map(|s| line_col(&f.text, s.start))
+                        .unwrap_or((1, 1));
+                    diagnostics.push(
+                        Diagnostic::error("toml", format!("invalid TOML: {}", e.message()))
+                            .file("dotmac.toml")
+                            .line(line, col),
+                    );
+                    None
+                }
+            };
+            files.push(SourceFile {
+                path: Arc::from("dotmac.toml"),
+                text: f.text,
+            });
+            value
+        }
+    };
+
+    Loaded {
+        root: root.to_path_buf(),
+        origin,
+        files,
+        docs,
+        settings,
+        templates,
+        diagnostics,
+    }
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, col)
+}
+
+impl Loaded {
+    /// The text of a repository file (YAML, TOML or template), for diagnostics.
+    pub fn text_of(&self, path: &str) -> Option<&str> {
+        if let Some(name) = path.strip_prefix("templates/") {
+            return self.templates.get(name).map(|t| &**t);
+        }
+        if let Some(name) = path.strip_prefix(crate::render::BUILTIN_PREFIX) {
+            return crate::render::builtin_template(name);
+        }
+        self.files
+            .iter()
+            .find(|f| &*f.path == path)
+            .map(|f| f.text.as_str())
+    }
+
+    pub fn revision(&self) -> Option<&str> {
+        match &self.origin {
+            Origin::Commit(c) => Some(c),
+            Origin::WorkTree => None,
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! Reading the repository's files: from the work tree, or from a git commit's tree (blobs
+//! read straight from the object database, never checked out). git2 lives here.
+//!
+//! Only the files the format defines are read: `dotmac.toml`, `catalog/`, `environments/`,
+//! `tenants/` (YAML) and `templates/` (anything). Each file is checked on the way in: a size
+//! limit, UTF-8, and symbolic links that stay inside the repository.
+
+use rayon::prelude::*;
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+
+/// Files above this size are rejected before they are read.
+pub const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// A file as read, with the path relative to the repository root (always `/`-separated).
+#[derive(Debug, Clone)]
+pub struct RawFile {
+    pub path: String,
+    pub text: String,
+}
+
+/// A file that could not be taken in, and why.
+#[derive(Debug, Clone)]
+pub struct FileProblem {
+    pub path: String,
+    pub message: String,
+    pub line: Option<usize>,
+}
+
+/// Which tenant folders to read. A tenant "unit" is the first path segment under `tenants/`
+/// (`tenants/<unit>/...`, or the file `tenants/<unit>.yaml` itself).
+#[derive(Debug, Clone, Default)]
+pub enum Scope {
+    #[default]
+    All,
+    Units(BTreeSet<String>),
+}
+
+impl Scope {
+    fn wants_unit(&self, unit: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Units(set) => set.contains(unit),
+        }
+    }
+}
+
+/// The unit of a repository-relative path under `tenants/`, if it is one.
+pub fn tenant_unit(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("tenants/")?;
+    Some(rest.split('/').next().unwrap_or(rest))
+}
+
+/// What kind of repository file a path is, by where it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRole {
+    Settings,
+    Catalog,
+    Environment,
+    Tenant,
+    Template,
+}
+
+pub fn role_of(path: &str) -> Option<FileRole> {
+    let yaml = path.ends_with(".yaml") || path.ends_with(".yml");
+    if path == "dotmac.toml" {
+        Some(FileRole::Settings)
+    } else if path.starts_with("templates/") {
+        Some(FileRole::Template)
+    } else if yaml && path.starts_with("catalog/") {
+        Some(FileRole::Catalog)
+    } else if yaml && path.starts_with("environments/") {
+        Some(FileRole::Environment)
+    } else if yaml && path.starts_with("tenants/") {
+        Some(FileRole::Tenant)
+    } else {
+        None
+    }
+}
+
+const TOP_DIRS: [&str; 4] = ["catalog", "environments", "tenants", "templates"];
+
+fn decode(path: &str, bytes: Vec<u8>) -> Result<String, FileProblem> {
+    match String::from_utf8(bytes) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = good.iter().filter(|b| **b == b'\n').count() + 1;
+            Err(FileProblem {
+                path: path.to_owned(),
+                message: format!(
+                    "is not valid UTF-8 (invalid byte at offset {}); save it as UTF-8",
+                    e.utf8_error().valid_up_to()
+                ),
+                line: Some(line),
+            })
+        }
+    }
+}
+
+fn too_big(path: &str, size: u64) -> FileProblem {
+    FileProblem {
+        path: path.to_owned(),
+        message: format!(
+            "is {size} bytes, over the limit of {MAX_FILE_BYTES} bytes; split it into smaller files"
+        ),
+        line: None,
+    }
+}
+
+/// Finds the repository root: the nearest directory at or above `start` holding `dotmac.toml`.
+pub fn find_root(start: &Path) -> Option<PathBuf> {
+    let start = start.canonicalize().ok()?;
+    start
+        .ancestors()
+        .find(|d| d.join("dotmac.toml").is_file())
+        .map(Path::to_path_buf)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work tree
+
+/// Reads the work tree under `root`.
+pub fn read_worktree(root: &Path, scope: &Scope) -> (Vec<RawFile>, Vec<FileProblem>) {
+    let root = match root.canonicalize() {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                Vec::new(),
+                vec![FileProblem {
+                    path: root.display().to_string(),
+                    message: format!("cannot be read: {e}"),
+                    line: None,
+                }],
+            );
+        }
+    };
+    // Collect paths first (cheap, mostly sequential), then read them in parallel.
+    let mut paths: Vec<String> = Vec::new();
+    let mut problems = Vec::new();
+    if root.join("dotmac.toml").exists() {
+        paths.push("dotmac.toml".to_owned());
+    }
+    for top in TOP_DIRS {
+        let dir = root.join(top);
+        if !dir.is_dir() {
+            continue;
+        }
+        if top == "tenants" {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut units: Vec<(String, PathBuf)> = entries
+                .filter_map(Result::ok)
+                .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+                .filter(|(name, _)| scope.wants_unit(name) && !name.starts_with('.'))
+                .collect();
+            units.sort();
+            let found: Vec<(Vec<String>, Vec<FileProblem>)> = units
+                .par_iter()
+                .map(|(name, path)| {
+                    let mut out = Vec::new();
+                    let mut probs = Vec::new();
+                    walk(
+                        &root,
+                        path,
+                        &format!("tenants/{name}"),
+                        &mut out,
+                        &mut probs,
+                        0,
+                    );
+                    (out, probs)
+                })
+                .collect();
+            for (p, q) in found {
+                paths.extend(p);
+                problems.extend(q);
+            }
+        } else {
+            walk(&root, &dir, top, &mut paths, &mut problems, 0);
+        }
+    }
+    paths.retain(|p| role_of(p).is_some());
+    let results: Vec<Result<RawFile, FileProblem>> =
+        paths.par_iter().map(|rel| read_one(&root, rel)).collect();
+    let mut files = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(f) => files.push(f),
+            Err(p) => problems.push(p),
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    (files, problems)
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    rel: &str,
+    out: &mut Vec<String>,
+    problems: &mut Vec<FileProblem>,
+    depth: usize,
+) {
+    if depth > 32 {
+        problems.push(FileProblem {
+            path: rel.to_owned(),
+            message: "is nested more than 32 folders deep".into(),
+            line: None,
+        });
+        return;
+    }
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(_) => return,
+    };
+    if meta.is_file() || meta.file_type().is_symlink() {
+        // `tenants/<unit>.yaml` or a link: the caller passes files through the same path.
+        out.push(rel.to_owned());
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let Ok(name) = e.file_name().into_string() else {
+            problems.push(FileProblem {
+                path: format!("{rel}/{}", e.file_name().to_string_lossy()),
+                message: "has a name that is not valid UTF-8".into(),
+                line: None,
+            });
+            continue;
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        let child = format!("{rel}/{name}");
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            walk(root, &e.path(), &child, out, problems, depth + 1);
+        } else if ft.is_symlink() {
+            match std::fs::metadata(e.path()) {
+                Ok(m) if m.is_dir() => problems.push(FileProblem {
+                    path: child,
+                    message: "is a symbolic link to a folder; such links are not followed".into(),
+                    line: None,
+                }),
+                _ => out.push(child),
+            }
+        } else {
+            out.push(child);
+        }
+    }
+}
+
+fn read_one(root: &Path, rel: &str) -> Result<RawFile, FileProblem> {
+    let path = root.join(rel);
+    let problem = |message: String| FileProblem {
+        path: rel.to_owned(),
+        message,
+        line: None,
+    };
+    let meta =
+        std::fs::symlink_metadata(&path).map_err(|e| problem(format!("cannot be read: {e}")))?;
+    let target = if meta.file_type().is_symlink() {
+        let real = path
+            .canonicalize()
+            .map_err(|_| problem("is a symbolic link that points nowhere".into()))?;
+        if !real.starts_with(root) {
+            return Err(problem(
+                "is a symbolic link to a file outside the repository; it is not followed".into(),
+            ));
+        }
+        real
+    } else {
+        path
+    };
+    let meta = std::fs::metadata(&target).map_err(|e| problem(format!("cannot be read: {e}")))?;
+    if !meta.is_file() {
+        return Err(problem("is not a regular file".into()));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_big(rel, meta.len()));
+    }
+    // Read at most the limit (the file may grow between stat and read).
+    use std::io::Read;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(&target)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| problem(format!("cannot be read: {e}")))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_big(rel, bytes.len() as u64));
+    }
+    Ok(RawFile {
+        path: rel.to_owned(),
+        text: decode(rel, bytes)?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Git
+
+/// A resolved git revision of the repository.
+pub struct GitTree<'r> {
+    pub repo: &'r git2::Repository,
+    pub commit: git2::Oid,
+    /// The repository root's path inside the git tree (`""` when they coincide).
+    pub prefix: String,
+}
+
+/// Opens the git repository that contains `root`, and the prefix of `root` inside it.
+pub fn open_git(root: &Path) -> Result<(git2::Repository, String), String> {
+    let repo = git2::Repository::discover(root).map_err(|e| {
+        format!(
+            "{} is not inside a git repository: {}",
+            root.display(),
+            e.message()
+        )
+    })?;
+    let workdir = repo
+        .workdir()
+        .ok_or_else(|| "the git repository is bare; pass --repo to a work tree".to_owned())?
+        .canonicalize()
+        .map_err(|e| e.to_string())?;
+    let root = root.canonicalize().map_err(|e| e.to_string())?;
+    let prefix = root
+        .strip_prefix(&workdir)
+        .map_err(|_| "the repository root is outside the git work tree".to_owned())?
+        .to_string_lossy()
+        .replace('\\', "/");
+    Ok((repo, prefix))
+}
+
+/// Resolves `rev` (any revision git understands) to a commit id.
+pub fn resolve_rev(repo: &git2::Repository, rev: &str) -> Result<git2::Oid, String> {
+    let obj = repo
+        .revparse_single(rev)
+        .map_err(|e| format!("unknown revision `{rev}`: {}", e.message()))?;
+    let commit = obj
+        .peel_to_commit()
+        .map_err(|e| format!("revision `{rev}` is not a commit: {}", e.message()))?;
+    Ok(commit.id())
+}
+
+impl GitTree<'_> {
+    fn root_tree(&self) -> Result<Option<git2::Tree<'_>>, String> {
+        let commit = self
+            .repo
+            .find_commit(self.commit)
+            .map_err(|e| e.message().to_owned())?;
+        let tree = commit.tree().map_err(|e| e.message().to_owned())?;
+        if self.prefix.is_empty() {
+            return Ok(Some(tree));
+        }
+        match tree.get_path(Path::new(&self.prefix)) {
+            Ok(entry) => Ok(Some(
+                self.repo
+                    .find_tree(entry.id())
+                    .map_err(|e| e.message().to_owned())?,
+            )),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Reads the repository's files at this commit.
+    pub fn read(&self, scope: &Scope) -> (Vec<RawFile>, Vec<FileProblem>) {
+        let mut files = Vec::new();
+        let mut problems = Vec::new();
+        let tree = match self.root_tree() {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                problems.push(FileProblem {
+                    path: self.prefix.clone(),
+                    message: format!("does not exist at commit {}", self.commit),
+                    line: None,
+                });
+                return (files, problems);
+            }
+            Err(e) => {
+                problems.push(FileProblem {
+                    path: ".".into(),
+                    message: e,
+                    line: None,
+                });
+                return (files, problems);
+            }
+        };
+        let mut entries: Vec<(String, git2::Oid, i32)> = Vec::new();
+        if let Some(e) = tree.get_name("dotmac.toml") {
+            entries.push(("dotmac.toml".into(), e.id(), e.filemode()));
+        }
+        for top in TOP_DIRS {
+            let Some(e) = tree.get_name(top) else {
+                continue;
+            };
+            let Ok(sub) = self.repo.find_tree(e.id()) else {
+                continue;
+            };
+            if top == "tenants" {
+                for unit in sub.iter() {
+                    let Ok(name) = unit.name() else { continue };
+                    if !scope.wants_unit(name) || name.starts_with('.') {
+                        continue;
+                    }
+                    let rel = format!("tenants/{name}");
+                    self.collect(&unit, &rel, &mut entries, 0);
+                }
+            } else {
+                self.collect(&e, top, &mut entries, 0);
+            }
+        }
+        entries.retain(|(p, ..)| role_of(p).is_some());
+        let odb = match self.repo.odb() {
+            Ok(o) => o,
+            Err(e) => {
+                problems.push(FileProblem {
+                    path: ".".into(),
+                    message: e.message().to_owned(),
+                    line: None,
+                });
+                return (files, problems);
+            }
+        };
+        for (path, oid, mode) in entries {
+            match self.read_blob(&odb, &tree, &path, oid, mode) {
+                Ok(text) => files.push(RawFile { path, text }),
+                Err(p) => problems.push(p),
+            }
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        (files, problems)
+    }
+
+    fn collect(
+        &self,
+        entry: &git2::TreeEntry<'_>,
+        rel: &str,
+        out: &mut Vec<(String, git2::Oid, i32)>,
+        depth: usize,
+    ) {
+        match entry.kind() {
+            Some(git2::ObjectType::Tree) if depth <= 32 => {
+                let Ok(tree) = self.repo.find_tree(entry.id()) else {
+                    return;
+                };
+                for child in tree.iter() {
+                    let Ok(name) = child.name() else { continue };
+                    if name.starts_with('.') {
+                        continue;
+                    }
+                    self.collect(&child, &format!("{rel}/{name}"), out, depth + 1);
+                }
+            }
+            Some(git2::ObjectType::Blob) => {
+                out.push((rel.to_owned(), entry.id(), entry.filemode()))
+            }
+            _ => {}
+        }
+    }
+
+    fn read_blob(
+        &self,
+        odb: &git2::Odb<'_>,
+        tree: &git2::Tree<'_>,
+        path: &str,
+        oid: git2::Oid,
+        mode: i32,
+    ) -> Result<String, FileProblem> {
+        let problem = |message: String| FileProblem {
+            path: path.to_owned(),
+            message,
+            line: None,
+        };
+        let (oid, mode) = if mode == 0o120000 {
+            // A symbolic link: its blob is the target path. Follow it only inside the tree.
+            let blob = self
+                .repo
+                .find_blob(oid)
+                .map_err(|e| problem(e.message().to_owned()))?;
+            let target = String::from_utf8_lossy(blob.content()).into_owned();
+            let resolved = resolve_link(path, &target).ok_or_else(|| {
+                problem(format!(
+                    "is a symbolic link to `{target}`, outside the repository; it is not followed"
+                ))
+            })?;
+            let entry = tree.get_path(Path::new(&resolved)).map_err(|_| {
+                problem(format!(
+                    "is a symbolic link to `{target}`, which does not exist"
+                ))
+            })?;
+            if entry.filemode() == 0o120000 || entry.kind() != Some(git2::ObjectType::Blob) {
+                return Err(problem(format!(
+                    "is a symbolic link to `{target}`, which is not a regular file"
+                )));
+            }
+            (entry.id(), entry.filemode())
+        } else {
+            (oid, mode)
+        };
+        let _ = mode;
+        let (size, _) = odb
+            .read_header(oid)
+            .map_err(|e| problem(e.message().to_owned()))?;
+        if size as u64 > MAX_FILE_BYTES {
+            return Err(too_big(path, size as u64));
+        }
+        let blob = self
+            .repo
+            .find_blob(oid)
+            .map_err(|e| problem(e.message().to_owned()))?;
+        decode(path, blob.content().to_vec())
+    }
+}
+
+/// Resolves a link target relative to the link's folder; `None` if it leaves the root.
+pub fn resolve_link(link_path: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') || target.contains('\\') {
+        return None;
+    }
+    let mut parts: Vec<&str> = link_path.split('/').collect();
+    parts.pop();
+    for c in Path::new(target).components() {
+        match c {
+            Component::Normal(s) => parts.push(s.to_str()?),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            _ => return None,
+        }
+    }
+    Some(parts.join("/"))
+}
+
+/// The commit checked out in the work tree if nothing under `root` differs from it
+/// (no modified, staged or untracked files); `None` otherwise or outside git.
+pub fn clean_worktree_revision(root: &Path) -> Option<String> {
+    let (repo, prefix) = open_git(root).ok()?;
+    let head = repo.head().ok()?.peel_to_commit().ok()?;
+    let mut opts = git2::StatusOptions::new();
+    opts.include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .include_ignored(false)
+        .exclude_submodules(true);
+    if !prefix.is_empty() {
+        opts.pathspec(&prefix);
+    }
+    let statuses = repo.statuses(Some(&mut opts)).ok()?;
+    let dirty = statuses.iter().any(|s| {
+        s.path()
+            .map(|p| {
+                let rel = if prefix.is_empty() {
+                    p
+                } else {
+                    p.strip_prefix(&prefix)
+                        .map(|r| r.trim_start_matches('/'))
+                        .unwrap_or("")
+                };
+                role_of(rel).is_some()
+            })
+            .unwrap_or(true)
+    });
+    (!dirty).then(|| head.id().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_resolve_only_inside() {
+        assert_eq!(
+            resolve_link("templates/a.j2", "b.j2").as_deref(),
+            Some("templates/b.j2")
+        );
+        assert_eq!(
+            resolve_link("templates/k/a.j2", "../b.j2").as_deref(),
+            Some("templates/b.j2")
+        );
+        assert_eq!(resolve_link("templates/a.j2", "../../etc/passwd"), None);
+        assert_eq!(resolve_link("templates/a.j2", "/etc/passwd"), None);
+    }
+
+    #[test]
+    fn units_and_roles() {
+        assert_eq!(tenant_unit("tenants/t1/tenant.yaml"), Some("t1"));
+        assert_eq!(tenant_unit("tenants/all.yaml"), Some("all.yaml"));
+        assert_eq!(role_of("tenants/a/b/c.yml"), Some(FileRole::Tenant));
+        assert_eq!(role_of("tenants/a/README.md"), None);
+        assert_eq!(role_of("templates/x/README.md"), Some(FileRole::Template));
+    }
+}

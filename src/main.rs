@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    dotmac_gitops::cli::main()
+}

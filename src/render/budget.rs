@@ -1,0 +1,113 @@
+//! A memory budget for template rendering.
+//!
+//! Fuel bounds the instructions a template runs, not the memory it uses: a handful of
+//! `{% set a = a ~ a %}` doubles a string past any machine. The process allocator counts the
+//! bytes a thread holds while it renders; a render that goes over its budget ends the process
+//! at once with exit code 1 and a message naming the template and tenant — a clear error in
+//! bounded memory, instead of the kernel's OOM killer later. Outside a render nothing is
+//! counted beyond one thread-local check per allocation.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+pub struct CountingAllocator;
+
+const NO_LIMIT: isize = isize::MAX;
+
+thread_local! {
+    /// (bytes held by this thread since the render started, limit)
+    static USED: Cell<(isize, isize)> = const { Cell::new((0, NO_LIMIT)) };
+    /// What is being rendered, for the message (fixed buffer: no allocation here).
+    static WHAT: Cell<([u8; 160], usize)> = const { Cell::new(([0; 160], 0)) };
+}
+
+#[inline]
+fn charge(delta: isize) {
+    let _ = USED.try_with(|u| {
+        let (used, limit) = u.get();
+        if limit == NO_LIMIT {
+            return;
+        }
+        let used = used + delta;
+        u.set((used, limit));
+        if used > limit {
+            u.set((0, NO_LIMIT));
+            over_budget(limit);
+        }
+    });
+}
+
+#[cold]
+fn over_budget(limit: isize) -> ! {
+    let (buf, len) = WHAT.try_with(Cell::get).unwrap_or(([0; 160], 0));
+    let mut msg = [0u8; 400];
+    let mut n = 0;
+    let mut put = |bytes: &[u8]| {
+        let take = bytes.len().min(msg.len() - n);
+        msg[n..n + take].copy_from_slice(&bytes[..take]);
+        n += take;
+    };
+    put(b"error[template-memory]: rendering ");
+    put(&buf[..len]);
+    put(b" used more than ");
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = (limit / (1024 * 1024)) as usize;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    put(&digits[i..]);
+    put(b" MiB of memory; the template builds values too large to be a configuration\n");
+    // SAFETY: writing a stack buffer to stderr and leaving without running destructors or
+    // allocating; nothing else is sound from inside the allocator.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), n);
+        libc::_exit(1);
+    }
+}
+
+// SAFETY: delegates every call to the system allocator; only counts sizes.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        charge(layout.size() as isize);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        charge(layout.size() as isize);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        charge(-(layout.size() as isize));
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        charge(new_size as isize - layout.size() as isize);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+/// While alive, this thread's allocations count against `limit` bytes.
+pub struct Guard(());
+
+impl Guard {
+    pub fn new(limit: usize, what: &str) -> Guard {
+        let mut buf = [0u8; 160];
+        let bytes = what.as_bytes();
+        let len = bytes.len().min(buf.len());
+        buf[..len].copy_from_slice(&bytes[..len]);
+        let _ = WHAT.try_with(|w| w.set((buf, len)));
+        let _ = USED.try_with(|u| u.set((0, limit.min(NO_LIMIT as usize - 1) as isize)));
+        Guard(())
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = USED.try_with(|u| u.set((0, NO_LIMIT)));
+    }
+}
