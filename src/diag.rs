@@ -104,8 +104,7 @@ pub fn resolve_positions<'a>(diags: &mut [Diagnostic], text_of: impl Fn(&str) ->
         if d.line.is_some() {
             continue;
         }
-        let (Some(file), Some(pointer), Some((doc, target))) = (&d.file, &d.pointer, d.anchor)
-        else {
+        let (Some(file), Some(pointer), Some((doc, target))) = (&d.file, &d.pointer, d.anchor) else {
             continue;
         };
         let Some(text) = text_of(file) else { continue };
@@ -146,25 +145,18 @@ pub fn locate_toml(text: &str, pointer: &str) -> Option<(usize, usize, usize)> {
             }
             continue;
         }
-        if current == want_table {
-            if let Some((k, _)) = line.split_once('=')
-                && k.trim().trim_matches('"') == key
-            {
-                let col = raw.len() - raw.trim_start().len() + 1;
-                return Some((i + 1, col, k.trim().len().max(1)));
-            }
+        if current == want_table
+            && let Some((k, _)) = line.split_once('=')
+            && k.trim().trim_matches('"') == key
+        {
+            let col = raw.len() - raw.trim_start().len() + 1;
+            return Some((i + 1, col, k.trim().len().max(1)));
         }
     }
     // The key may be missing (a required setting) or itself be a table.
     let full = segs.join(".");
     for (i, raw) in text.lines().enumerate() {
-        if raw
-            .trim()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .trim()
-            == full
-        {
+        if raw.trim().trim_start_matches('[').trim_end_matches(']').trim() == full {
             return Some((i + 1, 1, raw.len().max(1)));
         }
     }
@@ -175,20 +167,13 @@ pub fn locate_toml(text: &str, pointer: &str) -> Option<(usize, usize, usize)> {
 /// where nothing else tells them apart.
 pub fn sort(diags: &mut [Diagnostic]) {
     diags.sort_by(|a, b| {
-        (
-            a.file.as_deref().unwrap_or(""),
-            a.line.unwrap_or(0),
-            a.column.unwrap_or(0),
-            a.severity,
-            &a.message,
-        )
-            .cmp(&(
-                b.file.as_deref().unwrap_or(""),
-                b.line.unwrap_or(0),
-                b.column.unwrap_or(0),
-                b.severity,
-                &b.message,
-            ))
+        (a.file.as_deref().unwrap_or(""), a.line.unwrap_or(0), a.column.unwrap_or(0), a.severity, &a.message).cmp(&(
+            b.file.as_deref().unwrap_or(""),
+            b.line.unwrap_or(0),
+            b.column.unwrap_or(0),
+            b.severity,
+            &b.message,
+        ))
     });
 }
 
@@ -198,20 +183,12 @@ struct Style {
 
 impl Style {
     fn paint(&self, code: &str, s: &str) -> String {
-        if self.color {
-            format!("\x1b[{code}m{s}\x1b[0m")
-        } else {
-            s.to_owned()
-        }
+        if self.color { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_owned() }
     }
 }
 
 /// Human output in the manner of rustc: a headline, the place, the line with a caret, notes.
-pub fn render_human<'a>(
-    diags: &[Diagnostic],
-    text_of: impl Fn(&str) -> Option<&'a str>,
-    color: bool,
-) -> String {
+pub fn render_human<'a>(diags: &[Diagnostic], text_of: impl Fn(&str) -> Option<&'a str>, color: bool) -> String {
     let st = Style { color };
     let mut cache: HashMap<&str, Vec<&str>> = HashMap::new();
     let mut out = String::new();
@@ -236,25 +213,15 @@ pub fn render_human<'a>(
             };
             let _ = writeln!(out, "{pad}{} {place}", st.paint("1;34", "-->"));
             if let (Some(l), Some(text)) = (d.line, text_of(file)) {
-                let lines = cache
-                    .entry(file.as_str())
-                    .or_insert_with(|| text.lines().collect());
+                let lines = cache.entry(file.as_str()).or_insert_with(|| text.lines().collect());
                 if let Some(src) = lines.get(l - 1) {
                     let src = src.trim_end_matches('\r');
                     let col = d.column.unwrap_or(1);
                     let shown: String = src.chars().take(200).collect();
                     let _ = writeln!(out, "{pad} {}", st.paint("1;34", "|"));
-                    let _ = writeln!(
-                        out,
-                        "{} {} {shown}",
-                        st.paint("1;34", &l.to_string()),
-                        st.paint("1;34", "|")
-                    );
-                    let lead: String = src
-                        .chars()
-                        .take(col.saturating_sub(1))
-                        .map(|c| if c == '\t' { '\t' } else { ' ' })
-                        .collect();
+                    let _ = writeln!(out, "{} {} {shown}", st.paint("1;34", &l.to_string()), st.paint("1;34", "|"));
+                    let lead: String =
+                        src.chars().take(col.saturating_sub(1)).map(|c| if c == '\t' { '\t' } else { ' ' }).collect();
                     let _ = writeln!(
                         out,
                         "{pad} {} {lead}{}",

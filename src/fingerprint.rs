@@ -59,11 +59,7 @@ pub fn sorted(v: &Value) -> Value {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
             keys.sort();
-            Value::Object(
-                keys.into_iter()
-                    .map(|k| (k.clone(), sorted(&m[k])))
-                    .collect(),
-            )
+            Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&m[k]))).collect())
         }
         Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
         other => other.clone(),
@@ -101,9 +97,6 @@ mod tests {
         let a = of(&Content::Json(json!({"a": 1, "b": [1, {"y": 2, "x": 1}]})));
         let b = of(&Content::Json(json!({"b": [1, {"x": 1, "y": 2}], "a": 1})));
         assert_eq!(a, b);
-        assert_ne!(
-            a,
-            of(&Content::Json(json!({"a": 2, "b": [1, {"x": 1, "y": 2}]})))
-        );
+        assert_ne!(a, of(&Content::Json(json!({"a": 2, "b": [1, {"x": 1, "y": 2}]}))));
     }
 }

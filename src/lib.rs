@@ -4,6 +4,8 @@
 //! `load` -> `validate` -> `render` -> (providers read live) -> `diff` -> `plan` -> `apply`,
 //! with `state` keeping the last-applied record, the audit log and the lock.
 
+#![allow(clippy::result_large_err, clippy::type_complexity)]
+
 pub mod cli;
 pub mod diag;
 pub mod fingerprint;

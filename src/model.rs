@@ -51,10 +51,7 @@ pub struct Coordination {
 
 impl Default for Coordination {
     fn default() -> Self {
-        Coordination {
-            strategy: Strategy::ManagementFirst,
-            rollback_on_failure: true,
-        }
+        Coordination { strategy: Strategy::ManagementFirst, rollback_on_failure: true }
     }
 }
 
@@ -148,7 +145,9 @@ impl Charset {
             Charset::Numeric => b"0123456789",
             Charset::Hex => b"0123456789abcdef",
             Charset::Base64url => b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
-            Charset::Ascii => b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#%&()*+,-./:;<=>?@[]^_{|}~",
+            Charset::Ascii => {
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#%&()*+,-./:;<=>?@[]^_{|}~"
+            }
         }
     }
 }
@@ -231,12 +230,8 @@ pub enum ProviderId {
 }
 
 impl ProviderId {
-    pub const ALL: [ProviderId; 4] = [
-        ProviderId::Secrets,
-        ProviderId::Management,
-        ProviderId::Isp,
-        ProviderId::Kubernetes,
-    ];
+    pub const ALL: [ProviderId; 4] =
+        [ProviderId::Secrets, ProviderId::Management, ProviderId::Isp, ProviderId::Kubernetes];
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderId::Secrets => "secrets",
@@ -269,9 +264,7 @@ impl ResourceKind {
     pub fn provider(&self) -> ProviderId {
         match self {
             ResourceKind::OpenbaoPolicy | ResourceKind::OpenbaoSecret => ProviderId::Secrets,
-            ResourceKind::ManagementTenant | ResourceKind::ManagementLicense => {
-                ProviderId::Management
-            }
+            ResourceKind::ManagementTenant | ResourceKind::ManagementLicense => ProviderId::Management,
             ResourceKind::IspConfig => ProviderId::Isp,
             ResourceKind::Kubernetes(_) => ProviderId::Kubernetes,
         }
@@ -314,11 +307,7 @@ pub struct Address {
 
 impl Address {
     pub fn new(tenant: &str, kind: ResourceKind, name: Option<&str>) -> Self {
-        Address {
-            tenant: tenant.to_owned(),
-            kind,
-            name: name.map(str::to_owned),
-        }
+        Address { tenant: tenant.to_owned(), kind, name: name.map(str::to_owned) }
     }
 
     /// Parses the textual form back.
@@ -336,11 +325,7 @@ impl Address {
             "openbao.secret" => ResourceKind::OpenbaoSecret,
             k => ResourceKind::Kubernetes(k.strip_prefix("kubernetes.")?.to_owned()),
         };
-        Some(Address {
-            tenant: tenant.to_owned(),
-            kind,
-            name,
-        })
+        Some(Address { tenant: tenant.to_owned(), kind, name })
     }
 
     pub fn provider(&self) -> ProviderId {
@@ -394,8 +379,7 @@ impl Serialize for Address {
 impl<'de> Deserialize<'de> for Address {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Address::parse(&s)
-            .ok_or_else(|| serde::de::Error::custom(format!("not a resource address: {s}")))
+        Address::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("not a resource address: {s}")))
     }
 }
 
@@ -452,25 +436,16 @@ mod tests {
         ] {
             assert_eq!(Address::parse(s).unwrap().to_string(), s);
         }
-        let mut v: Vec<Address> = [
-            "t1/kubernetes.Deployment[x]",
-            "t1/isp.config",
-            "t1/kubernetes.Namespace[n]",
-            "t1/openbao.policy[p]",
-        ]
-        .iter()
-        .map(|s| Address::parse(s).unwrap())
-        .collect();
+        let mut v: Vec<Address> =
+            ["t1/kubernetes.Deployment[x]", "t1/isp.config", "t1/kubernetes.Namespace[n]", "t1/openbao.policy[p]"]
+                .iter()
+                .map(|s| Address::parse(s).unwrap())
+                .collect();
         v.sort();
         let got: Vec<String> = v.iter().map(ToString::to_string).collect();
         assert_eq!(
             got,
-            [
-                "t1/openbao.policy[p]",
-                "t1/isp.config",
-                "t1/kubernetes.Namespace[n]",
-                "t1/kubernetes.Deployment[x]"
-            ]
+            ["t1/openbao.policy[p]", "t1/isp.config", "t1/kubernetes.Namespace[n]", "t1/kubernetes.Deployment[x]"]
         );
     }
 }

@@ -85,17 +85,11 @@ fn string(s: &str) -> String {
         && !s.contains(['\n', '\r', '\t', '#', '"', '\''])
         && !s.contains(": ")
         && !s.ends_with(':')
-        && !s.starts_with([
-            '-', '?', ':', ',', '[', ']', '{', '}', '&', '*', '!', '|', '>', '%', '@', '`',
-        ])
+        && !s.starts_with(['-', '?', ':', ',', '[', ']', '{', '}', '&', '*', '!', '|', '>', '%', '@', '`'])
         && !s.contains(['{', '}', '[', ']', ','])
         && s.chars().all(|c| !c.is_control())
         && matches!(resolve_plain(s), Ok(Value::String(ref t)) if t == s);
-    if plain_ok {
-        s.to_owned()
-    } else {
-        serde_json::to_string(s).unwrap_or_default()
-    }
+    if plain_ok { s.to_owned() } else { serde_json::to_string(s).unwrap_or_default() }
 }
 
 #[cfg(test)]

@@ -17,27 +17,18 @@ pub fn run(cli: Cli) -> Result<u8> {
     let g = cli.global;
     match cli.command {
         Command::Validate { format, now } => cmd_validate(&g, format, parse_now(now.as_deref())?),
-        Command::Render {
-            tenants,
-            out,
-            format,
-            now,
-        } => cmd_render(
-            &g,
-            &tenants,
-            out.as_deref(),
-            format,
-            parse_now(now.as_deref())?,
-        ),
+        Command::Render { tenants, out, format, now } => {
+            cmd_render(&g, &tenants, out.as_deref(), format, parse_now(now.as_deref())?)
+        }
     }
 }
 
 pub fn parse_now(now: Option<&str>) -> Result<Timestamp> {
     match now {
         None => Ok(Timestamp::now()),
-        Some(s) => s.parse::<Timestamp>().with_context(|| {
-            format!("--now `{s}` is not an RFC 3339 time such as 2026-11-22T00:00:00Z")
-        }),
+        Some(s) => s
+            .parse::<Timestamp>()
+            .with_context(|| format!("--now `{s}` is not an RFC 3339 time such as 2026-11-22T00:00:00Z")),
     }
 }
 
@@ -46,11 +37,7 @@ fn color(g: &Global) -> bool {
 }
 
 /// Loads and validates the repository the global flags name.
-pub fn load_valid(
-    g: &Global,
-    scope: &Scope,
-    now: Timestamp,
-) -> Result<(Loaded, Desired, Vec<Diagnostic>)> {
+pub fn load_valid(g: &Global, scope: &Scope, now: Timestamp) -> Result<(Loaded, Desired, Vec<Diagnostic>)> {
     let root = load::find_root(g.repo.as_deref())?;
     let loaded = load::load(&root, g.rev.as_deref(), scope)?;
     let (desired, diags) = validate::validate(&loaded, now);
@@ -94,11 +81,7 @@ fn cmd_validate(g: &Global, format: Format, now: Timestamp) -> Result<u8> {
                     "valid: {} tenants, {} resources rendered{}",
                     desired.tenants.len(),
                     resources,
-                    if diags.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({} warnings)", diags.len())
-                    }
+                    if diags.is_empty() { String::new() } else { format!(" ({} warnings)", diags.len()) }
                 );
             }
         }
@@ -114,22 +97,14 @@ pub fn render_desired(
     tenants: &[String],
     color: bool,
 ) -> Result<std::collections::BTreeMap<String, Vec<Resource>>> {
-    let only: Option<BTreeSet<String>> =
-        (!tenants.is_empty()).then(|| tenants.iter().cloned().collect());
+    let only: Option<BTreeSet<String>> = (!tenants.is_empty()).then(|| tenants.iter().cloned().collect());
     if let Some(only) = &only {
-        let missing: Vec<&String> = only
-            .iter()
-            .filter(|t| !desired.tenants.contains_key(*t))
-            .collect();
+        let missing: Vec<&String> = only.iter().filter(|t| !desired.tenants.contains_key(*t)).collect();
         let has_errors = diags.iter().any(Diagnostic::is_error);
         if !missing.is_empty() && !has_errors {
             bail!(
                 "no tenant {} in the repository",
-                missing
-                    .iter()
-                    .map(|t| format!("`{t}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                missing.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ")
             );
         }
     }
@@ -141,10 +116,7 @@ pub fn render_desired(
     print_diagnostics(loaded, &diags, color);
     let errors = diags.iter().filter(|d| d.is_error()).count();
     if errors > 0 {
-        bail!(
-            "the repository has {errors} error{}; nothing was done",
-            if errors == 1 { "" } else { "s" }
-        );
+        bail!("the repository has {errors} error{}; nothing was done", if errors == 1 { "" } else { "s" });
     }
     Ok(rendered)
 }
@@ -169,13 +141,7 @@ pub fn content_json(c: &Content) -> serde_json::Value {
     }
 }
 
-fn cmd_render(
-    g: &Global,
-    tenants: &[String],
-    out: Option<&Path>,
-    format: Format,
-    now: Timestamp,
-) -> Result<u8> {
+fn cmd_render(g: &Global, tenants: &[String], out: Option<&Path>, format: Format, now: Timestamp) -> Result<u8> {
     let (loaded, desired, diags) = load_valid(g, &Scope::All, now)?;
     let rendered = render_desired(&loaded, &desired, diags, tenants, color(g))?;
     if let Some(dir) = out {
@@ -183,8 +149,7 @@ fn cmd_render(
         for r in rendered.values().flatten() {
             let path = dir.join(resource_file_name(r));
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create {}", parent.display()))?;
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
             }
             std::fs::write(&path, content_text(&r.content))
                 .with_context(|| format!("cannot write {}", path.display()))?;

@@ -83,17 +83,18 @@ pub enum Command {
 
 /// The process entry point: parse, run, map the outcome to an exit code.
 pub fn main() -> ExitCode {
+    // Printing into a closed pipe (`| head`) ends the process quietly, as for any CLI tool.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     init_logging(&cli.global);
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let color = std::io::stderr().is_terminal();
-            let head = if color {
-                "\x1b[1;31merror\x1b[0m"
-            } else {
-                "error"
-            };
+            let head = if color { "\x1b[1;31merror\x1b[0m" } else { "error" };
             eprintln!("{head}: {e:#}");
             ExitCode::from(1)
         }
@@ -109,13 +110,9 @@ fn init_logging(g: &Global) {
         _ => "dotmac_gitops=trace",
     };
     let filter = EnvFilter::try_from_env("DOTMAC_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match g.log_format {
         LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal() && !g.no_color)
-            .try_init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal() && !g.no_color).try_init(),
     };
 }

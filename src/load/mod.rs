@@ -84,11 +84,7 @@ pub fn load(root: &Path, rev: Option<&str>, scope: &Scope) -> Result<Loaded, Loa
         Some(rev) => {
             let (repo, prefix) = source::open_git(root).map_err(LoadError::Git)?;
             let commit = source::resolve_rev(&repo, rev).map_err(LoadError::Git)?;
-            let tree = source::GitTree {
-                repo: &repo,
-                commit,
-                prefix,
-            };
+            let tree = source::GitTree { repo: &repo, commit, prefix };
             let (raw, problems) = tree.read(scope);
             (raw, problems, Origin::Commit(commit.to_string()))
         }
@@ -97,34 +93,18 @@ pub fn load(root: &Path, rev: Option<&str>, scope: &Scope) -> Result<Loaded, Loa
 }
 
 /// Reads the repository at a commit of an already open git repository.
-pub fn load_commit(
-    root: &Path,
-    repo: &git2::Repository,
-    prefix: &str,
-    commit: git2::Oid,
-    scope: &Scope,
-) -> Loaded {
-    let tree = source::GitTree {
-        repo,
-        commit,
-        prefix: prefix.to_owned(),
-    };
+pub fn load_commit(root: &Path, repo: &git2::Repository, prefix: &str, commit: git2::Oid, scope: &Scope) -> Loaded {
+    let tree = source::GitTree { repo, commit, prefix: prefix.to_owned() };
     let (raw, problems) = tree.read(scope);
     parse_files(root, Origin::Commit(commit.to_string()), raw, problems)
 }
 
 /// Parses raw files into documents (in parallel), collecting every problem.
-pub fn parse_files(
-    root: &Path,
-    origin: Origin,
-    raw: Vec<RawFile>,
-    problems: Vec<source::FileProblem>,
-) -> Loaded {
+pub fn parse_files(root: &Path, origin: Origin, raw: Vec<RawFile>, problems: Vec<source::FileProblem>) -> Loaded {
     let mut diagnostics: Vec<Diagnostic> = problems
         .into_iter()
         .map(|p| {
-            let d = Diagnostic::error("unreadable-file", format!("`{}` {}", p.path, p.message))
-                .file(p.path);
+            let d = Diagnostic::error("unreadable-file", format!("`{}` {}", p.path, p.message)).file(p.path);
             match p.line {
                 Some(l) => d.line(l, 1),
                 None => d,
@@ -156,20 +136,15 @@ pub fn parse_files(
                     .into_iter()
                     .enumerate()
                     .map(|(i, d)| LoadedDoc {
-                        at: DocRef {
-                            file: path.clone(),
-                            doc: i,
-                        },
+                        at: DocRef { file: path.clone(), doc: i },
                         role,
                         line: d.line,
                         value: d.value,
                     })
                     .collect()),
-                Err(e) => Err(
-                    Diagnostic::error("yaml", format!("invalid YAML: {}", e.message))
-                        .file(f.path.clone())
-                        .line(e.line, e.column),
-                ),
+                Err(e) => Err(Diagnostic::error("yaml", format!("invalid YAML: {}", e.message))
+                    .file(f.path.clone())
+                    .line(e.line, e.column)),
             };
             (SourceFile { path, text: f.text }, result)
         })
@@ -198,10 +173,7 @@ pub fn parse_files(
             let value = match toml::from_str::<toml::Table>(&f.text) {
                 Ok(table) => serde_json::to_value(table).ok(),
                 Err(e) => {
-                    let (line, col) = e
-                        .span()
-                        .map(|s| line_col(&f.text, s.start))
-                        .unwrap_or((1, 1));
+                    let (line, col) = e.span().map(|s| line_col(&f.text, s.start)).unwrap_or((1, 1));
                     diagnostics.push(
                         Diagnostic::error("toml", format!("invalid TOML: {}", e.message()))
                             .file("dotmac.toml")
@@ -210,35 +182,19 @@ pub fn parse_files(
                     None
                 }
             };
-            files.push(SourceFile {
-                path: Arc::from("dotmac.toml"),
-                text: f.text,
-            });
+            files.push(SourceFile { path: Arc::from("dotmac.toml"), text: f.text });
             value
         }
     };
 
-    Loaded {
-        root: root.to_path_buf(),
-        origin,
-        files,
-        docs,
-        settings,
-        templates,
-        diagnostics,
-    }
+    Loaded { root: root.to_path_buf(), origin, files, docs, settings, templates, diagnostics }
 }
 
 /// 1-based line and column of a byte offset.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
     (line, col)
 }
 
@@ -251,10 +207,7 @@ impl Loaded {
         if let Some(name) = path.strip_prefix(crate::render::BUILTIN_PREFIX) {
             return crate::render::builtin_template(name);
         }
-        self.files
-            .iter()
-            .find(|f| &*f.path == path)
-            .map(|f| f.text.as_str())
+        self.files.iter().find(|f| &*f.path == path).map(|f| f.text.as_str())
     }
 
     pub fn revision(&self) -> Option<&str> {

@@ -42,12 +42,7 @@ pub struct StateSettings {
 
 impl Default for StateSettings {
     fn default() -> Self {
-        StateSettings {
-            backend: local(),
-            dir: None,
-            url: None,
-            url_env: None,
-        }
+        StateSettings { backend: local(), dir: None, url: None, url_env: None }
     }
 }
 
@@ -77,10 +72,7 @@ pub struct ProviderSettings {
 
 impl Default for ProviderSettings {
     fn default() -> Self {
-        ProviderSettings {
-            kind: local(),
-            options: Map::new(),
-        }
+        ProviderSettings { kind: local(), options: Map::new() }
     }
 }
 
@@ -100,10 +92,7 @@ pub struct RenderSettings {
 
 impl Default for RenderSettings {
     fn default() -> Self {
-        RenderSettings {
-            fuel: default_fuel(),
-            max_output_bytes: default_max_output(),
-        }
+        RenderSettings { fuel: default_fuel(), max_output_bytes: default_max_output() }
     }
 }
 

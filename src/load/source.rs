@@ -101,9 +101,7 @@ fn decode(path: &str, bytes: Vec<u8>) -> Result<String, FileProblem> {
 fn too_big(path: &str, size: u64) -> FileProblem {
     FileProblem {
         path: path.to_owned(),
-        message: format!(
-            "is {size} bytes, over the limit of {MAX_FILE_BYTES} bytes; split it into smaller files"
-        ),
+        message: format!("is {size} bytes, over the limit of {MAX_FILE_BYTES} bytes; split it into smaller files"),
         line: None,
     }
 }
@@ -111,10 +109,7 @@ fn too_big(path: &str, size: u64) -> FileProblem {
 /// Finds the repository root: the nearest directory at or above `start` holding `dotmac.toml`.
 pub fn find_root(start: &Path) -> Option<PathBuf> {
     let start = start.canonicalize().ok()?;
-    start
-        .ancestors()
-        .find(|d| d.join("dotmac.toml").is_file())
-        .map(Path::to_path_buf)
+    start.ancestors().find(|d| d.join("dotmac.toml").is_file()).map(Path::to_path_buf)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -161,14 +156,7 @@ pub fn read_worktree(root: &Path, scope: &Scope) -> (Vec<RawFile>, Vec<FileProbl
                 .map(|(name, path)| {
                     let mut out = Vec::new();
                     let mut probs = Vec::new();
-                    walk(
-                        &root,
-                        path,
-                        &format!("tenants/{name}"),
-                        &mut out,
-                        &mut probs,
-                        0,
-                    );
+                    walk(path, &format!("tenants/{name}"), &mut out, &mut probs, 0);
                     (out, probs)
                 })
                 .collect();
@@ -177,12 +165,11 @@ pub fn read_worktree(root: &Path, scope: &Scope) -> (Vec<RawFile>, Vec<FileProbl
                 problems.extend(q);
             }
         } else {
-            walk(&root, &dir, top, &mut paths, &mut problems, 0);
+            walk(&dir, top, &mut paths, &mut problems, 0);
         }
     }
     paths.retain(|p| role_of(p).is_some());
-    let results: Vec<Result<RawFile, FileProblem>> =
-        paths.par_iter().map(|rel| read_one(&root, rel)).collect();
+    let results: Vec<Result<RawFile, FileProblem>> = paths.par_iter().map(|rel| read_one(&root, rel)).collect();
     let mut files = Vec::with_capacity(results.len());
     for r in results {
         match r {
@@ -194,14 +181,7 @@ pub fn read_worktree(root: &Path, scope: &Scope) -> (Vec<RawFile>, Vec<FileProbl
     (files, problems)
 }
 
-fn walk(
-    root: &Path,
-    dir: &Path,
-    rel: &str,
-    out: &mut Vec<String>,
-    problems: &mut Vec<FileProblem>,
-    depth: usize,
-) {
+fn walk(dir: &Path, rel: &str, out: &mut Vec<String>, problems: &mut Vec<FileProblem>, depth: usize) {
     if depth > 32 {
         problems.push(FileProblem {
             path: rel.to_owned(),
@@ -239,7 +219,7 @@ fn walk(
         let child = format!("{rel}/{name}");
         let Ok(ft) = e.file_type() else { continue };
         if ft.is_dir() {
-            walk(root, &e.path(), &child, out, problems, depth + 1);
+            walk(&e.path(), &child, out, problems, depth + 1);
         } else if ft.is_symlink() {
             match std::fs::metadata(e.path()) {
                 Ok(m) if m.is_dir() => problems.push(FileProblem {
@@ -257,21 +237,12 @@ fn walk(
 
 fn read_one(root: &Path, rel: &str) -> Result<RawFile, FileProblem> {
     let path = root.join(rel);
-    let problem = |message: String| FileProblem {
-        path: rel.to_owned(),
-        message,
-        line: None,
-    };
-    let meta =
-        std::fs::symlink_metadata(&path).map_err(|e| problem(format!("cannot be read: {e}")))?;
+    let problem = |message: String| FileProblem { path: rel.to_owned(), message, line: None };
+    let meta = std::fs::symlink_metadata(&path).map_err(|e| problem(format!("cannot be read: {e}")))?;
     let target = if meta.file_type().is_symlink() {
-        let real = path
-            .canonicalize()
-            .map_err(|_| problem("is a symbolic link that points nowhere".into()))?;
+        let real = path.canonicalize().map_err(|_| problem("is a symbolic link that points nowhere".into()))?;
         if !real.starts_with(root) {
-            return Err(problem(
-                "is a symbolic link to a file outside the repository; it is not followed".into(),
-            ));
+            return Err(problem("is a symbolic link to a file outside the repository; it is not followed".into()));
         }
         real
     } else {
@@ -293,10 +264,7 @@ fn read_one(root: &Path, rel: &str) -> Result<RawFile, FileProblem> {
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(too_big(rel, bytes.len() as u64));
     }
-    Ok(RawFile {
-        path: rel.to_owned(),
-        text: decode(rel, bytes)?,
-    })
+    Ok(RawFile { path: rel.to_owned(), text: decode(rel, bytes)? })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -312,13 +280,8 @@ pub struct GitTree<'r> {
 
 /// Opens the git repository that contains `root`, and the prefix of `root` inside it.
 pub fn open_git(root: &Path) -> Result<(git2::Repository, String), String> {
-    let repo = git2::Repository::discover(root).map_err(|e| {
-        format!(
-            "{} is not inside a git repository: {}",
-            root.display(),
-            e.message()
-        )
-    })?;
+    let repo = git2::Repository::discover(root)
+        .map_err(|e| format!("{} is not inside a git repository: {}", root.display(), e.message()))?;
     let workdir = repo
         .workdir()
         .ok_or_else(|| "the git repository is bare; pass --repo to a work tree".to_owned())?
@@ -335,31 +298,20 @@ pub fn open_git(root: &Path) -> Result<(git2::Repository, String), String> {
 
 /// Resolves `rev` (any revision git understands) to a commit id.
 pub fn resolve_rev(repo: &git2::Repository, rev: &str) -> Result<git2::Oid, String> {
-    let obj = repo
-        .revparse_single(rev)
-        .map_err(|e| format!("unknown revision `{rev}`: {}", e.message()))?;
-    let commit = obj
-        .peel_to_commit()
-        .map_err(|e| format!("revision `{rev}` is not a commit: {}", e.message()))?;
+    let obj = repo.revparse_single(rev).map_err(|e| format!("unknown revision `{rev}`: {}", e.message()))?;
+    let commit = obj.peel_to_commit().map_err(|e| format!("revision `{rev}` is not a commit: {}", e.message()))?;
     Ok(commit.id())
 }
 
 impl GitTree<'_> {
     fn root_tree(&self) -> Result<Option<git2::Tree<'_>>, String> {
-        let commit = self
-            .repo
-            .find_commit(self.commit)
-            .map_err(|e| e.message().to_owned())?;
+        let commit = self.repo.find_commit(self.commit).map_err(|e| e.message().to_owned())?;
         let tree = commit.tree().map_err(|e| e.message().to_owned())?;
         if self.prefix.is_empty() {
             return Ok(Some(tree));
         }
         match tree.get_path(Path::new(&self.prefix)) {
-            Ok(entry) => Ok(Some(
-                self.repo
-                    .find_tree(entry.id())
-                    .map_err(|e| e.message().to_owned())?,
-            )),
+            Ok(entry) => Ok(Some(self.repo.find_tree(entry.id()).map_err(|e| e.message().to_owned())?)),
             Err(_) => Ok(None),
         }
     }
@@ -379,11 +331,7 @@ impl GitTree<'_> {
                 return (files, problems);
             }
             Err(e) => {
-                problems.push(FileProblem {
-                    path: ".".into(),
-                    message: e,
-                    line: None,
-                });
+                problems.push(FileProblem { path: ".".into(), message: e, line: None });
                 return (files, problems);
             }
         };
@@ -415,11 +363,7 @@ impl GitTree<'_> {
         let odb = match self.repo.odb() {
             Ok(o) => o,
             Err(e) => {
-                problems.push(FileProblem {
-                    path: ".".into(),
-                    message: e.message().to_owned(),
-                    line: None,
-                });
+                problems.push(FileProblem { path: ".".into(), message: e.message().to_owned(), line: None });
                 return (files, problems);
             }
         };
@@ -433,13 +377,7 @@ impl GitTree<'_> {
         (files, problems)
     }
 
-    fn collect(
-        &self,
-        entry: &git2::TreeEntry<'_>,
-        rel: &str,
-        out: &mut Vec<(String, git2::Oid, i32)>,
-        depth: usize,
-    ) {
+    fn collect(&self, entry: &git2::TreeEntry<'_>, rel: &str, out: &mut Vec<(String, git2::Oid, i32)>, depth: usize) {
         match entry.kind() {
             Some(git2::ObjectType::Tree) if depth <= 32 => {
                 let Ok(tree) = self.repo.find_tree(entry.id()) else {
@@ -453,9 +391,7 @@ impl GitTree<'_> {
                     self.collect(&child, &format!("{rel}/{name}"), out, depth + 1);
                 }
             }
-            Some(git2::ObjectType::Blob) => {
-                out.push((rel.to_owned(), entry.id(), entry.filemode()))
-            }
+            Some(git2::ObjectType::Blob) => out.push((rel.to_owned(), entry.id(), entry.filemode())),
             _ => {}
         }
     }
@@ -468,48 +404,30 @@ impl GitTree<'_> {
         oid: git2::Oid,
         mode: i32,
     ) -> Result<String, FileProblem> {
-        let problem = |message: String| FileProblem {
-            path: path.to_owned(),
-            message,
-            line: None,
-        };
+        let problem = |message: String| FileProblem { path: path.to_owned(), message, line: None };
         let (oid, mode) = if mode == 0o120000 {
             // A symbolic link: its blob is the target path. Follow it only inside the tree.
-            let blob = self
-                .repo
-                .find_blob(oid)
-                .map_err(|e| problem(e.message().to_owned()))?;
+            let blob = self.repo.find_blob(oid).map_err(|e| problem(e.message().to_owned()))?;
             let target = String::from_utf8_lossy(blob.content()).into_owned();
             let resolved = resolve_link(path, &target).ok_or_else(|| {
-                problem(format!(
-                    "is a symbolic link to `{target}`, outside the repository; it is not followed"
-                ))
+                problem(format!("is a symbolic link to `{target}`, outside the repository; it is not followed"))
             })?;
-            let entry = tree.get_path(Path::new(&resolved)).map_err(|_| {
-                problem(format!(
-                    "is a symbolic link to `{target}`, which does not exist"
-                ))
-            })?;
+            let entry = tree
+                .get_path(Path::new(&resolved))
+                .map_err(|_| problem(format!("is a symbolic link to `{target}`, which does not exist")))?;
             if entry.filemode() == 0o120000 || entry.kind() != Some(git2::ObjectType::Blob) {
-                return Err(problem(format!(
-                    "is a symbolic link to `{target}`, which is not a regular file"
-                )));
+                return Err(problem(format!("is a symbolic link to `{target}`, which is not a regular file")));
             }
             (entry.id(), entry.filemode())
         } else {
             (oid, mode)
         };
         let _ = mode;
-        let (size, _) = odb
-            .read_header(oid)
-            .map_err(|e| problem(e.message().to_owned()))?;
+        let (size, _) = odb.read_header(oid).map_err(|e| problem(e.message().to_owned()))?;
         if size as u64 > MAX_FILE_BYTES {
             return Err(too_big(path, size as u64));
         }
-        let blob = self
-            .repo
-            .find_blob(oid)
-            .map_err(|e| problem(e.message().to_owned()))?;
+        let blob = self.repo.find_blob(oid).map_err(|e| problem(e.message().to_owned()))?;
         decode(path, blob.content().to_vec())
     }
 }
@@ -540,10 +458,7 @@ pub fn clean_worktree_revision(root: &Path) -> Option<String> {
     let (repo, prefix) = open_git(root).ok()?;
     let head = repo.head().ok()?.peel_to_commit().ok()?;
     let mut opts = git2::StatusOptions::new();
-    opts.include_untracked(true)
-        .recurse_untracked_dirs(true)
-        .include_ignored(false)
-        .exclude_submodules(true);
+    opts.include_untracked(true).recurse_untracked_dirs(true).include_ignored(false).exclude_submodules(true);
     if !prefix.is_empty() {
         opts.pathspec(&prefix);
     }
@@ -554,9 +469,7 @@ pub fn clean_worktree_revision(root: &Path) -> Option<String> {
                 let rel = if prefix.is_empty() {
                     p
                 } else {
-                    p.strip_prefix(&prefix)
-                        .map(|r| r.trim_start_matches('/'))
-                        .unwrap_or("")
+                    p.strip_prefix(&prefix).map(|r| r.trim_start_matches('/')).unwrap_or("")
                 };
                 role_of(rel).is_some()
             })
@@ -571,14 +484,8 @@ mod tests {
 
     #[test]
     fn links_resolve_only_inside() {
-        assert_eq!(
-            resolve_link("templates/a.j2", "b.j2").as_deref(),
-            Some("templates/b.j2")
-        );
-        assert_eq!(
-            resolve_link("templates/k/a.j2", "../b.j2").as_deref(),
-            Some("templates/b.j2")
-        );
+        assert_eq!(resolve_link("templates/a.j2", "b.j2").as_deref(), Some("templates/b.j2"));
+        assert_eq!(resolve_link("templates/k/a.j2", "../b.j2").as_deref(), Some("templates/b.j2"));
         assert_eq!(resolve_link("templates/a.j2", "../../etc/passwd"), None);
         assert_eq!(resolve_link("templates/a.j2", "/etc/passwd"), None);
     }

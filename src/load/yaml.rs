@@ -34,20 +34,12 @@ pub struct YamlError {
 
 impl std::fmt::Display for YamlError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} (line {}, column {})",
-            self.message, self.line, self.column
-        )
+        write!(f, "{} (line {}, column {})", self.message, self.line, self.column)
     }
 }
 
 fn err(at: Marker, message: impl Into<String>) -> YamlError {
-    YamlError {
-        line: at.line(),
-        column: at.col() + 1,
-        message: message.into(),
-    }
+    YamlError { line: at.line(), column: at.col() + 1, message: message.into() }
 }
 
 fn parser_options() -> Options {
@@ -85,22 +77,13 @@ struct Builder {
 /// Parses every document of `text`. Empty documents (`---` alone, or only comments) are skipped.
 pub fn parse_documents(text: &str) -> Result<Vec<YamlDoc>, YamlError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut b = Builder {
-        stack: Vec::new(),
-        anchors: HashMap::new(),
-        alias_nodes: 0,
-        docs: Vec::new(),
-        doc_line: 1,
-    };
+    let mut b = Builder { stack: Vec::new(), anchors: HashMap::new(), alias_nodes: 0, docs: Vec::new(), doc_line: 1 };
     let mut doc_root: Option<Value> = None;
     for ev in Parser::new_from_str_with_options(text, parser_options()) {
         let (event, span) = ev.map_err(|e| {
             let info = e.info();
             if info.contains("recursion limit") {
-                err(
-                    *e.marker(),
-                    format!("nesting deeper than {MAX_DEPTH} levels"),
-                )
+                err(*e.marker(), format!("nesting deeper than {MAX_DEPTH} levels"))
             } else {
                 err(*e.marker(), info)
             }
@@ -109,10 +92,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<YamlDoc>, YamlError> {
             && doc_root.is_none()
             && matches!(
                 event,
-                Event::Scalar(..)
-                    | Event::SequenceStart(..)
-                    | Event::MappingStart(..)
-                    | Event::Alias(..)
+                Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..) | Event::Alias(..)
             )
         {
             b.doc_line = span.start.line();
@@ -127,32 +107,21 @@ pub fn parse_documents(text: &str) -> Result<Vec<YamlDoc>, YamlError> {
                 if let Some(value) = doc_root.take()
                     && !value.is_null()
                 {
-                    b.docs.push(YamlDoc {
-                        value,
-                        line: b.doc_line,
-                    });
+                    b.docs.push(YamlDoc { value, line: b.doc_line });
                 }
             }
             Event::UnresolvedAlias(name) => {
-                return Err(err(
-                    span.start,
-                    format!("alias `*{name}` names no anchor defined before it"),
-                ));
+                return Err(err(span.start, format!("alias `*{name}` names no anchor defined before it")));
             }
             Event::Alias(id) => {
                 let Some((value, nodes)) = b.anchors.get(&id) else {
-                    return Err(err(
-                        span.start,
-                        "an alias refers to a node that contains it (recursive alias)",
-                    ));
+                    return Err(err(span.start, "an alias refers to a node that contains it (recursive alias)"));
                 };
                 b.alias_nodes += nodes;
                 if b.alias_nodes > MAX_ALIAS_NODES {
                     return Err(err(
                         span.start,
-                        format!(
-                            "aliases expand to more than {MAX_ALIAS_NODES} nodes (a YAML alias bomb?)"
-                        ),
+                        format!("aliases expand to more than {MAX_ALIAS_NODES} nodes (a YAML alias bomb?)"),
                     ));
                 }
                 let value = value.clone();
@@ -164,44 +133,22 @@ pub fn parse_documents(text: &str) -> Result<Vec<YamlDoc>, YamlError> {
             }
             Event::SequenceStart(_, anchor, tag) => {
                 check_collection_tag(tag.as_deref(), "seq", span.start)?;
-                b.push(Frame::Seq {
-                    items: Vec::new(),
-                    anchor,
-                    start: span.start,
-                })?;
+                b.push(Frame::Seq { items: Vec::new(), anchor, start: span.start })?;
             }
             Event::MappingStart(_, anchor, tag) => {
                 check_collection_tag(tag.as_deref(), "map", span.start)?;
-                b.push(Frame::Map {
-                    map: Map::new(),
-                    anchor,
-                    start: span.start,
-                    key: None,
-                    merged: Vec::new(),
-                })?;
+                b.push(Frame::Map { map: Map::new(), anchor, start: span.start, key: None, merged: Vec::new() })?;
             }
             Event::SequenceEnd => match b.stack.pop() {
-                Some(Frame::Seq {
-                    items,
-                    anchor,
-                    start,
-                }) => b.complete(
-                    Value::Array(items),
-                    anchor,
-                    Span::new(start, span.end),
-                    &mut doc_root,
-                )?,
+                Some(Frame::Seq { items, anchor, start }) => {
+                    b.complete(Value::Array(items), anchor, Span::new(start, span.end), &mut doc_root)?
+                }
                 _ => return Err(err(span.start, "unbalanced sequence end")),
             },
             Event::MappingEnd => match b.stack.pop() {
-                Some(Frame::Map {
-                    map, anchor, start, ..
-                }) => b.complete(
-                    Value::Object(map),
-                    anchor,
-                    Span::new(start, span.end),
-                    &mut doc_root,
-                )?,
+                Some(Frame::Map { map, anchor, start, .. }) => {
+                    b.complete(Value::Object(map), anchor, Span::new(start, span.end), &mut doc_root)?
+                }
                 _ => return Err(err(span.start, "unbalanced mapping end")),
             },
             // Stream markers, anchor metadata and anything a newer parser adds.
@@ -224,10 +171,7 @@ impl Builder {
             let at = match &frame {
                 Frame::Seq { start, .. } | Frame::Map { start, .. } => *start,
             };
-            return Err(err(
-                at,
-                "a mapping key must be a plain value, not a list or a mapping",
-            ));
+            return Err(err(at, "a mapping key must be a plain value, not a list or a mapping"));
         }
         self.stack.push(frame);
         Ok(())
@@ -242,15 +186,12 @@ impl Builder {
         doc_root: &mut Option<Value>,
     ) -> Result<(), YamlError> {
         if anchor != 0 {
-            self.anchors
-                .insert(anchor, (value.clone(), count_nodes(&value)));
+            self.anchors.insert(anchor, (value.clone(), count_nodes(&value)));
         }
         match self.stack.last_mut() {
             None => *doc_root = Some(value),
             Some(Frame::Seq { items, .. }) => items.push(value),
-            Some(Frame::Map {
-                map, key, merged, ..
-            }) => match key.take() {
+            Some(Frame::Map { map, key, merged, .. }) => match key.take() {
                 None => {
                     let k = match value {
                         Value::String(s) => s,
@@ -269,10 +210,7 @@ impl Builder {
                             merged.swap_remove(pos);
                             map.insert(k, value);
                         } else {
-                            return Err(err(
-                                at,
-                                format!("duplicate key `{k}` in the same mapping"),
-                            ));
+                            return Err(err(at, format!("duplicate key `{k}` in the same mapping")));
                         }
                     } else {
                         map.insert(k, value);
@@ -299,20 +237,14 @@ fn merge_into(
                 match item {
                     Value::Object(m) => out.push(m),
                     _ => {
-                        return Err(err(
-                            at,
-                            "`<<` (merge) takes a mapping or a list of mappings",
-                        ));
+                        return Err(err(at, "`<<` (merge) takes a mapping or a list of mappings"));
                     }
                 }
             }
             out
         }
         _ => {
-            return Err(err(
-                at,
-                "`<<` (merge) takes a mapping or a list of mappings",
-            ));
+            return Err(err(at, "`<<` (merge) takes a mapping or a list of mappings"));
         }
     };
     for source in sources {
@@ -334,19 +266,12 @@ fn count_nodes(v: &Value) -> usize {
     }
 }
 
-fn check_collection_tag(
-    tag: Option<&granit_parser::Tag>,
-    want: &str,
-    at: Marker,
-) -> Result<(), YamlError> {
+fn check_collection_tag(tag: Option<&granit_parser::Tag>, want: &str, at: Marker) -> Result<(), YamlError> {
     match tag {
         None => Ok(()),
         Some(t) if t.is_yaml_core_schema_tag(want) => Ok(()),
         Some(t) if t.handle() == "!" && t.suffix().is_empty() => Ok(()),
-        Some(t) => Err(err(
-            at,
-            format!("unsupported YAML tag `{}{}`", t.handle(), t.suffix()),
-        )),
+        Some(t) => Err(err(at, format!("unsupported YAML tag `{}{}`", t.handle(), t.suffix()))),
     }
 }
 
@@ -361,10 +286,7 @@ fn resolve_scalar(
             return Ok(Value::String(text.to_owned()));
         }
         if !t.is_yaml_core_schema() {
-            return Err(err(
-                at,
-                format!("unsupported YAML tag `{}{}`", t.handle(), t.suffix()),
-            ));
+            return Err(err(at, format!("unsupported YAML tag `{}{}`", t.handle(), t.suffix())));
         }
         let forced = match t.suffix() {
             "str" => Some(Value::String(text.to_owned())),
@@ -373,10 +295,7 @@ fn resolve_scalar(
             "int" => parse_int(text).map_err(|m| err(at, m))?,
             "float" => parse_float(text).or_else(|| parse_int(text).ok().flatten()),
             other => {
-                return Err(err(
-                    at,
-                    format!("tag `!!{other}` cannot apply to a plain value"),
-                ));
+                return Err(err(at, format!("tag `!!{other}` cannot apply to a plain value")));
             }
         };
         return forced.ok_or_else(|| err(at, format!("`{text}` is not a valid !!{}", t.suffix())));
@@ -384,7 +303,7 @@ fn resolve_scalar(
     if style != ScalarStyle::Plain {
         return Ok(Value::String(text.to_owned()));
     }
-    Ok(resolve_plain(text).map_err(|m| err(at, m))?)
+    resolve_plain(text).map_err(|m| err(at, m))
 }
 
 /// The YAML 1.2 core schema. Everything else is a string.
@@ -435,13 +354,9 @@ fn parse_int(t: &str) -> Result<Option<Value>, String> {
     let out_of_range = || format!("integer `{t}` is out of range (quote it to keep it as text)");
     let magnitude = u128::from_str_radix(body, radix).map_err(|_| out_of_range())?;
     if neg && radix == 10 {
-        let v = i64::try_from(magnitude).map(|v| -v).or_else(|_| {
-            if magnitude == 1u128 << 63 {
-                Ok(i64::MIN)
-            } else {
-                Err(out_of_range())
-            }
-        })?;
+        let v = i64::try_from(magnitude)
+            .map(|v| -v)
+            .or_else(|_| if magnitude == 1u128 << 63 { Ok(i64::MIN) } else { Err(out_of_range()) })?;
         Ok(Some(Value::Number(v.into())))
     } else {
         let v = u64::try_from(magnitude).map_err(|_| out_of_range())?;
@@ -522,16 +437,9 @@ pub struct Pos {
 }
 
 fn pos(span: Span) -> Pos {
-    let len = if span.end.line() == span.start.line() {
-        span.end.col().saturating_sub(span.start.col()).max(1)
-    } else {
-        1
-    };
-    Pos {
-        line: span.start.line(),
-        column: span.start.col() + 1,
-        len,
-    }
+    let len =
+        if span.end.line() == span.start.line() { span.end.col().saturating_sub(span.start.col()).max(1) } else { 1 };
+    Pos { line: span.start.line(), column: span.start.col() + 1, len }
 }
 
 /// Splits a JSON pointer (`/a/0/b~1c`) into its unescaped segments.
@@ -539,11 +447,7 @@ pub fn pointer_segments(pointer: &str) -> Vec<String> {
     if pointer.is_empty() {
         return Vec::new();
     }
-    pointer
-        .trim_start_matches('/')
-        .split('/')
-        .map(|s| s.replace("~1", "/").replace("~0", "~"))
-        .collect()
+    pointer.trim_start_matches('/').split('/').map(|s| s.replace("~1", "/").replace("~0", "~")).collect()
 }
 
 enum LocFrame {
@@ -570,25 +474,17 @@ pub fn locate(text: &str, doc: usize, pointer: &str) -> Option<Located> {
                 path.clear();
                 stack.clear();
             }
-            Event::DocumentEnd => {
-                if doc_has_content && doc_index as usize == doc {
-                    break;
-                }
+            Event::DocumentEnd if doc_has_content && doc_index as usize == doc => {
+                break;
             }
             _ => {}
         }
-        let is_node_start = matches!(
-            event,
-            Event::Scalar(..)
-                | Event::Alias(..)
-                | Event::SequenceStart(..)
-                | Event::MappingStart(..)
-        );
+        let is_node_start =
+            matches!(event, Event::Scalar(..) | Event::Alias(..) | Event::SequenceStart(..) | Event::MappingStart(..));
         if is_node_start && stack.is_empty() && !doc_has_content {
             // The root node of a document: count documents the way parse_documents does
             // (null roots are skipped there, so skip an empty scalar root here too).
-            let empty_root =
-                matches!(&event, Event::Scalar(t, ScalarStyle::Plain, _, None) if parse_null(t));
+            let empty_root = matches!(&event, Event::Scalar(t, ScalarStyle::Plain, _, None) if parse_null(t));
             if !empty_root {
                 doc_has_content = true;
                 doc_index += 1;
@@ -599,9 +495,7 @@ pub fn locate(text: &str, doc: usize, pointer: &str) -> Option<Located> {
         let is_key = matches!(stack.last(), Some(LocFrame::Map { key: None }));
         if is_node_start {
             if is_key {
-                if let (Event::Scalar(t, ..), Some(LocFrame::Map { key })) =
-                    (&event, stack.last_mut())
-                {
+                if let (Event::Scalar(t, ..), Some(LocFrame::Map { key })) = (&event, stack.last_mut()) {
                     *key = Some((t.to_string(), span));
                 }
                 continue;
@@ -623,10 +517,7 @@ pub fn locate(text: &str, doc: usize, pointer: &str) -> Option<Located> {
                 path.push(s.clone());
             }
             if in_doc && target.starts_with(&path) {
-                let here = Located {
-                    key: key_span.map(pos),
-                    value: pos(span),
-                };
+                let here = Located { key: key_span.map(pos), value: pos(span) };
                 if best.as_ref().is_none_or(|(d, _)| path.len() >= *d) {
                     best = Some((path.len(), here));
                 }
@@ -725,7 +616,8 @@ mod tests {
 
     #[test]
     fn locate_finds_keys_and_values() {
-        let text = "kind: Tenant\nid: t1\nbilling:\n  gateway: stripe\n  methods: [card, ach]\n---\nkind: X\nplan: nope\n";
+        let text =
+            "kind: Tenant\nid: t1\nbilling:\n  gateway: stripe\n  methods: [card, ach]\n---\nkind: X\nplan: nope\n";
         let l = locate(text, 0, "/billing/methods/1").unwrap();
         assert_eq!((l.value.line, l.value.column, l.value.len), (5, 19, 3));
         let l = locate(text, 0, "/billing/gateway").unwrap();

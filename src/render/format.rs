@@ -74,11 +74,7 @@ pub fn python_repr(v: &Value, out: &mut String) {
 
 /// `repr(str)`: single quotes unless the text has a `'` and no `"`.
 fn python_str_repr(s: &str, out: &mut String) {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     out.push(quote);
     for c in s.chars() {
         match c {

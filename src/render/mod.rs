@@ -28,49 +28,19 @@ pub const BUILTIN_PREFIX: &str = "<built-in>/templates/";
 
 /// The templates compiled into the binary (the project's top-level `templates/`).
 pub const BUILTIN_TEMPLATES: &[(&str, &str)] = &[
-    (
-        "isp_config.yaml.j2",
-        include_str!("../../templates/isp_config.yaml.j2"),
-    ),
-    (
-        "database_config.j2",
-        include_str!("../../templates/database_config.j2"),
-    ),
-    (
-        "feature_config.j2",
-        include_str!("../../templates/feature_config.j2"),
-    ),
-    (
-        "kubernetes/namespace.yaml.j2",
-        include_str!("../../templates/kubernetes/namespace.yaml.j2"),
-    ),
-    (
-        "kubernetes/configmap.yaml.j2",
-        include_str!("../../templates/kubernetes/configmap.yaml.j2"),
-    ),
-    (
-        "kubernetes/deployment.yaml.j2",
-        include_str!("../../templates/kubernetes/deployment.yaml.j2"),
-    ),
-    (
-        "kubernetes/resourcequota.yaml.j2",
-        include_str!("../../templates/kubernetes/resourcequota.yaml.j2"),
-    ),
-    (
-        "openbao/read-secrets.hcl.j2",
-        include_str!("../../templates/openbao/read-secrets.hcl.j2"),
-    ),
-    (
-        "openbao/write-secrets.hcl.j2",
-        include_str!("../../templates/openbao/write-secrets.hcl.j2"),
-    ),
+    ("isp_config.yaml.j2", include_str!("../../templates/isp_config.yaml.j2")),
+    ("database_config.j2", include_str!("../../templates/database_config.j2")),
+    ("feature_config.j2", include_str!("../../templates/feature_config.j2")),
+    ("kubernetes/namespace.yaml.j2", include_str!("../../templates/kubernetes/namespace.yaml.j2")),
+    ("kubernetes/configmap.yaml.j2", include_str!("../../templates/kubernetes/configmap.yaml.j2")),
+    ("kubernetes/deployment.yaml.j2", include_str!("../../templates/kubernetes/deployment.yaml.j2")),
+    ("kubernetes/resourcequota.yaml.j2", include_str!("../../templates/kubernetes/resourcequota.yaml.j2")),
+    ("openbao/read-secrets.hcl.j2", include_str!("../../templates/openbao/read-secrets.hcl.j2")),
+    ("openbao/write-secrets.hcl.j2", include_str!("../../templates/openbao/write-secrets.hcl.j2")),
 ];
 
 pub fn builtin_template(name: &str) -> Option<&'static str> {
-    BUILTIN_TEMPLATES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, t)| *t)
+    BUILTIN_TEMPLATES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
 
 /// The memory one render may hold.
@@ -91,9 +61,7 @@ fn safe_name(name: &str) -> Result<&str, String> {
         || name.starts_with('/')
         || name.contains('\\')
         || name.contains('\0')
-        || name
-            .split('/')
-            .any(|s| s.is_empty() || s == "." || s == "..")
+        || name.split('/').any(|s| s.is_empty() || s == "." || s == "..")
     {
         return Err(format!(
             "template name `{name}` is not allowed: names are relative to templates/ and may not contain `..`, `.`, `//` or a leading `/`"
@@ -118,11 +86,7 @@ pub struct Renderer {
 
 /// Where a template's text comes from, for diagnostics.
 pub fn template_path(repo_templates: &BTreeSet<String>, name: &str) -> String {
-    if repo_templates.contains(name) {
-        format!("templates/{name}")
-    } else {
-        format!("{BUILTIN_PREFIX}{name}")
-    }
+    if repo_templates.contains(name) { format!("templates/{name}") } else { format!("{BUILTIN_PREFIX}{name}") }
 }
 
 impl Renderer {
@@ -137,24 +101,17 @@ impl Renderer {
         env.set_recursion_limit(RECURSION_LIMIT);
         let lookup = repo.clone();
         env.set_loader(move |name| {
-            let name = safe_name(name)
-                .map_err(|m| minijinja::Error::new(ErrorKind::InvalidOperation, m))?;
+            let name = safe_name(name).map_err(|m| minijinja::Error::new(ErrorKind::InvalidOperation, m))?;
             if let Some(t) = lookup.get(name) {
                 return Ok(Some(t.to_string()));
             }
             Ok(builtin_template(name).map(str::to_owned))
         });
 
-        let mut names: BTreeSet<String> = BUILTIN_TEMPLATES
-            .iter()
-            .map(|(n, _)| (*n).to_owned())
-            .collect();
+        let mut names: BTreeSet<String> = BUILTIN_TEMPLATES.iter().map(|(n, _)| (*n).to_owned()).collect();
         names.extend(repo.keys().cloned());
-        let k8s_templates = names
-            .iter()
-            .filter(|n| n.starts_with("kubernetes/") && n.ends_with(".yaml.j2"))
-            .cloned()
-            .collect();
+        let k8s_templates =
+            names.iter().filter(|n| n.starts_with("kubernetes/") && n.ends_with(".yaml.j2")).cloned().collect();
         let policy_templates = names
             .iter()
             .filter_map(|n| {
@@ -174,34 +131,13 @@ impl Renderer {
             policy_templates,
             repo_templates: repo.keys().cloned().collect(),
             max_output: desired.settings.render.max_output_bytes,
-            plans: desired
-                .catalog
-                .plans
-                .iter()
-                .map(|(k, v)| (k.clone(), with_name(k, v)))
-                .collect(),
-            tiers: desired
-                .catalog
-                .tiers
-                .iter()
-                .map(|(k, v)| (k.clone(), with_name(k, v)))
-                .collect(),
-            environments: desired
-                .environments
-                .iter()
-                .map(|(k, (_, v))| (k.clone(), to_mj(v)))
-                .collect(),
+            plans: desired.catalog.plans.iter().map(|(k, v)| (k.clone(), with_name(k, v))).collect(),
+            tiers: desired.catalog.tiers.iter().map(|(k, v)| (k.clone(), with_name(k, v))).collect(),
+            environments: desired.environments.iter().map(|(k, (_, v))| (k.clone(), to_mj(v))).collect(),
             env_values: desired
                 .environments
                 .iter()
-                .map(|(k, (_, v))| {
-                    (
-                        k.clone(),
-                        v.get("values")
-                            .cloned()
-                            .unwrap_or(Value::Object(Map::new())),
-                    )
-                })
+                .map(|(k, (_, v))| (k.clone(), v.get("values").cloned().unwrap_or(Value::Object(Map::new()))))
                 .collect(),
         }
     }
@@ -215,97 +151,53 @@ impl Renderer {
             .and_then(|p| p.get("values"))
             .cloned()
             .unwrap_or(Value::Object(Map::new()));
-        let env_values = self
-            .env_values
-            .get(&t.spec.environment)
-            .cloned()
-            .unwrap_or(Value::Object(Map::new()));
-        let tenant_values = t
-            .doc
-            .get("values")
-            .cloned()
-            .unwrap_or(Value::Object(Map::new()));
+        let env_values = self.env_values.get(&t.spec.environment).cloned().unwrap_or(Value::Object(Map::new()));
+        let tenant_values = t.doc.get("values").cloned().unwrap_or(Value::Object(Map::new()));
         let values = deep_merge(deep_merge(env_values, plan_values), tenant_values);
-        let secrets = MjValue::from_pairs(t.secrets.iter().map(|s| {
-            (
-                MjValue::from(s.name.as_str()),
-                MjValue::from(format!("${{SECRET:{}}}", s.name)),
-            )
-        }));
+        let secrets = MjValue::from_pairs(
+            t.secrets
+                .iter()
+                .map(|s| (MjValue::from(s.name.as_str()), MjValue::from(format!("${{SECRET:{}}}", s.name)))),
+        );
         MjValue::from_pairs([
             ("tenant", to_mj(&t.doc)),
-            (
-                "plan",
-                self.plans.get(&t.spec.plan).cloned().unwrap_or_default(),
-            ),
-            (
-                "environment",
-                self.environments
-                    .get(&t.spec.environment)
-                    .cloned()
-                    .unwrap_or_default(),
-            ),
-            (
-                "resource_tier",
-                self.tiers
-                    .get(&t.spec.resource_tier)
-                    .cloned()
-                    .unwrap_or_default(),
-            ),
-            (
-                "features",
-                MjValue::from_iter(t.features.iter().map(|f| MjValue::from(f.as_str()))),
-            ),
-            (
-                "licenses",
-                MjValue::from_iter(t.valid_licenses.iter().map(to_mj)),
-            ),
+            ("plan", self.plans.get(&t.spec.plan).cloned().unwrap_or_default()),
+            ("environment", self.environments.get(&t.spec.environment).cloned().unwrap_or_default()),
+            ("resource_tier", self.tiers.get(&t.spec.resource_tier).cloned().unwrap_or_default()),
+            ("features", MjValue::from_iter(t.features.iter().map(|f| MjValue::from(f.as_str())))),
+            ("licenses", MjValue::from_iter(t.valid_licenses.iter().map(to_mj))),
             ("values", to_mj(&values)),
             ("secrets", secrets),
         ])
     }
 
     /// Renders one template with the sandbox limits; errors name the template and line.
-    pub fn render_template(
-        &self,
-        name: &str,
-        ctx: &MjValue,
-        tenant: &str,
-    ) -> Result<String, Diagnostic> {
-        let tmpl = self
-            .env
-            .get_template(name)
-            .map_err(|e| self.error(e, tenant, name))?;
-        let mut out = Capped {
-            buf: Vec::new(),
-            max: self.max_output,
-        };
+    pub fn render_template(&self, name: &str, ctx: &MjValue, tenant: &str) -> Result<String, Diagnostic> {
+        let tmpl = self.env.get_template(name).map_err(|e| self.error(e, tenant, name))?;
+        let mut out = Capped { buf: Vec::new(), max: self.max_output };
         {
             let _guard = budget::Guard::new(RENDER_MEMORY, &format!("{name} for tenant {tenant}"));
-            tmpl.render_captured_to(ctx.clone(), &mut out)
-                .map_err(|e| self.error(e, tenant, name))?;
+            tmpl.render_captured_to(ctx.clone(), &mut out).map_err(|e| self.error(e, tenant, name))?;
         }
         String::from_utf8(out.buf).map_err(|_| {
-            Diagnostic::error(
-                "template",
-                format!("template `{name}` produced invalid UTF-8"),
-            )
-            .tenant(tenant)
+            Diagnostic::error("template", format!("template `{name}` produced invalid UTF-8")).tenant(tenant)
         })
     }
 
     fn error(&self, e: minijinja::Error, tenant: &str, entry: &str) -> Diagnostic {
+        // An error inside an included template arrives wrapped ("could not render include"):
+        // report the innermost one, which names the template and line at fault.
+        let mut e = &e;
+        while let Some(inner) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<minijinja::Error>()) {
+            e = inner;
+        }
         let name = e.name().unwrap_or(entry).to_owned();
         let detail = e.detail().map(str::to_owned).unwrap_or_default();
         let message = match e.kind() {
             ErrorKind::OutOfFuel => {
-                "the template ran out of fuel (too many steps: an endless or very long loop?)"
-                    .to_owned()
+                "the template ran out of fuel (too many steps: an endless or very long loop?)".to_owned()
             }
-            ErrorKind::WriteFailure => format!(
-                "the template's output is larger than {} bytes",
-                self.max_output
-            ),
+            ErrorKind::WriteFailure => format!("the template's output is larger than {} bytes", self.max_output),
             ErrorKind::UndefinedError if detail.is_empty() => {
                 "undefined value (strict mode: use `is defined` or `| default(...)`)".to_owned()
             }
@@ -326,11 +218,7 @@ impl Renderer {
     }
 
     /// Every resource of one tenant, or the problems that prevented it.
-    pub fn render_tenant(
-        &self,
-        desired: &Desired,
-        t: &Tenant,
-    ) -> Result<Vec<Resource>, Vec<Diagnostic>> {
+    pub fn render_tenant(&self, desired: &Desired, t: &Tenant) -> Result<Vec<Resource>, Vec<Diagnostic>> {
         let ctx = self.context(desired, t);
         let id = t.id.as_str();
         let mut out = Vec::new();
@@ -343,11 +231,7 @@ impl Renderer {
         for l in &t.valid_licenses {
             let mut l = l.as_object().cloned().unwrap_or_default();
             l.remove("license_key");
-            let plugin = l
-                .get("plugin")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
+            let plugin = l.get("plugin").and_then(Value::as_str).unwrap_or_default().to_owned();
             out.push(Resource {
                 address: Address::new(id, ResourceKind::ManagementLicense, Some(&plugin)),
                 content: Content::Json(Value::Object(l)),
@@ -363,19 +247,13 @@ impl Renderer {
         for (name, stem) in &self.policy_templates {
             match self.render_template(name, &ctx, id) {
                 Ok(text) => out.push(Resource {
-                    address: Address::new(
-                        id,
-                        ResourceKind::OpenbaoPolicy,
-                        Some(&format!("{id}-{stem}")),
-                    ),
+                    address: Address::new(id, ResourceKind::OpenbaoPolicy, Some(&format!("{id}-{stem}"))),
                     content: Content::Text(text),
                 }),
                 Err(d) => errors.push(d),
             }
         }
-        let checksum = isp
-            .as_ref()
-            .map(|t| fingerprint::sha256_hex(t.as_bytes())[..16].to_owned());
+        let checksum = isp.as_ref().map(|t| fingerprint::sha256_hex(t.as_bytes())[..16].to_owned());
         let mut seen = BTreeSet::new();
         for name in &self.k8s_templates {
             let text = match self.render_template(name, &ctx, id) {
@@ -388,8 +266,7 @@ impl Renderer {
             match manifests(&text, id, checksum.as_deref()) {
                 Ok(ms) => {
                     for (kind, mname, m) in ms {
-                        let address =
-                            Address::new(id, ResourceKind::Kubernetes(kind), Some(&mname));
+                        let address = Address::new(id, ResourceKind::Kubernetes(kind), Some(&mname));
                         if !seen.insert(address.to_string()) {
                             errors.push(
                                 Diagnostic::error(
@@ -401,20 +278,14 @@ impl Renderer {
                             );
                             continue;
                         }
-                        out.push(Resource {
-                            address,
-                            content: Content::Json(m),
-                        });
+                        out.push(Resource { address, content: Content::Json(m) });
                     }
                 }
                 Err(msg) => errors.push(
-                    Diagnostic::error(
-                        "template",
-                        format!("template `{name}` did not render valid manifests: {msg}"),
-                    )
-                    .file(template_path(&self.repo_templates, name))
-                    .tenant(id)
-                    .help("each document must be a mapping with `kind` and `metadata.name`"),
+                    Diagnostic::error("template", format!("template `{name}` did not render valid manifests: {msg}"))
+                        .file(template_path(&self.repo_templates, name))
+                        .tenant(id)
+                        .help("each document must be a mapping with `kind` and `metadata.name`"),
                 ),
             }
         }
@@ -443,15 +314,10 @@ impl Renderer {
         desired: &Desired,
         only: Option<&BTreeSet<String>>,
     ) -> (BTreeMap<String, Vec<Resource>>, Vec<Diagnostic>) {
-        let tenants: Vec<&Tenant> = desired
-            .tenants
-            .values()
-            .filter(|t| only.is_none_or(|o| o.contains(&t.id)))
-            .collect();
-        let results: Vec<(String, Result<Vec<Resource>, Vec<Diagnostic>>)> = tenants
-            .par_iter()
-            .map(|t| (t.id.clone(), self.render_tenant(desired, t)))
-            .collect();
+        let tenants: Vec<&Tenant> =
+            desired.tenants.values().filter(|t| only.is_none_or(|o| o.contains(&t.id))).collect();
+        let results: Vec<(String, Result<Vec<Resource>, Vec<Diagnostic>>)> =
+            tenants.par_iter().map(|t| (t.id.clone(), self.render_tenant(desired, t))).collect();
         let mut ok = BTreeMap::new();
         let mut diags = Vec::new();
         for (id, r) in results {
@@ -473,44 +339,20 @@ pub fn management_record(t: &Tenant) -> Value {
     for key in ["name", "plan", "resource_tier", "domain"] {
         m.insert(key.into(), d.get(key).cloned().unwrap_or(Value::Null));
     }
-    m.insert(
-        "status".into(),
-        d.get("status")
-            .cloned()
-            .unwrap_or(Value::String("active".into())),
-    );
-    m.insert(
-        "features".into(),
-        Value::Array(
-            t.features
-                .iter()
-                .map(|f| Value::String(f.clone()))
-                .collect(),
-        ),
-    );
-    m.insert(
-        "billing".into(),
-        d.get("billing").cloned().unwrap_or(Value::Null),
-    );
+    m.insert("status".into(), d.get("status").cloned().unwrap_or(Value::String("active".into())));
+    m.insert("features".into(), Value::Array(t.features.iter().map(|f| Value::String(f.clone())).collect()));
+    m.insert("billing".into(), d.get("billing").cloned().unwrap_or(Value::Null));
     Value::Object(m)
 }
 
 /// Parses rendered manifests and adds what the engine needs on them: the managed-by and
 /// tenant labels, and on Deployments the configuration checksum.
-fn manifests(
-    text: &str,
-    tenant: &str,
-    checksum: Option<&str>,
-) -> Result<Vec<(String, String, Value)>, String> {
+fn manifests(text: &str, tenant: &str, checksum: Option<&str>) -> Result<Vec<(String, String, Value)>, String> {
     let docs = yaml::parse_documents(text).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for d in docs {
         let mut m = d.value;
-        let kind = m
-            .get("kind")
-            .and_then(Value::as_str)
-            .ok_or("a document has no `kind`")?
-            .to_owned();
+        let kind = m.get("kind").and_then(Value::as_str).ok_or("a document has no `kind`")?.to_owned();
         let name = m
             .pointer("/metadata/name")
             .and_then(Value::as_str)
@@ -519,26 +361,16 @@ fn manifests(
         if m.get("apiVersion").and_then(Value::as_str).is_none() {
             return Err(format!("the {kind} `{name}` has no `apiVersion`"));
         }
-        let meta = m["metadata"]
-            .as_object_mut()
-            .ok_or("`metadata` is not a mapping")?;
-        let labels = meta
-            .entry("labels")
-            .or_insert_with(|| Value::Object(Map::new()));
-        let labels = labels
-            .as_object_mut()
-            .ok_or("`metadata.labels` is not a mapping")?;
+        let meta = m["metadata"].as_object_mut().ok_or("`metadata` is not a mapping")?;
+        let labels = meta.entry("labels").or_insert_with(|| Value::Object(Map::new()));
+        let labels = labels.as_object_mut().ok_or("`metadata.labels` is not a mapping")?;
         labels.insert(MANAGED_BY.0.into(), Value::String(MANAGED_BY.1.into()));
         labels.insert(TENANT_LABEL.into(), Value::String(tenant.into()));
         if kind == "Deployment"
             && let Some(sum) = checksum
-            && let Some(tmeta) = m
-                .pointer_mut("/spec/template/metadata")
-                .and_then(Value::as_object_mut)
+            && let Some(tmeta) = m.pointer_mut("/spec/template/metadata").and_then(Value::as_object_mut)
         {
-            let ann = tmeta
-                .entry("annotations")
-                .or_insert_with(|| Value::Object(Map::new()));
+            let ann = tmeta.entry("annotations").or_insert_with(|| Value::Object(Map::new()));
             if let Some(ann) = ann.as_object_mut() {
                 ann.insert(CONFIG_CHECKSUM.into(), Value::String(sum.to_owned()));
             }
@@ -589,9 +421,7 @@ pub fn to_mj(v: &Value) -> MjValue {
         }
         Value::String(s) => MjValue::from(s.as_str()),
         Value::Array(a) => MjValue::from_iter(a.iter().map(to_mj)),
-        Value::Object(m) => {
-            MjValue::from_pairs(m.iter().map(|(k, v)| (MjValue::from(k.as_str()), to_mj(v))))
-        }
+        Value::Object(m) => MjValue::from_pairs(m.iter().map(|(k, v)| (MjValue::from(k.as_str()), to_mj(v)))),
     }
 }
 

@@ -15,12 +15,7 @@ pub enum SecretRef {
 /// Walks every string of `v`, calling `f(pointer, key, text)`; `key` is the mapping key the
 /// string sits under, if any.
 pub fn walk_strings<'v>(v: &'v Value, f: &mut impl FnMut(&str, Option<&str>, &'v str)) {
-    fn go<'v>(
-        v: &'v Value,
-        ptr: &mut String,
-        key: Option<&str>,
-        f: &mut impl FnMut(&str, Option<&str>, &'v str),
-    ) {
+    fn go<'v>(v: &'v Value, ptr: &mut String, key: Option<&str>, f: &mut impl FnMut(&str, Option<&str>, &'v str)) {
         match v {
             Value::String(s) => f(ptr, key, s),
             Value::Array(a) => {
@@ -56,10 +51,7 @@ pub fn secret_refs(v: &Value) -> Vec<SecretRef> {
             let after = &rest[i + "${SECRET:".len()..];
             match after.find('}') {
                 Some(end) if end > 0 => {
-                    out.push(SecretRef::Ok {
-                        name: after[..end].to_owned(),
-                        pointer: ptr.to_owned(),
-                    });
+                    out.push(SecretRef::Ok { name: after[..end].to_owned(), pointer: ptr.to_owned() });
                     rest = &after[end + 1..];
                 }
                 _ => {
@@ -88,10 +80,7 @@ pub fn secret_name_problem(name: &str) -> Option<&'static str> {
         if seg == "." || seg == ".." {
             return Some("must not contain '.' or '..' as a path segment");
         }
-        if !seg
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        {
+        if !seg.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
             return Some("may only use letters, digits, '_', '-', '.' and '/' between segments");
         }
     }
@@ -106,30 +95,15 @@ fn patterns() -> &'static Patterns {
     static P: OnceLock<Patterns> = OnceLock::new();
     P.get_or_init(|| {
         let value = [
-            (
-                r"\b(sk|rk)_(live|test)_[0-9A-Za-z]{8,}",
-                "a Stripe secret key",
-            ),
-            (
-                r"\bwhsec_[0-9A-Za-z]{8,}",
-                "a Stripe webhook signing secret",
-            ),
-            (
-                r"-----BEGIN ([A-Z0-9]+ )*PRIVATE KEY-----",
-                "a PEM private key",
-            ),
+            (r"\b(sk|rk)_(live|test)_[0-9A-Za-z]{8,}", "a Stripe secret key"),
+            (r"\bwhsec_[0-9A-Za-z]{8,}", "a Stripe webhook signing secret"),
+            (r"-----BEGIN ([A-Z0-9]+ )*PRIVATE KEY-----", "a PEM private key"),
             (r"\bAKIA[0-9A-Z]{16}\b", "an AWS access key id"),
             (r"\bgh[pousr]_[0-9A-Za-z]{30,}", "a GitHub token"),
             (r"\bgithub_pat_[0-9A-Za-z_]{30,}", "a GitHub token"),
             (r"\bxox[abprs]-[0-9A-Za-z-]{10,}", "a Slack token"),
-            (
-                r"\bpat-(na|eu)[0-9]-[0-9a-f-]{20,}",
-                "a HubSpot private app token",
-            ),
-            (
-                r"\beyJ[0-9A-Za-z_-]{8,}\.eyJ[0-9A-Za-z_-]{8,}\.[0-9A-Za-z_-]{8,}",
-                "a JSON Web Token",
-            ),
+            (r"\bpat-(na|eu)[0-9]-[0-9a-f-]{20,}", "a HubSpot private app token"),
+            (r"\beyJ[0-9A-Za-z_-]{8,}\.eyJ[0-9A-Za-z_-]{8,}\.[0-9A-Za-z_-]{8,}", "a JSON Web Token"),
             (r"://[^/\s:@]+:[^/\s@$]{3,}@", "a URL with a password in it"),
         ]
         .into_iter()
@@ -144,11 +118,7 @@ pub fn credential_pattern(text: &str) -> Option<&'static str> {
     if text.len() < 8 {
         return None;
     }
-    patterns()
-        .value
-        .iter()
-        .find(|(re, _)| re.is_match(text))
-        .map(|(_, what)| *what)
+    patterns().value.iter().find(|(re, _)| re.is_match(text)).map(|(_, what)| *what)
 }
 
 /// Keys whose value is a credential: it must be a `${SECRET:...}` reference.
@@ -176,10 +146,7 @@ pub fn is_credential_key(key: &str) -> bool {
         return true;
     }
     let last = k.rsplit(['_', '-']).next().unwrap_or(&k);
-    matches!(
-        last,
-        "password" | "passwd" | "pwd" | "secret" | "token" | "apikey" | "passphrase"
-    )
+    matches!(last, "password" | "passwd" | "pwd" | "secret" | "token" | "apikey" | "passphrase")
 }
 
 #[cfg(test)]
@@ -193,9 +160,7 @@ mod tests {
         let refs = secret_refs(&v);
         assert_eq!(refs.len(), 4);
         assert!(matches!(&refs[3], SecretRef::Malformed { pointer, .. } if pointer == "/c"));
-        assert!(
-            matches!(&refs[2], SecretRef::Ok { name, pointer } if name == "two" && pointer == "/b/0")
-        );
+        assert!(matches!(&refs[2], SecretRef::Ok { name, pointer } if name == "two" && pointer == "/b/0"));
     }
 
     #[test]
@@ -209,22 +174,10 @@ mod tests {
 
     #[test]
     fn credentials() {
-        assert_eq!(
-            credential_pattern("sk_live_abcdefgh1234"),
-            Some("a Stripe secret key")
-        );
-        assert_eq!(
-            credential_pattern("-----BEGIN RSA PRIVATE KEY-----\nMII"),
-            Some("a PEM private key")
-        );
-        assert_eq!(
-            credential_pattern("https://tenant.example/webhooks/stripe"),
-            None
-        );
-        assert_eq!(
-            credential_pattern("postgres://app:hunter22@db/x"),
-            Some("a URL with a password in it")
-        );
+        assert_eq!(credential_pattern("sk_live_abcdefgh1234"), Some("a Stripe secret key"));
+        assert_eq!(credential_pattern("-----BEGIN RSA PRIVATE KEY-----\nMII"), Some("a PEM private key"));
+        assert_eq!(credential_pattern("https://tenant.example/webhooks/stripe"), None);
+        assert_eq!(credential_pattern("postgres://app:hunter22@db/x"), Some("a URL with a password in it"));
         assert_eq!(credential_pattern("postgres://app:${SECRET:db}@db/x"), None);
         assert!(is_credential_key("webhook_secret"));
         assert!(is_credential_key("password"));

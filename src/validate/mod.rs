@@ -35,11 +35,23 @@ pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
         })
         .collect();
     let mut by_kind: BTreeMap<Kind, Vec<&LoadedDoc>> = BTreeMap::new();
+    // Tenant folders with a file that could not be read: their documents may name a tenant
+    // whose own file is the broken one, so they are not reported as orphans.
+    let broken_units: BTreeSet<String> =
+        loaded.diagnostics.iter().filter_map(|d| d.file.as_deref().and_then(tenant_unit).map(str::to_owned)).collect();
+    // Tenants whose own document is broken: their other documents are not "orphans".
+    let mut broken_tenants: BTreeSet<String> = BTreeSet::new();
     for (i, kind, problems) in checked {
         let ok = problems.iter().all(|p| !p.is_error());
         diags.extend(problems);
-        if let (Some(kind), true) = (kind, ok) {
-            by_kind.entry(kind).or_default().push(&loaded.docs[i]);
+        match (kind, ok) {
+            (Some(kind), true) => by_kind.entry(kind).or_default().push(&loaded.docs[i]),
+            (Some(Kind::Tenant), false) => {
+                if let Some(id) = loaded.docs[i].value.get("id").and_then(Value::as_str) {
+                    broken_tenants.insert(id.to_owned());
+                }
+            }
+            _ => {}
         }
     }
     let docs_of = |k: Kind| by_kind.get(&k).map(Vec::as_slice).unwrap_or(&[]);
@@ -47,16 +59,8 @@ pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
     // 2. Catalogs and environments.
     let mut catalog = Catalog::default();
     let plans = single(docs_of(Kind::PlanCatalog), Kind::PlanCatalog, &mut diags);
-    let plugins = single(
-        docs_of(Kind::PluginCatalog),
-        Kind::PluginCatalog,
-        &mut diags,
-    );
-    let tiers = single(
-        docs_of(Kind::ResourceTierCatalog),
-        Kind::ResourceTierCatalog,
-        &mut diags,
-    );
+    let plugins = single(docs_of(Kind::PluginCatalog), Kind::PluginCatalog, &mut diags);
+    let tiers = single(docs_of(Kind::ResourceTierCatalog), Kind::ResourceTierCatalog, &mut diags);
     if let Some(d) = plans {
         catalog.plans = entries(&d.value, "plans");
         catalog.sources.insert("plans", d.at.clone());
@@ -74,13 +78,10 @@ pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
         let name = d.value["name"].as_str().unwrap_or_default().to_owned();
         if let Some((first, _)) = environments.get(&name) {
             diags.push(
-                Diagnostic::error(
-                    "duplicate",
-                    format!("environment `{name}` is defined twice"),
-                )
-                .file(&*d.at.file)
-                .at(d.at.doc, "/name", Target::Value)
-                .help(format!("it is also defined in {}", first.file)),
+                Diagnostic::error("duplicate", format!("environment `{name}` is defined twice"))
+                    .file(&*d.at.file)
+                    .at(d.at.doc, "/name", Target::Value)
+                    .help(format!("it is also defined in {}", first.file)),
             );
             continue;
         }
@@ -108,13 +109,13 @@ pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
     }
     let mut licenses: HashMap<String, &LoadedDoc> = HashMap::new();
     let mut secret_refs: HashMap<String, &LoadedDoc> = HashMap::new();
-    for (kind, map) in [
-        (Kind::PluginLicenses, &mut licenses),
-        (Kind::SecretRefs, &mut secret_refs),
-    ] {
+    for (kind, map) in [(Kind::PluginLicenses, &mut licenses), (Kind::SecretRefs, &mut secret_refs)] {
         for d in docs_of(kind) {
             let id = d.value["tenant"].as_str().unwrap_or_default().to_owned();
             let Some(owner) = tenant_docs.get(&id) else {
+                if broken_tenants.contains(&id) || tenant_unit(&d.at.file).is_some_and(|u| broken_units.contains(u)) {
+                    continue;
+                }
                 let known = tenant_docs.keys().map(String::as_str);
                 let mut diag = Diagnostic::error(
                     "unknown-tenant",
@@ -149,14 +150,11 @@ pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
             }
             if let Some(first) = map.get(&id) {
                 diags.push(
-                    Diagnostic::error(
-                        "duplicate",
-                        format!("tenant `{id}` has a second {} document", kind.name()),
-                    )
-                    .file(&*d.at.file)
-                    .at(d.at.doc, "/tenant", Target::Value)
-                    .tenant(&id)
-                    .help(format!("merge it into the one in {}", first.at.file)),
+                    Diagnostic::error("duplicate", format!("tenant `{id}` has a second {} document", kind.name()))
+                        .file(&*d.at.file)
+                        .at(d.at.doc, "/tenant", Target::Value)
+                        .tenant(&id)
+                        .help(format!("merge it into the one in {}", first.at.file)),
                 );
                 continue;
             }
@@ -174,14 +172,7 @@ pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
     };
     let results: Vec<(Option<Tenant>, Vec<Diagnostic>)> = tenant_docs
         .par_iter()
-        .map(|(id, d)| {
-            ctx.tenant(
-                id,
-                d,
-                licenses.get(id).copied(),
-                secret_refs.get(id).copied(),
-            )
-        })
+        .map(|(id, d)| ctx.tenant(id, d, licenses.get(id).copied(), secret_refs.get(id).copied()))
         .collect();
     let mut tenants = BTreeMap::new();
     for (t, d) in results {
@@ -191,13 +182,7 @@ pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
         }
     }
 
-    let desired = Desired {
-        settings,
-        catalog,
-        environments,
-        tenants,
-        templates: loaded.templates.clone(),
-    };
+    let desired = Desired { settings, catalog, environments, tenants, templates: loaded.templates.clone() };
     crate::diag::resolve_positions(&mut diags, |p| loaded.text_of(p));
     crate::diag::sort(&mut diags);
     (desired, diags)
@@ -211,15 +196,11 @@ fn validate_settings(value: Option<&Value>, diags: &mut Vec<Diagnostic>) -> Sett
     if problems.is_empty() {
         match serde_json::from_value::<Settings>(value.clone()) {
             Ok(s) => return s,
-            Err(e) => diags.push(
-                Diagnostic::error("settings", format!("invalid settings: {e}")).file("dotmac.toml"),
-            ),
+            Err(e) => diags.push(Diagnostic::error("settings", format!("invalid settings: {e}")).file("dotmac.toml")),
         }
     }
     for v in problems {
-        let mut d = Diagnostic::error("settings", v.message)
-            .file("dotmac.toml")
-            .at(0, v.pointer, v.target);
+        let mut d = Diagnostic::error("settings", v.message).file("dotmac.toml").at(0, v.pointer, v.target);
         if let Some(h) = v.help {
             d = d.help(h);
         }
@@ -236,37 +217,29 @@ fn check_document(d: &LoadedDoc) -> (Option<Kind>, Vec<Diagnostic>) {
         Some(Value::String(s)) => s.as_str(),
         Some(other) => {
             out.push(
-                Diagnostic::error(
-                    "kind",
-                    format!("`kind` must be text, found {}", schema::describe(other)),
-                )
-                .file(file)
-                .at(d.at.doc, "/kind", Target::Value),
+                Diagnostic::error("kind", format!("`kind` must be text, found {}", schema::describe(other)))
+                    .file(file)
+                    .at(d.at.doc, "/kind", Target::Value),
             );
             return (None, out);
         }
         None => {
-            let what = if d.value.is_object() {
-                "document has no `kind`"
-            } else {
-                "document is not a mapping"
-            };
+            let what = if d.value.is_object() { "document has no `kind`" } else { "document is not a mapping" };
             out.push(
                 Diagnostic::error("kind", what.to_string())
                     .file(file)
                     .line(d.line, 1)
-                    .help(format!(
-                        "every document starts with `kind:`, one of: {}",
-                        kind_list()
-                    )),
+                    .help(format!("every document starts with `kind:`, one of: {}", kind_list())),
             );
             return (None, out);
         }
     };
     let Some(kind) = Kind::from_name(kind_name) else {
-        let mut diag = Diagnostic::error("kind", format!("unknown kind `{kind_name}`"))
-            .file(file)
-            .at(d.at.doc, "/kind", Target::Value);
+        let mut diag = Diagnostic::error("kind", format!("unknown kind `{kind_name}`")).file(file).at(
+            d.at.doc,
+            "/kind",
+            Target::Value,
+        );
         diag = match schema::closest(kind_name, Kind::DOCUMENT_KINDS.iter().map(|k| k.name())) {
             Some(s) => diag.help(format!("did you mean `{s}`?")),
             None => diag.help(format!("expected one of: {}", kind_list())),
@@ -281,25 +254,16 @@ fn check_document(d: &LoadedDoc) -> (Option<Kind>, Vec<Diagnostic>) {
     };
     if d.role != expected_role {
         out.push(
-            Diagnostic::error(
-                "placement",
-                format!("a {} document does not belong here", kind.name()),
-            )
-            .file(file)
-            .at(d.at.doc, "/kind", Target::Value)
-            .help(format!("move it under {}", kind.folder())),
+            Diagnostic::error("placement", format!("a {} document does not belong here", kind.name()))
+                .file(file)
+                .at(d.at.doc, "/kind", Target::Value)
+                .help(format!("move it under {}", kind.folder())),
         );
         return (Some(kind), out);
     }
     for v in schema::check(kind, &d.value) {
-        let mut diag = Diagnostic::error("schema", v.message)
-            .file(file)
-            .at(d.at.doc, v.pointer, v.target);
-        if let Some(t) = d
-            .value
-            .get("id")
-            .or_else(|| d.value.get("tenant"))
-            .and_then(Value::as_str)
+        let mut diag = Diagnostic::error("schema", v.message).file(file).at(d.at.doc, v.pointer, v.target);
+        if let Some(t) = d.value.get("id").or_else(|| d.value.get("tenant")).and_then(Value::as_str)
             && matches!(kind, Kind::Tenant | Kind::PluginLicenses | Kind::SecretRefs)
         {
             diag = diag.tenant(t);
@@ -313,32 +277,24 @@ fn check_document(d: &LoadedDoc) -> (Option<Kind>, Vec<Diagnostic>) {
 }
 
 fn kind_list() -> String {
-    Kind::DOCUMENT_KINDS
-        .iter()
-        .map(|k| k.name())
-        .collect::<Vec<_>>()
-        .join(", ")
+    Kind::DOCUMENT_KINDS.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
 }
 
 /// Exactly one catalog document of a kind.
-fn single<'a>(
-    docs: &[&'a LoadedDoc],
-    kind: Kind,
-    diags: &mut Vec<Diagnostic>,
-) -> Option<&'a LoadedDoc> {
+fn single<'a>(docs: &[&'a LoadedDoc], kind: Kind, diags: &mut Vec<Diagnostic>) -> Option<&'a LoadedDoc> {
+    // With two of them, which one counts is unclear: report it, and check nothing against either.
     for extra in docs.iter().skip(1) {
         diags.push(
             Diagnostic::error("duplicate", format!("a second {} document", kind.name()))
                 .file(&*extra.at.file)
                 .at(extra.at.doc, "/kind", Target::Value)
-                .help(format!(
-                    "keep one {} (the first is in {})",
-                    kind.name(),
-                    docs[0].at.file
-                )),
+                .help(format!("keep one {} (the first is in {})", kind.name(), docs[0].at.file)),
         );
     }
-    docs.first().copied()
+    match docs {
+        [one] => Some(*one),
+        _ => None,
+    }
 }
 
 fn entries(doc: &Value, field: &str) -> IndexMap<String, Value> {
@@ -353,30 +309,19 @@ fn entries(doc: &Value, field: &str) -> IndexMap<String, Value> {
 fn credential_scan(d: &LoadedDoc, tenant: Option<&str>, diags: &mut Vec<Diagnostic>) {
     let names_count = d.value.get("kind").and_then(Value::as_str) != Some("SecretRefs");
     checks::walk_strings(&d.value, &mut |ptr, key, text| {
-        let what = checks::credential_pattern(text)
-            .map(|w| format!("looks like {w}"))
-            .or_else(|| {
-                (names_count
-                    && key.is_some_and(checks::is_credential_key)
-                    && !text.is_empty()
-                    && !text.contains("${SECRET:"))
-                .then(|| {
-                    format!(
-                        "is a plain value in the credential field `{}`",
-                        key.unwrap_or_default()
-                    )
-                })
-            });
+        let what = checks::credential_pattern(text).map(|w| format!("looks like {w}")).or_else(|| {
+            (names_count
+                && key.is_some_and(checks::is_credential_key)
+                && !text.is_empty()
+                && !text.contains("${SECRET:"))
+            .then(|| format!("is a plain value in the credential field `{}`", key.unwrap_or_default()))
+        });
         if let Some(what) = what {
-            let mut diag = Diagnostic::error(
-                "plain-credential",
-                format!("this value {what}; secrets never live in git"),
-            )
-            .file(&*d.at.file)
-            .at(d.at.doc, ptr, Target::Value)
-            .help(
-                "declare the secret in the tenant's SecretRefs and write `${SECRET:<name>}` here",
-            );
+            let mut diag =
+                Diagnostic::error("plain-credential", format!("this value {what}; secrets never live in git"))
+                    .file(&*d.at.file)
+                    .at(d.at.doc, ptr, Target::Value)
+                    .help("declare the secret in the tenant's SecretRefs and write `${SECRET:<name>}` here");
             if let Some(t) = tenant {
                 diag = diag.tenant(t);
             }
@@ -400,9 +345,7 @@ pub fn expiry(s: &str) -> Option<Timestamp> {
     }
     let date: jiff::civil::Date = s.parse().ok()?;
     let end = date.at(23, 59, 59, 0);
-    end.to_zoned(jiff::tz::TimeZone::UTC)
-        .ok()
-        .map(|z| z.timestamp())
+    end.to_zoned(jiff::tz::TimeZone::UTC).ok().map(|z| z.timestamp())
 }
 
 impl TenantCtx<'_> {
@@ -416,10 +359,7 @@ impl TenantCtx<'_> {
         let mut out = Vec::new();
         let file = &*d.at.file;
         let err = |rule: &'static str, msg: String, ptr: &str| {
-            Diagnostic::error(rule, msg)
-                .file(file)
-                .at(d.at.doc, ptr, Target::Value)
-                .tenant(id)
+            Diagnostic::error(rule, msg).file(file).at(d.at.doc, ptr, Target::Value).tenant(id)
         };
         let spec: TenantDoc = match TenantDoc::deserialize(&d.value) {
             Ok(s) => s,
@@ -434,36 +374,26 @@ impl TenantCtx<'_> {
         }
 
         // References into the catalogs and environments.
-        let mut reference =
-            |what: &str, name: &str, known: Vec<&str>, ptr: &str, where_: &str, present: bool| {
-                if known.contains(&name) {
-                    return;
-                }
-                let mut diag = if present {
-                    err(
-                        "unknown-reference",
-                        format!("{what} `{name}` does not exist"),
-                        ptr,
-                    )
-                } else {
-                    err(
-                        "unknown-reference",
-                        format!("{what} `{name}` cannot be checked: {where_} is missing"),
-                        ptr,
-                    )
-                };
-                diag = match schema::closest(name, known.iter().copied()) {
-                    Some(s) => diag.help(format!(
-                        "did you mean `{s}`? ({what}s are defined in {where_})"
-                    )),
-                    None if present => diag.help(format!(
-                        "expected one of: {} (from {where_})",
-                        known.join(", ")
-                    )),
-                    None => diag,
-                };
-                out.push(diag);
+        let mut reference = |what: &str, name: &str, known: Vec<&str>, ptr: &str, where_: &str, present: bool| {
+            if known.contains(&name) {
+                return;
+            }
+            let mut diag = if present {
+                err("unknown-reference", format!("{what} `{name}` does not exist"), ptr)
+            } else {
+                err(
+                    "unknown-reference",
+                    format!("{what} `{name}` cannot be checked: {where_} is missing or defined twice"),
+                    ptr,
+                )
             };
+            diag = match schema::closest(name, known.iter().copied()) {
+                Some(s) => diag.help(format!("did you mean `{s}`? ({what}s are defined in {where_})")),
+                None if present => diag.help(format!("expected one of: {} (from {where_})", known.join(", "))),
+                None => diag,
+            };
+            out.push(diag);
+        };
         reference(
             "plan",
             &spec.plan,
@@ -494,51 +424,29 @@ impl TenantCtx<'_> {
         let mut expired: HashMap<String, String> = HashMap::new();
         if let Some(l) = lic {
             let lerr = |rule: &'static str, msg: String, ptr: String| {
-                Diagnostic::error(rule, msg)
-                    .file(&*l.at.file)
-                    .at(l.at.doc, ptr, Target::Value)
-                    .tenant(id)
+                Diagnostic::error(rule, msg).file(&*l.at.file).at(l.at.doc, ptr, Target::Value).tenant(id)
             };
             let doc: LicensesDoc = match LicensesDoc::deserialize(&l.value) {
                 Ok(doc) => doc,
                 Err(e) => {
-                    out.push(lerr(
-                        "schema",
-                        format!("cannot read the licenses: {e}"),
-                        String::new(),
-                    ));
-                    LicensesDoc {
-                        tenant: id.to_owned(),
-                        licenses: Vec::new(),
-                    }
+                    out.push(lerr("schema", format!("cannot read the licenses: {e}"), String::new()));
+                    LicensesDoc { tenant: id.to_owned(), licenses: Vec::new() }
                 }
             };
             let mut seen = BTreeSet::new();
             for (i, license) in doc.licenses.iter().enumerate() {
                 let ptr = format!("/licenses/{i}/plugin");
                 if !self.catalog.plugins.contains_key(&license.plugin) {
-                    let mut diag = lerr(
-                        "unknown-reference",
-                        format!("plugin `{}` does not exist", license.plugin),
-                        ptr.clone(),
-                    );
-                    if let Some(s) = schema::closest(
-                        &license.plugin,
-                        self.catalog.plugins.keys().map(String::as_str),
-                    ) {
-                        diag = diag.help(format!(
-                            "did you mean `{s}`? (plugins are defined in catalog/plugins.yaml)"
-                        ));
+                    let mut diag =
+                        lerr("unknown-reference", format!("plugin `{}` does not exist", license.plugin), ptr.clone());
+                    if let Some(s) = schema::closest(&license.plugin, self.catalog.plugins.keys().map(String::as_str)) {
+                        diag = diag.help(format!("did you mean `{s}`? (plugins are defined in catalog/plugins.yaml)"));
                     }
                     out.push(diag);
                     continue;
                 }
                 if !seen.insert(license.plugin.clone()) {
-                    out.push(lerr(
-                        "duplicate",
-                        format!("plugin `{}` is licensed twice", license.plugin),
-                        ptr,
-                    ));
+                    out.push(lerr("duplicate", format!("plugin `{}` is licensed twice", license.plugin), ptr));
                     continue;
                 }
                 let valid = match &license.expires {
@@ -570,10 +478,7 @@ impl TenantCtx<'_> {
             entitled.extend(strings(&plan["features"]));
         }
         for l in &valid_licenses {
-            if let Some(p) = l["plugin"]
-                .as_str()
-                .and_then(|p| self.catalog.plugins.get(p))
-            {
+            if let Some(p) = l["plugin"].as_str().and_then(|p| self.catalog.plugins.get(p)) {
                 entitled.extend(strings(&p["features"]));
             }
         }
@@ -589,114 +494,85 @@ impl TenantCtx<'_> {
                 .filter(|(_, p)| strings(&p["features"]).any(|f| &f == feature))
                 .map(|(name, _)| name.as_str())
                 .collect();
-            let in_some_plan = self
-                .catalog
-                .plans
-                .values()
-                .any(|p| strings(&p["features"]).any(|f| &f == feature));
-            let diag = if let Some((plugin, when)) = providers
-                .iter()
-                .find_map(|p| expired.get(*p).map(|w| (*p, w)))
-            {
-                err("not-entitled", format!("feature `{feature}` is not entitled: the license for plugin `{plugin}` expired on {when}"), &ptr)
-                    .help("renew the license (a later `expires`) or set the feature to false")
-            } else if providers.is_empty() && !in_some_plan {
+            let in_some_plan = self.catalog.plans.values().any(|p| strings(&p["features"]).any(|f| &f == feature));
+            let diag = if let Some((plugin, when)) = providers.iter().find_map(|p| expired.get(*p).map(|w| (*p, w))) {
                 err(
-                    "unknown-feature",
-                    format!("feature `{feature}` is not offered by any plan or plugin"),
+                    "not-entitled",
+                    format!("feature `{feature}` is not entitled: the license for plugin `{plugin}` expired on {when}"),
                     &ptr,
                 )
+                .help("renew the license (a later `expires`) or set the feature to false")
+            } else if providers.is_empty() && !in_some_plan {
+                err("unknown-feature", format!("feature `{feature}` is not offered by any plan or plugin"), &ptr)
             } else {
                 let mut how = Vec::new();
                 if !providers.is_empty() {
                     how.push(format!(
                         "a license for plugin {}",
-                        providers
-                            .iter()
-                            .map(|p| format!("`{p}`"))
-                            .collect::<Vec<_>>()
-                            .join(" or ")
+                        providers.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(" or ")
                     ));
                 }
                 if in_some_plan {
                     how.push("a plan that includes it".into());
                 }
-                err(
-                    "not-entitled",
-                    format!(
-                        "feature `{feature}` is not entitled by plan `{}`",
-                        spec.plan
-                    ),
-                    &ptr,
-                )
-                .help(format!("it needs {}", how.join(", or ")))
+                err("not-entitled", format!("feature `{feature}` is not entitled by plan `{}`", spec.plan), &ptr)
+                    .help(format!("it needs {}", how.join(", or ")))
             };
             out.push(diag);
         }
-        let features: Vec<String> = entitled
-            .into_iter()
-            .filter(|f| spec.features.get(f) != Some(&false))
-            .collect();
+        let features: Vec<String> = entitled.into_iter().filter(|f| spec.features.get(f) != Some(&false)).collect();
 
         // Secrets: declared properly, safely named, and every reference declared.
         let mut secrets = Vec::new();
         let mut declared: BTreeSet<String> = BTreeSet::new();
         if let Some(s) = sec {
             let serr = |msg: String, ptr: String| {
-                Diagnostic::error("secret", msg)
-                    .file(&*s.at.file)
-                    .at(s.at.doc, ptr, Target::Key)
-                    .tenant(id)
+                Diagnostic::error("secret", msg).file(&*s.at.file).at(s.at.doc, ptr, Target::Key).tenant(id)
             };
             match SecretRefsDoc::deserialize(&s.value) {
                 Err(e) => out.push(serr(format!("cannot read the secrets: {e}"), String::new())),
                 Ok(doc) => {
                     for (name, decl) in &doc.secrets {
-                        let ptr =
-                            format!("/secrets/{}", name.replace('~', "~0").replace('/', "~1"));
+                        let ptr = format!("/secrets/{}", name.replace('~', "~0").replace('/', "~1"));
                         declared.insert(name.clone());
                         if let Some(problem) = checks::secret_name_problem(name) {
-                            out.push(serr(format!("secret name `{name}` {problem}"), ptr).help(
-                                "secret names become store paths under dotmac/tenants/<tenant>/",
-                            ));
+                            out.push(
+                                serr(format!("secret name `{name}` {problem}"), ptr)
+                                    .help("secret names become store paths under dotmac/tenants/<tenant>/"),
+                            );
                             continue;
                         }
                         let source = match (&decl.generate, decl.external) {
-                            (Some(g), false) => SecretSource::Generated {
-                                length: g.length,
-                                charset: g.charset,
-                            },
+                            (Some(g), false) => SecretSource::Generated { length: g.length, charset: g.charset },
                             (None, true) => SecretSource::External,
                             (Some(_), true) => {
                                 out.push(serr(format!("secret `{name}` is both generated and external"), ptr).help("keep `generate:` (the engine creates it) or `external: true` (a person puts it there), not both"));
                                 continue;
                             }
                             (None, false) => {
-                                out.push(serr(format!("secret `{name}` says neither how it is generated nor that it is external"), ptr).help("add `generate: {length: 32}` or `external: true`"));
+                                out.push(
+                                    serr(
+                                        format!(
+                                            "secret `{name}` says neither how it is generated nor that it is external"
+                                        ),
+                                        ptr,
+                                    )
+                                    .help("add `generate: {length: 32}` or `external: true`"),
+                                );
                                 continue;
                             }
                         };
                         secrets.push(SecretSpec {
                             name: name.clone(),
                             source,
-                            rotation_days: decl
-                                .rotation
-                                .interval_days
-                                .or(doc.rotation.interval_days),
-                            auto_rotation: decl
-                                .rotation
-                                .auto_rotation
-                                .or(doc.rotation.auto_rotation)
-                                .unwrap_or(true),
+                            rotation_days: decl.rotation.interval_days.or(doc.rotation.interval_days),
+                            auto_rotation: decl.rotation.auto_rotation.or(doc.rotation.auto_rotation).unwrap_or(true),
                         });
                     }
                 }
             }
         }
-        for (doc, value) in [
-            (Some(d), &d.value),
-            (lic, lic.map(|l| &l.value).unwrap_or(&Value::Null)),
-        ] {
+        for (doc, value) in [(Some(d), &d.value), (lic, lic.map(|l| &l.value).unwrap_or(&Value::Null))] {
             let Some(doc) = doc else { continue };
             for r in checks::secret_refs(value) {
                 let diag = match r {
@@ -711,11 +587,13 @@ impl TenantCtx<'_> {
                             ))
                     }
                     SecretRef::Ok { .. } => continue,
-                    SecretRef::Malformed { text, pointer } => Diagnostic::error("secret-ref", format!("malformed secret reference `{text}`"))
-                        .file(&*doc.at.file)
-                        .at(doc.at.doc, pointer, Target::Value)
-                        .tenant(id)
-                        .help("write it as ${SECRET:name}"),
+                    SecretRef::Malformed { text, pointer } => {
+                        Diagnostic::error("secret-ref", format!("malformed secret reference `{text}`"))
+                            .file(&*doc.at.file)
+                            .at(doc.at.doc, pointer, Target::Value)
+                            .tenant(id)
+                            .help("write it as ${SECRET:name}")
+                    }
                 };
                 out.push(diag);
             }
@@ -739,10 +617,7 @@ impl TenantCtx<'_> {
 }
 
 fn strings(v: &Value) -> impl Iterator<Item = String> + '_ {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.as_str().map(str::to_owned))
+    v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_owned))
 }
 
 use serde::Deserialize;

@@ -92,10 +92,8 @@ fn compiled(kind: Kind) -> &'static Compiled {
         kinds
             .into_iter()
             .map(|k| {
-                let schema: Value =
-                    serde_json::from_str(k.schema_text()).expect("built-in schema is JSON");
-                let validator =
-                    jsonschema::draft202012::new(&schema).expect("built-in schema compiles");
+                let schema: Value = serde_json::from_str(k.schema_text()).expect("built-in schema is JSON");
+                let validator = jsonschema::draft202012::new(&schema).expect("built-in schema compiles");
                 Compiled { schema, validator }
             })
             .collect()
@@ -134,26 +132,18 @@ pub fn check(kind: Kind, value: &Value) -> Vec<Violation> {
                             Some(s) => format!("unknown field `{key}` (did you mean `{s}`?)"),
                             None => format!("unknown field `{key}`"),
                         },
-                        help: (!allowed.is_empty())
-                            .then(|| format!("expected one of: {}", allowed.join(", "))),
+                        help: (!allowed.is_empty()).then(|| format!("expected one of: {}", allowed.join(", "))),
                     });
                 }
             }
             ValidationErrorKind::Required { property } => out.push(Violation {
                 pointer: path,
                 target: Target::Key,
-                message: format!(
-                    "missing required field `{}`",
-                    property.as_str().unwrap_or("?")
-                ),
+                message: format!("missing required field `{}`", property.as_str().unwrap_or("?")),
                 help: None,
             }),
             ValidationErrorKind::Type { kind: t } => out.push(Violation {
-                message: format!(
-                    "expected {}, found {}",
-                    type_words(t),
-                    describe(e.instance())
-                ),
+                message: format!("expected {}, found {}", type_words(t), describe(e.instance())),
                 pointer: path,
                 target: Target::Value,
                 help: None,
@@ -161,21 +151,9 @@ pub fn check(kind: Kind, value: &Value) -> Vec<Violation> {
             ValidationErrorKind::Enum { options } => {
                 let opts: Vec<String> = options
                     .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|v| {
-                                v.as_str()
-                                    .map(str::to_owned)
-                                    .unwrap_or_else(|| v.to_string())
-                            })
-                            .collect()
-                    })
+                    .map(|a| a.iter().map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())).collect())
                     .unwrap_or_default();
-                let got = e
-                    .instance()
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| e.instance().to_string());
+                let got = e.instance().as_str().map(str::to_owned).unwrap_or_else(|| e.instance().to_string());
                 let suggestion = closest(&got, opts.iter().map(String::as_str));
                 out.push(Violation {
                     pointer: path,
@@ -187,32 +165,24 @@ pub fn check(kind: Kind, value: &Value) -> Vec<Violation> {
                     help: Some(format!("expected one of: {}", opts.join(", "))),
                 });
             }
+            ValidationErrorKind::Constant { .. } if path == "/format" => out.push(Violation {
+                pointer: path,
+                target: Target::Value,
+                message: format!("repository format {} is not supported; this engine reads format 1", e.instance()),
+                help: Some("set `format = 1`".into()),
+            }),
             ValidationErrorKind::Constant { expected_value } => out.push(Violation {
                 pointer: path,
                 target: Target::Value,
-                message: format!(
-                    "expected {}, found {}",
-                    expected_value,
-                    describe(e.instance())
-                ),
+                message: format!("expected {}, found {}", expected_value, describe(e.instance())),
                 help: None,
             }),
             ValidationErrorKind::Pattern { pattern } => {
                 let got = e.instance().as_str().unwrap_or_default().to_owned();
                 let (message, help) = pattern_message(&got, pattern, &path);
-                out.push(Violation {
-                    pointer: path,
-                    target: Target::Value,
-                    message,
-                    help,
-                });
+                out.push(Violation { pointer: path, target: Target::Value, message, help });
             }
-            _ => out.push(Violation {
-                pointer: path,
-                target: Target::Value,
-                message: e.to_string(),
-                help: None,
-            }),
+            _ => out.push(Violation { pointer: path, target: Target::Value, message: e.to_string(), help: None }),
         }
     }
     out
@@ -226,36 +196,21 @@ fn pattern_message(got: &str, pattern: &str, path: &str) -> (String, Option<Stri
                 Some("change the scheme to https://".into()),
             );
         }
-        return (
-            format!("`{got}` is not an https:// URL"),
-            Some("expected a URL such as https://host/path".into()),
-        );
+        return (format!("`{got}` is not an https:// URL"), Some("expected a URL such as https://host/path".into()));
     }
     if pattern == "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$" {
-        let what = if path.ends_with("/tenant") || path.ends_with("/id") {
-            "a tenant id"
-        } else {
-            "this name"
-        };
+        let what = if path.ends_with("/tenant") || path.ends_with("/id") { "a tenant id" } else { "this name" };
         return (
             format!("`{got}` is not a valid DNS label for {what}"),
-            Some(
-                "use lowercase letters, digits and '-', starting and ending with a letter or digit"
-                    .into(),
-            ),
+            Some("use lowercase letters, digits and '-', starting and ending with a letter or digit".into()),
         );
     }
-    (
-        format!("`{got}` does not have the expected form"),
-        Some(format!("expected a value matching {pattern}")),
-    )
+    (format!("`{got}` does not have the expected form"), Some(format!("expected a value matching {pattern}")))
 }
 
 /// The property names a schema object at `schema_path/..` declares.
 fn allowed_properties(schema: &Value, schema_path: &str) -> Vec<String> {
-    let parent = schema_path
-        .strip_suffix("/additionalProperties")
-        .unwrap_or(schema_path);
+    let parent = schema_path.strip_suffix("/additionalProperties").unwrap_or(schema_path);
     let node = resolve_refs(schema, schema.pointer(parent));
     node.and_then(|n| n.get("properties"))
         .and_then(Value::as_object)
@@ -288,11 +243,7 @@ fn type_words(t: &TypeKind) -> String {
     };
     match t {
         TypeKind::Single(one) => word(one.to_string()),
-        TypeKind::Multiple(set) => set
-            .iter()
-            .map(|t| word(t.to_string()))
-            .collect::<Vec<_>>()
-            .join(" or "),
+        TypeKind::Multiple(set) => set.iter().map(|t| word(t.to_string())).collect::<Vec<_>>().join(" or "),
     }
 }
 
@@ -314,11 +265,7 @@ pub fn describe(v: &Value) -> String {
 /// The candidate closest to `word` by edit distance, if it is close enough to be a typo.
 pub fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<String> {
     let limit = (word.chars().count() / 3).clamp(1, 3);
-    candidates
-        .map(|c| (edit_distance(word, c), c))
-        .filter(|(d, _)| *d <= limit)
-        .min()
-        .map(|(_, c)| c.to_owned())
+    candidates.map(|c| (edit_distance(word, c), c)).filter(|(d, _)| *d <= limit).min().map(|(_, c)| c.to_owned())
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -327,9 +274,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -351,16 +296,10 @@ mod tests {
 
     #[test]
     fn unknown_fields_name_the_field_and_suggest() {
-        let v = check(
-            Kind::Environment,
-            &json!({"kind": "Environment", "name": "prod", "valeus": {}}),
-        );
+        let v = check(Kind::Environment, &json!({"kind": "Environment", "name": "prod", "valeus": {}}));
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].pointer, "/valeus");
-        assert_eq!(
-            v[0].message,
-            "unknown field `valeus` (did you mean `values`?)"
-        );
+        assert_eq!(v[0].message, "unknown field `valeus` (did you mean `values`?)");
     }
 
     #[test]
@@ -377,10 +316,7 @@ mod tests {
 
     #[test]
     fn typos_are_close() {
-        assert_eq!(
-            closest("premum", ["basic", "premium"].into_iter()).as_deref(),
-            Some("premium")
-        );
+        assert_eq!(closest("premum", ["basic", "premium"].into_iter()).as_deref(), Some("premium"));
         assert_eq!(closest("zzz", ["basic", "premium"].into_iter()), None);
     }
 }

@@ -1,0 +1,9 @@
+//! The integration tests: one binary (faster to build), one module per capability.
+//! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
+
+mod util;
+
+mod parity;
+mod render;
+mod sandbox;
+mod validate;

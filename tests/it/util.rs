@@ -1,0 +1,161 @@
+//! Helpers: repositories in temp folders, the binary, git.
+
+#![allow(dead_code)]
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const NOW: &str = "2026-11-22T00:00:00Z";
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn project() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Copies a folder tree (symlinks are copied as symlinks).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let src = e.path();
+        let dst = to.join(e.file_name());
+        let ft = e.file_type().unwrap();
+        if ft.is_symlink() {
+            let target = std::fs::read_link(&src).unwrap();
+            let _ = std::fs::remove_file(&dst);
+            std::os::unix::fs::symlink(target, &dst).unwrap();
+        } else if ft.is_dir() {
+            copy_tree(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+/// A temp repository: the base fixture with a case's files laid over it. A case may list
+/// files to delete in `_remove`.
+pub fn fixture_repo(case: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&fixtures().join("_base"), dir.path());
+    let case_dir = fixtures().join(case);
+    copy_tree(&case_dir, dir.path());
+    let remove = dir.path().join("_remove");
+    if remove.exists() {
+        for line in std::fs::read_to_string(&remove).unwrap().lines() {
+            let _ = std::fs::remove_file(dir.path().join(line));
+        }
+        std::fs::remove_file(remove).unwrap();
+    }
+    dir
+}
+
+/// A copy of the project's example-repo.
+pub fn example_repo() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&project().join("example-repo"), dir.path());
+    dir
+}
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Both streams and the exit code, with the temp path replaced, for snapshots.
+    pub fn transcript(&self, repo: &Path) -> String {
+        let clean = |s: &str| s.replace(&repo.display().to_string(), "<repo>");
+        format!("exit: {}\n--- stdout\n{}--- stderr\n{}", self.code, clean(&self.stdout), clean(&self.stderr))
+    }
+}
+
+/// How long any command may take before the test calls it a hang.
+pub const HANG: Duration = Duration::from_secs(60);
+/// The address space any command may use (a few hundred MiB of heap, plus thread stacks).
+pub const MEMORY_LIMIT: u64 = 1536 * 1024 * 1024;
+
+/// Runs the binary with a memory limit and a hang guard.
+pub fn run(args: &[&str], cwd: &Path) -> Output {
+    run_env(args, cwd, &[])
+}
+
+pub fn run_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dotmac-gitops"));
+    cmd.args(args)
+        .current_dir(cwd)
+        .env("NO_COLOR", "1")
+        .env_remove("DOTMAC_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: MEMORY_LIMIT, rlim_max: MEMORY_LIMIT };
+            libc::setrlimit(libc::RLIMIT_AS, &lim);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("the binary runs");
+    let start = Instant::now();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(HANG) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("`dotmac-gitops {}` did not finish within {:?}", args.join(" "), HANG);
+        }
+    };
+    let _ = start;
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
+        .env("GIT_COMMITTER_NAME", "test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Makes `dir` a git repository (with git2) and commits everything in it; returns the commit.
+pub fn git_commit_all(dir: &Path, message: &str) -> String {
+    let repo = match git2::Repository::open(dir) {
+        Ok(r) => r,
+        Err(_) => git2::Repository::init(dir).unwrap(),
+    };
+    let mut index = repo.index().unwrap();
+    index.add_all(["*"].iter(), git2::IndexAddOption::DEFAULT, None).unwrap();
+    index.update_all(["*"].iter(), None).unwrap();
+    index.write().unwrap();
+    let tree_id = index.write_tree().unwrap();
+    let tree = repo.find_tree(tree_id).unwrap();
+    let sig = git2::Signature::now("test", "test@example.invalid").unwrap();
+    let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+    let parents: Vec<&git2::Commit> = parent.iter().collect();
+    let id = repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &parents).unwrap();
+    id.to_string()
+}
