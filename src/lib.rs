@@ -6,12 +6,19 @@
 
 #![allow(clippy::result_large_err, clippy::type_complexity)]
 
+pub mod apply;
 pub mod cli;
 pub mod diag;
+pub mod diff;
+pub mod drift;
+pub mod engine;
 pub mod fingerprint;
 pub mod load;
 pub mod model;
+pub mod plan;
+pub mod providers;
 pub mod render;
+pub mod state;
 pub mod validate;
 pub mod yamlfmt;
 

@@ -405,6 +405,9 @@ pub struct SecretMeta {
     /// The current version is deleted (KV v2 soft delete).
     #[serde(default)]
     pub deleted: bool,
+    /// A development placeholder standing in for an external secret (local store only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub placeholder: bool,
 }
 
 /// A desired resource, rendered.

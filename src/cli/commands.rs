@@ -20,6 +20,31 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Render { tenants, out, format, now } => {
             cmd_render(&g, &tenants, out.as_deref(), format, parse_now(now.as_deref())?)
         }
+        Command::Plan { args, out, format, detailed_exitcode } => {
+            super::plan_apply::cmd_plan(&g, &args, out.as_deref(), format, detailed_exitcode)
+        }
+        Command::Apply { plan_file, args, auto_approve, allow_delete, destroy_secrets, parallelism, lock } => {
+            super::plan_apply::cmd_apply(
+                &g,
+                super::plan_apply::ApplyArgs {
+                    plan_file: plan_file.as_deref(),
+                    args: &args,
+                    auto_approve,
+                    allow_delete,
+                    destroy_secrets,
+                    parallelism,
+                    lock: &lock,
+                },
+            )
+        }
+        Command::Rotate { tenants, secrets, emergency, lock } => {
+            super::plan_apply::cmd_rotate(&g, &tenants, &secrets, emergency, &lock)
+        }
+        Command::Drift { tenants, format, detailed_exitcode } => {
+            super::ops::cmd_drift(&g, &tenants, format, detailed_exitcode)
+        }
+        Command::Audit { tenants, since, format } => super::ops::cmd_audit(&g, &tenants, since.as_deref(), format),
+        Command::Secret(super::SecretCommand::Put { tenant, name }) => super::ops::cmd_secret_put(&g, &tenant, &name),
     }
 }
 
@@ -32,19 +57,22 @@ pub fn parse_now(now: Option<&str>) -> Result<Timestamp> {
     }
 }
 
-fn color(g: &Global) -> bool {
+pub fn color(g: &Global) -> bool {
     !g.no_color && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
 /// Loads and validates the repository the global flags name.
 pub fn load_valid(g: &Global, scope: &Scope, now: Timestamp) -> Result<(Loaded, Desired, Vec<Diagnostic>)> {
     let root = load::find_root(g.repo.as_deref())?;
+    let t = std::time::Instant::now();
     let loaded = load::load(&root, g.rev.as_deref(), scope)?;
+    tracing::info!(root = %root.display(), files = loaded.files.len(), docs = loaded.docs.len(), elapsed = ?t.elapsed(), "loaded");
     let (desired, diags) = validate::validate(&loaded, now);
+    tracing::info!(tenants = desired.tenants.len(), problems = diags.len(), elapsed = ?t.elapsed(), "validated");
     Ok((loaded, desired, diags))
 }
 
-fn print_diagnostics(loaded: &Loaded, diags: &[Diagnostic], color: bool) {
+pub fn print_diagnostics(loaded: &Loaded, diags: &[Diagnostic], color: bool) {
     if diags.is_empty() {
         return;
     }

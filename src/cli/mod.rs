@@ -2,6 +2,8 @@
 //! library modules this calls.
 
 mod commands;
+mod ops;
+mod plan_apply;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
@@ -78,6 +80,110 @@ pub enum Command {
         format: Format,
         #[arg(long, value_name = "RFC3339")]
         now: Option<String>,
+    },
+    /// Desired (repository) vs live (providers), three-way with the last-applied record.
+    Plan {
+        #[command(flatten)]
+        args: PlanArgs,
+        /// Save the plan to FILE, for `apply FILE`.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+        /// Exit 2 when there are changes or drift (0: none, 1: error).
+        #[arg(long)]
+        detailed_exitcode: bool,
+    },
+    /// Apply a saved plan, or plan and apply.
+    Apply {
+        /// A plan saved with `plan --out`; refused if the repository, the state or live
+        /// resources moved since.
+        #[arg(value_name = "FILE")]
+        plan_file: Option<PathBuf>,
+        #[command(flatten)]
+        args: PlanArgs,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        auto_approve: bool,
+        /// Allow deletions (critical changes).
+        #[arg(long)]
+        allow_delete: bool,
+        /// Remove every version of deleted secrets (default: a soft delete that keeps them).
+        #[arg(long)]
+        destroy_secrets: bool,
+        /// Tenants applied at the same time (default: [apply] parallelism, else 8).
+        #[arg(long, value_name = "N")]
+        parallelism: Option<usize>,
+        #[command(flatten)]
+        lock: LockArgs,
+    },
+    /// Live vs last-applied for every resource, and management vs ISP consistency.
+    Drift {
+        #[arg(long = "tenant", value_name = "ID")]
+        tenants: Vec<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+        /// Exit 2 when there is drift.
+        #[arg(long)]
+        detailed_exitcode: bool,
+    },
+    /// The audit trail and a per-tenant summary.
+    Audit {
+        #[arg(long = "tenant", value_name = "ID")]
+        tenants: Vec<String>,
+        /// Only entries at or after this time (RFC 3339).
+        #[arg(long, value_name = "RFC3339")]
+        since: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Rotate generated secrets now.
+    Rotate {
+        /// The tenants (repeatable; at least one).
+        #[arg(long = "tenant", value_name = "ID", required = true)]
+        tenants: Vec<String>,
+        /// Only these secrets (default: every generated secret of the tenants).
+        #[arg(long = "secret", value_name = "NAME")]
+        secrets: Vec<String>,
+        /// An emergency rotation: critical risk in the audit log, every chosen tenant at once.
+        #[arg(long)]
+        emergency: bool,
+        #[command(flatten)]
+        lock: LockArgs,
+    },
+    /// Manage values in the local secret store.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// Only this tenant (repeatable).
+    #[arg(long = "tenant", value_name = "ID")]
+    pub tenants: Vec<String>,
+    /// The time licenses and secret ages are judged at (RFC 3339; default: now).
+    #[arg(long, value_name = "RFC3339")]
+    pub now: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LockArgs {
+    /// Wait this long for the state lock (e.g. 30s, 5m; default: fail at once).
+    #[arg(long, value_name = "DURATION", default_value = "0s")]
+    pub lock_timeout: String,
+    /// Who is applying, for the audit log (default: $USER).
+    #[arg(long)]
+    pub actor: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Put a value for an external secret into the local store (the value is read from stdin).
+    Put {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
     },
 }
 

@@ -4,6 +4,8 @@
 mod util;
 
 mod parity;
+mod plan_apply;
 mod render;
 mod sandbox;
+mod secrets;
 mod validate;

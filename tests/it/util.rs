@@ -159,3 +159,48 @@ pub fn git_commit_all(dir: &Path, message: &str) -> String {
     let id = repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &parents).unwrap();
     id.to_string()
 }
+
+/// A repository from the shared generator (`bench/peer/gen_repo.py`), with development
+/// placeholders for its external secrets so that it applies offline.
+pub fn generated_repo(tenants: usize, seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("python3")
+        .arg(project().join("bench/peer/gen_repo.py"))
+        .args(["--tenants", &tenants.to_string(), "--seed", &seed.to_string(), "--out"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+    let toml = dir.path().join("dotmac.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text.replace(
+            "[providers.secrets]\nkind = \"local\"\n",
+            "[providers.secrets]\nkind = \"local\"\ndev_placeholders = true\n",
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// `secret put` with the value on stdin; checks the value is not echoed.
+pub fn put_secret(repo: &Path, tenant: &str, name: &str, value: &str) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dotmac-gitops"))
+        .args(["secret", "put", "--tenant", tenant, "--name", name])
+        .current_dir(repo)
+        .env("DOTMAC_LOG", "trace")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(value.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for s in [&out.stdout, &out.stderr] {
+        assert!(!String::from_utf8_lossy(s).contains(value.trim()), "secret put printed the value");
+    }
+}

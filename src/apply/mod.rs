@@ -1,0 +1,582 @@
+//! Apply: executes a plan's changes on the providers and records them.
+//!
+//! Per tenant, in the tenant's coordination strategy: `management_first` writes in apply
+//! order (secrets, management, ISP, Kubernetes; deletes in reverse); `synchronized` writes
+//! management and ISP at the same time. Before writing, the live resources are read again
+//! and must still be what the plan saw. With `rollback_on_failure`, a failed tenant's writes
+//! are undone from the live content read before writing. One tenant's failure never stops
+//! another's. Every write is journaled first; state records and audit entries are committed
+//! per batch of tenants, after the providers have made the writes durable.
+
+use crate::diff::{Action, Change, Risk, Severity};
+use crate::model::{Address, Charset, Content, Coordination, ProviderId, Resource, SecretSource, Strategy};
+use crate::plan::Plan;
+use crate::providers::secret_value::SecretValue;
+use crate::providers::{Expect, LiveResource, Providers};
+use crate::state::{AuditEntry, Commit, JournalEntry, StateStore};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::mpsc;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub allow_delete: bool,
+    pub destroy_secrets: bool,
+    pub parallelism: usize,
+    pub actor: String,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// How one tenant's apply ended.
+#[derive(Debug, Clone)]
+pub struct TenantOutcome {
+    pub tenant: String,
+    pub ok: bool,
+    pub applied: usize,
+    pub error: Option<String>,
+    /// `Some(true)`: rolled back; `Some(false)`: the rollback failed too.
+    pub rolled_back: Option<bool>,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub outcomes: Vec<TenantOutcome>,
+    pub serial: u64,
+    /// Problems found by reading back what was written (consistency validation).
+    pub verification: Vec<String>,
+}
+
+impl Report {
+    pub fn failed(&self) -> impl Iterator<Item = &TenantOutcome> {
+        self.outcomes.iter().filter(|o| !o.ok)
+    }
+    pub fn applied(&self) -> usize {
+        self.outcomes.iter().map(|o| o.applied).sum()
+    }
+}
+
+/// Refuses a plan that may not be applied as asked, before anything is written.
+pub fn preflight(plan: &Plan, opts: &Options) -> Result<(), String> {
+    let deletes: Vec<String> =
+        plan.changes.iter().filter(|c| c.action == Action::Delete).map(|c| c.address.to_string()).collect();
+    if !deletes.is_empty() && !opts.allow_delete {
+        let n = deletes.len();
+        let shown: Vec<String> = deletes.into_iter().take(5).collect();
+        return Err(format!(
+            "the plan deletes {n} resource{} ({}{}), a critical change: nothing was applied; pass --allow-delete to apply it",
+            if n == 1 { "" } else { "s" },
+            shown.join(", "),
+            if n > 5 { ", …" } else { "" }
+        ));
+    }
+    Ok(())
+}
+
+/// One step done on a live system, kept for rollback.
+struct Done<'a> {
+    change: &'a Change,
+    before: Option<LiveResource>,
+    after: Option<LiveResource>,
+}
+
+struct TenantResult {
+    outcome: TenantOutcome,
+    commit: Commit,
+    /// What was written and should now be live (address, fingerprint), for verification.
+    written: Vec<(Address, Option<String>)>,
+}
+
+struct Ctx<'a> {
+    plan: &'a Plan,
+    providers: &'a Providers,
+    state: &'a dyn StateStore,
+    opts: &'a Options,
+    correlation: String,
+}
+
+/// Applies `plan`. The caller holds the state lock and has checked the plan is not stale.
+pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &Options) -> anyhow::Result<Report> {
+    preflight(plan, opts).map_err(anyhow::Error::msg)?;
+    let mut by_tenant: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
+    for c in &plan.changes {
+        by_tenant.entry(c.address.tenant.as_str()).or_default().push(c);
+    }
+    let blocked: HashMap<&str, String> = plan
+        .violations
+        .iter()
+        .filter(|v| v.severity == Severity::Error)
+        .map(|v| (v.tenant.as_str(), v.message.clone()))
+        .collect();
+    let mut report = Report::default();
+    for (t, why) in &blocked {
+        by_tenant.remove(t);
+        report.outcomes.push(TenantOutcome {
+            tenant: (*t).to_owned(),
+            ok: false,
+            applied: 0,
+            error: Some(format!("not applied: {why}")),
+            rolled_back: None,
+        });
+    }
+    if by_tenant.is_empty() {
+        report.serial = state.meta()?.serial;
+        return Ok(report);
+    }
+    let serial = state.begin_apply()?;
+    report.serial = serial;
+    let ctx = Ctx { plan, providers, state, opts, correlation: plan.correlation_id() };
+
+    let bar = progress_bar(opts.progress, by_tenant.len() as u64);
+    let queue = Mutex::new(by_tenant.into_iter());
+    let (tx, rx) = mpsc::channel::<TenantResult>();
+    let workers = opts.parallelism.max(1);
+    let mut written_all: Vec<(Address, Option<String>)> = Vec::new();
+    let mut commit_error: Option<anyhow::Error> = None;
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let queue = &queue;
+            let ctx = &ctx;
+            s.spawn(move || {
+                loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let Some((tenant, changes)) = next else { break };
+                    let coord = ctx.plan.coordination.get(tenant).cloned().unwrap_or_default();
+                    let r = apply_tenant(ctx, tenant, changes, &coord);
+                    if tx.send(r).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        // The committer: batches of tenants, made durable on the providers, then recorded.
+        let mut batch: Vec<TenantResult> = Vec::new();
+        let mut flush = |batch: &mut Vec<TenantResult>, report: &mut Report| {
+            if batch.is_empty() {
+                return;
+            }
+            let mut commit = Commit::default();
+            for r in batch.drain(..) {
+                commit.upserts.extend(r.commit.upserts);
+                commit.forget.extend(r.commit.forget);
+                commit.audit.extend(r.commit.audit);
+                commit.clear_journal.extend(r.commit.clear_journal);
+                written_all.extend(r.written);
+                report.outcomes.push(r.outcome);
+            }
+            let durable = ProviderId::ALL.iter().try_for_each(|p| ctx.providers.get(*p).flush());
+            let result = durable.map_err(anyhow::Error::from).and_then(|_| ctx.state.commit(serial, commit));
+            if let Err(e) = result
+                && commit_error.is_none()
+            {
+                commit_error = Some(e);
+            }
+        };
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                Ok(r) => {
+                    if let Some(b) = &bar {
+                        b.inc(1);
+                        if !r.outcome.ok {
+                            b.println(format!("failed: {}", r.outcome.tenant));
+                        }
+                    }
+                    batch.push(r);
+                    if batch.len() >= 256 {
+                        flush(&mut batch, &mut report);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => flush(&mut batch, &mut report),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        flush(&mut batch, &mut report);
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if let Some(e) = commit_error {
+        return Err(e.context("the changes were applied but could not be recorded in the state store; the next plan re-reads live state and records them"));
+    }
+    report.verification = verify(providers, &written_all);
+    report.outcomes.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    Ok(report)
+}
+
+fn progress_bar(enabled: bool, len: u64) -> Option<indicatif::ProgressBar> {
+    if !enabled {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} applying {pos}/{len} tenants [{bar:30}] {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    Some(b)
+}
+
+fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &Coordination) -> TenantResult {
+    let _span = tracing::debug_span!("apply", tenant).entered();
+    let now = jiff::Timestamp::now().to_string();
+    let mut commit = Commit::default();
+    let mut written = Vec::new();
+    // Writes in apply order, then deletes in reverse apply order.
+    changes.sort_by(|a, b| a.address.cmp(&b.address));
+    let (mut deletes, rest): (Vec<&Change>, Vec<&Change>) =
+        changes.into_iter().partition(|c| c.action == Action::Delete);
+    deletes.reverse();
+    let (refreshes, writes): (Vec<&Change>, Vec<&Change>) = rest.into_iter().partition(|c| c.action == Action::Noop);
+
+    let fail = |msg: String, commit: Commit| TenantResult {
+        outcome: TenantOutcome {
+            tenant: tenant.to_owned(),
+            ok: false,
+            applied: 0,
+            error: Some(msg),
+            rolled_back: None,
+        },
+        commit,
+        written: Vec::new(),
+    };
+
+    // 1. Read live again: it must still be what the plan saw.
+    let mut live_now: HashMap<Address, LiveResource> = HashMap::new();
+    for p in ProviderId::ALL {
+        let addrs: Vec<Address> =
+            writes.iter().chain(&deletes).filter(|c| c.address.provider() == p).map(|c| c.address.clone()).collect();
+        if addrs.is_empty() {
+            continue;
+        }
+        match ctx.providers.get(p).fetch(&addrs) {
+            Ok(found) => live_now.extend(found.into_iter().map(|l| (l.address.clone(), l))),
+            Err(e) => return fail(format!("could not read {p} before writing: {e}"), commit),
+        }
+    }
+    for c in writes.iter().chain(&deletes) {
+        let now_fp = live_now.get(&c.address).map(|l| l.fingerprint.clone());
+        if now_fp != c.live_fingerprint {
+            let mut commit = Commit::default();
+            commit.audit.push(audit(ctx, &now, c, "skipped", Some("live state moved since the plan".into())));
+            return fail(
+                format!(
+                    "{} changed since the plan (was {}, now {}); nothing was written for this tenant: re-plan",
+                    c.address,
+                    c.live_fingerprint.as_deref().unwrap_or("absent"),
+                    now_fp.as_deref().unwrap_or("absent")
+                ),
+                commit,
+            );
+        }
+    }
+
+    // 2. Journal, then write.
+    let journal: Vec<JournalEntry> = writes
+        .iter()
+        .chain(&deletes)
+        .map(|c| JournalEntry {
+            address: c.address.to_string(),
+            plan_id: ctx.plan.plan_id.clone(),
+            action: c.action.as_str().into(),
+            intended: c.desired.as_ref().filter(|_| c.action != Action::Delete).and_then(intended_fingerprint),
+            started_at: now.clone(),
+        })
+        .collect();
+    if let Err(e) = ctx.state.journal_add(&journal) {
+        return fail(format!("could not journal the writes: {e}"), commit);
+    }
+    commit.clear_journal = journal.iter().map(|j| j.address.clone()).collect();
+
+    let result = match coord.strategy {
+        Strategy::ManagementFirst => run_sequence(ctx, writes.iter().chain(&deletes).copied(), &live_now),
+        Strategy::Synchronized => run_synchronized(ctx, &writes, &deletes, &live_now),
+    };
+    let (done, failure) = result;
+    let mut outcome = TenantOutcome {
+        tenant: tenant.to_owned(),
+        ok: failure.is_none(),
+        applied: done.len(),
+        error: None,
+        rolled_back: None,
+    };
+
+    tracing::debug!(applied = done.len(), failed = failure.is_some(), "tenant applied");
+    match failure {
+        None => {
+            for d in &done {
+                record_done(&mut commit, d);
+                commit.audit.push(audit(ctx, &now, d.change, "applied", None));
+                written.push((d.change.address.clone(), d.after.as_ref().map(|a| a.fingerprint.clone())));
+            }
+            for c in refreshes {
+                match (&c.desired, &c.live_fingerprint) {
+                    (Some(d), Some(fp)) => commit.upserts.push((c.address.clone(), fp.clone(), storable(d))),
+                    _ => commit.forget.push(c.address.clone()),
+                }
+            }
+        }
+        Some((failed, err)) => {
+            commit.audit.push(audit(ctx, &now, failed, "failed", Some(err.clone())));
+            outcome.error = Some(format!("{}: {err}", failed.address));
+            if coord.rollback_on_failure && !done.is_empty() {
+                let mut rollback_failed = false;
+                for d in done.iter().rev() {
+                    match undo(ctx, d) {
+                        Ok(()) => commit.audit.push(audit(ctx, &now, d.change, "rolled_back", None)),
+                        Err(e) => {
+                            rollback_failed = true;
+                            // What is live now is what this apply wrote: record it as such.
+                            record_done(&mut commit, d);
+                            commit.audit.push(audit(ctx, &now, d.change, "rollback_failed", Some(e.clone())));
+                            outcome.error = Some(format!(
+                                "{}; rolling back {} failed too: {e}",
+                                outcome.error.take().unwrap_or_default(),
+                                d.change.address
+                            ));
+                        }
+                    }
+                }
+                outcome.rolled_back = Some(!rollback_failed);
+                outcome.applied = 0;
+            } else {
+                // No rollback asked: what was written stays, and is recorded.
+                for d in &done {
+                    record_done(&mut commit, d);
+                    commit.audit.push(audit(ctx, &now, d.change, "applied", None));
+                }
+            }
+        }
+    }
+    TenantResult { outcome, commit, written }
+}
+
+/// The fingerprint a desired content will have once written (secrets: unknown until then).
+fn intended_fingerprint(c: &Content) -> Option<String> {
+    match c {
+        Content::Secret(_) | Content::SecretMeta(_) => None,
+        other => Some(crate::fingerprint::of(other)),
+    }
+}
+
+/// What the state stores of a content (nothing for secrets).
+fn storable(c: &Content) -> Option<Content> {
+    match c {
+        Content::Secret(_) | Content::SecretMeta(_) => None,
+        other => Some(other.clone()),
+    }
+}
+
+fn record_done(commit: &mut Commit, d: &Done<'_>) {
+    match (&d.after, d.change.action) {
+        (_, Action::Delete) => commit.forget.push(d.change.address.clone()),
+        (Some(after), _) => commit.upserts.push((
+            d.change.address.clone(),
+            after.fingerprint.clone(),
+            d.change.desired.as_ref().and_then(storable),
+        )),
+        (None, _) => {}
+    }
+}
+
+type Failure<'a> = Option<(&'a Change, String)>;
+
+fn run_sequence<'a>(
+    ctx: &Ctx<'_>,
+    changes: impl Iterator<Item = &'a Change>,
+    live: &HashMap<Address, LiveResource>,
+) -> (Vec<Done<'a>>, Failure<'a>) {
+    let mut done = Vec::new();
+    for c in changes {
+        let before = live.get(&c.address).cloned();
+        match execute(ctx, c, before.as_ref()) {
+            Ok(after) => done.push(Done { change: c, before, after }),
+            Err(e) => return (done, Some((c, e))),
+        }
+    }
+    (done, None)
+}
+
+/// Secrets first; management and ISP at the same time; then Kubernetes; deletes in reverse.
+fn run_synchronized<'a>(
+    ctx: &Ctx<'_>,
+    writes: &[&'a Change],
+    deletes: &[&'a Change],
+    live: &HashMap<Address, LiveResource>,
+) -> (Vec<Done<'a>>, Failure<'a>) {
+    let of = |p: ProviderId| writes.iter().copied().filter(move |c| c.address.provider() == p);
+    let (mut done, failure) = run_sequence(ctx, of(ProviderId::Secrets), live);
+    if failure.is_some() {
+        return (done, failure);
+    }
+    let ((m_done, m_fail), (i_done, i_fail)) = std::thread::scope(|s| {
+        let m = s.spawn(|| run_sequence(ctx, of(ProviderId::Management), live));
+        let i = run_sequence(ctx, of(ProviderId::Isp), live);
+        (m.join().unwrap_or_else(|_| (Vec::new(), None)), i)
+    });
+    done.extend(m_done);
+    done.extend(i_done);
+    if let Some(f) = m_fail.or(i_fail) {
+        return (done, Some(f));
+    }
+    let (k_done, failure) = run_sequence(ctx, of(ProviderId::Kubernetes).chain(deletes.iter().copied()), live);
+    done.extend(k_done);
+    (done, failure)
+}
+
+/// Performs one change; returns what is live afterwards.
+fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<Option<LiveResource>, String> {
+    tracing::trace!(address = %c.address, action = c.action.as_str(), "execute");
+    let provider = ctx.providers.get(c.address.provider());
+    let expect = Expect::from_live(before.map(|b| b.fingerprint.as_str()));
+    match c.action {
+        Action::Delete => {
+            let destroy = ctx.opts.destroy_secrets;
+            provider.delete(&c.address, &expect, destroy).map_err(|e| e.to_string())?;
+            Ok(None)
+        }
+        Action::Create | Action::Update | Action::Rotate => {
+            let desired =
+                c.desired.as_ref().ok_or_else(|| format!("{}: the plan has no content to write", c.address))?;
+            let resource = Resource { address: c.address.clone(), content: desired.clone() };
+            let value = match desired {
+                Content::Secret(spec) => Some(
+                    match spec.source {
+                        SecretSource::Generated { length, charset } => SecretValue::generate(length, charset),
+                        // A development placeholder for a missing external secret.
+                        SecretSource::External => SecretValue::generate(32, Charset::Alphanumeric),
+                    }
+                    .map_err(|e| format!("no randomness for a new secret: {e}"))?,
+                ),
+                _ => None,
+            };
+            provider.put(&resource, value.as_ref(), &expect).map(Some).map_err(|e| e.to_string())
+        }
+        Action::Noop => Ok(before.cloned()),
+    }
+}
+
+/// Undoes one step from the live content read before it.
+fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<(), String> {
+    let a = &d.change.address;
+    let provider = ctx.providers.get(a.provider());
+    let expect_after = Expect::from_live(d.after.as_ref().map(|x| x.fingerprint.as_str()));
+    match (&d.before, a.kind == crate::model::ResourceKind::OpenbaoSecret) {
+        (None, _) => provider.delete(a, &expect_after, true).map_err(|e| e.to_string()),
+        (Some(b), true) => {
+            let version = match &b.content {
+                Some(Content::SecretMeta(m)) => m.version,
+                _ => return Err(format!("{a}: no version to restore")),
+            };
+            provider.restore_secret(a, version).map(|_| ()).map_err(|e| e.to_string())
+        }
+        (Some(b), false) => {
+            let content = b.content.clone().ok_or_else(|| format!("{a}: the content before was not read"))?;
+            let r = Resource { address: a.clone(), content };
+            provider.put(&r, None, &expect_after).map(|_| ()).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Reads back what was written and compares fingerprints (consistency validation).
+fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for p in ProviderId::ALL {
+        let mine: Vec<&(Address, Option<String>)> = written.iter().filter(|(a, _)| a.provider() == p).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let addrs: Vec<Address> = mine.iter().map(|(a, _)| a.clone()).collect();
+        let live: HashMap<Address, String> = match providers.get(p).fetch(&addrs) {
+            Ok(l) => l.into_iter().map(|l| (l.address, l.fingerprint)).collect(),
+            Err(e) => {
+                problems.push(format!("could not read {p} back: {e}"));
+                continue;
+            }
+        };
+        for (a, fp) in mine {
+            let now = live.get(a);
+            let ok = match (fp, now) {
+                (Some(f), Some(n)) => f == n || (a.kind == crate::model::ResourceKind::OpenbaoSecret),
+                (None, None) => true,
+                (None, Some(n)) => n.ends_with("-deleted"),
+                _ => false,
+            };
+            if !ok {
+                problems.push(format!(
+                    "{a}: read back {} after writing {}",
+                    now.map(String::as_str).unwrap_or("nothing"),
+                    fp.as_deref().unwrap_or("nothing")
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// An audit entry for a change, with before/after masked: fields for updates, fingerprints
+/// for the rest, versions for secrets; never a value.
+fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &str, message: Option<String>) -> AuditEntry {
+    let is_secret = c.address.kind == crate::model::ResourceKind::OpenbaoSecret;
+    let (before, after) = if is_secret {
+        (
+            c.before.as_ref().map(crate::plan::masked),
+            (c.action != Action::Delete).then(|| json!({"value": "(sensitive)", "action": c.action})),
+        )
+    } else if c.action == Action::Update && !c.fields.is_empty() {
+        let pick = |after: bool| {
+            Value::Object(
+                c.fields
+                    .iter()
+                    .take(50)
+                    .map(|f| {
+                        (f.pointer.clone(), mask(if after { f.after.clone() } else { f.before.clone() }, &f.pointer))
+                    })
+                    .collect(),
+            )
+        };
+        (Some(pick(false)), Some(pick(true)))
+    } else {
+        (
+            c.live_fingerprint.as_ref().map(|f| json!({"fingerprint": f})),
+            c.desired
+                .as_ref()
+                .filter(|_| c.action != Action::Delete)
+                .map(|d| json!({"fingerprint": crate::fingerprint::of(d)})),
+        )
+    };
+    AuditEntry {
+        id: 0,
+        time: time.to_owned(),
+        correlation_id: ctx.correlation.clone(),
+        actor: ctx.opts.actor.clone(),
+        tenant: c.address.tenant.clone(),
+        address: c.address.to_string(),
+        action: c.action.as_str().into(),
+        risk: c.risk.as_str().into(),
+        outcome: outcome.into(),
+        before,
+        after,
+        message,
+    }
+}
+
+/// Hides a field's value when its name says it is a credential (it should only ever hold a
+/// `${SECRET:…}` reference, but the audit log does not rely on that).
+fn mask(v: Option<Value>, pointer: &str) -> Value {
+    let last = pointer.rsplit('/').next().unwrap_or_default();
+    match v {
+        None => Value::Null,
+        Some(Value::String(s)) if crate::validate::checks::is_credential_key(last) && !s.starts_with("${SECRET:") => {
+            Value::String("(sensitive)".into())
+        }
+        Some(other) => other,
+    }
+}
+
+/// The risk of the plan's most dangerous change, for summaries.
+pub fn highest(plan: &Plan) -> Option<Risk> {
+    plan.highest_risk()
+}

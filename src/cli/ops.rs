@@ -1,0 +1,263 @@
+//! `drift`, `audit` and `secret put`.
+
+use super::commands::color;
+use super::{Format, Global};
+use crate::drift::{self, Difference};
+use crate::engine;
+use crate::load::{self, source};
+use crate::model::{Address, Content, ProviderId, ResourceKind};
+use crate::providers::local::LocalStore;
+use crate::providers::secret_value::SecretValue;
+use crate::providers::{LiveResource, Providers, TenantScope};
+use crate::state::AuditQuery;
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Read};
+
+/// Settings, state store and providers of the repository, without rendering it.
+fn open(g: &Global) -> Result<(crate::load::settings::Settings, std::path::PathBuf)> {
+    let root = load::find_root(g.repo.as_deref())?;
+    let loaded = load::load(&root, g.rev.as_deref(), &source::Scope::All)?;
+    let (desired, diags) = crate::validate::validate(&loaded, jiff::Timestamp::now());
+    if diags.iter().any(|d| d.rule == "settings" || d.rule == "toml") {
+        bail!("dotmac.toml is invalid; run `dotmac-gitops validate`");
+    }
+    let state_dir = engine::state_dir(&root, &desired.settings);
+    Ok((desired.settings, state_dir))
+}
+
+/// One resource whose live state is not what was last applied.
+#[derive(Debug, Serialize)]
+struct Drifted {
+    tenant: String,
+    address: String,
+    /// changed | deleted
+    kind: &'static str,
+    last_applied: String,
+    live: Option<String>,
+    impact: &'static str,
+    recommendation: String,
+}
+
+pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool) -> Result<u8> {
+    let (settings, state_dir) = open(g)?;
+    let state = engine::open_state(&settings, &state_dir)?;
+    let providers = Providers::from_settings(&settings, &state_dir)?;
+    let scope =
+        if tenants.is_empty() { TenantScope::All } else { TenantScope::Only(tenants.iter().cloned().collect()) };
+    let records = state.records(&scope)?;
+    let live = engine::read_live(&providers, &scope, &engine::disabled(&settings))?;
+    let by_addr: HashMap<&Address, &LiveResource> = live.iter().map(|l| (&l.address, l)).collect();
+    let mut drifted = Vec::new();
+    for r in &records {
+        let l = by_addr.get(&r.address);
+        let deleted = match l.and_then(|l| l.content.as_ref()) {
+            None => true,
+            Some(Content::SecretMeta(m)) => m.deleted,
+            _ => false,
+        };
+        if !deleted && l.map(|l| l.fingerprint.as_str()) == Some(r.fingerprint.as_str()) {
+            continue;
+        }
+        let secret = r.address.kind == ResourceKind::OpenbaoSecret;
+        let (impact, recommendation) = match (secret, deleted) {
+            (true, true) => (
+                "high",
+                "run apply: a generated secret is created again; an external one must be put back by its owner"
+                    .to_owned(),
+            ),
+            (true, false) => {
+                ("high", "a new version was written out of band: confirm it was intended; apply records it".to_owned())
+            }
+            (false, true) => ("high", "run apply to create it again from the repository".to_owned()),
+            (false, false) => (
+                "medium",
+                "run apply to restore the repository's version, or commit the live change to the repository".to_owned(),
+            ),
+        };
+        drifted.push(Drifted {
+            tenant: r.address.tenant.clone(),
+            address: r.address.to_string(),
+            kind: if deleted { "deleted" } else { "changed" },
+            last_applied: r.fingerprint.clone(),
+            live: l.map(|l| l.fingerprint.clone()),
+            impact,
+            recommendation,
+        });
+    }
+    // Management vs ISP, per tenant that has both live.
+    let mut mgmt: BTreeMap<&str, &serde_json::Value> = BTreeMap::new();
+    let mut isp: BTreeMap<&str, &str> = BTreeMap::new();
+    for l in &live {
+        match (&l.address.kind, &l.content) {
+            (ResourceKind::ManagementTenant, Some(Content::Json(v))) => {
+                mgmt.insert(&l.address.tenant, v);
+            }
+            (ResourceKind::IspConfig, Some(Content::Text(t))) => {
+                isp.insert(&l.address.tenant, t);
+            }
+            _ => {}
+        }
+    }
+    let mut consistency: Vec<Difference> = Vec::new();
+    for (t, m) in &mgmt {
+        if let Some(i) = isp.get(t) {
+            consistency.extend(drift::consistency(t, m, i));
+        }
+    }
+    let any = !drifted.is_empty() || !consistency.is_empty();
+    match format {
+        Format::Json => {
+            let out = json!({
+                "drift_detected": any,
+                "resources": drifted,
+                "consistency": consistency,
+                "checked": {"resources": records.len(), "tenants": mgmt.len()},
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        _ => {
+            let paint = |code: &str, s: &str| if color(g) { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_owned() };
+            for d in &drifted {
+                println!(
+                    "{} {} {}: last applied {}, live {}\n    impact {}; {}",
+                    paint("1;33", "~"),
+                    d.address,
+                    d.kind,
+                    d.last_applied,
+                    d.live.as_deref().unwrap_or("absent"),
+                    d.impact,
+                    d.recommendation
+                );
+            }
+            for c in &consistency {
+                println!(
+                    "{} {} {}: management {} vs ISP framework {}\n    impact {}; {}",
+                    paint("1;31", "≠"),
+                    c.tenant,
+                    c.path,
+                    c.management_value,
+                    c.isp_framework_value,
+                    c.impact,
+                    c.recommendation
+                );
+            }
+            if any {
+                println!(
+                    "\nDrift: {} resource{} differ from what was last applied; {} management/ISP inconsistenc{}.",
+                    drifted.len(),
+                    if drifted.len() == 1 { "" } else { "s" },
+                    consistency.len(),
+                    if consistency.len() == 1 { "y" } else { "ies" }
+                );
+            } else {
+                println!(
+                    "No drift: {} resources as last applied; management and ISP agree for {} tenants.",
+                    records.len(),
+                    mgmt.len()
+                );
+            }
+        }
+    }
+    Ok(if detailed && any { 2 } else { 0 })
+}
+
+pub fn cmd_audit(g: &Global, tenants: &[String], since: Option<&str>, format: Format) -> Result<u8> {
+    if let Some(s) = since {
+        s.parse::<jiff::Timestamp>().with_context(|| format!("--since `{s}` is not an RFC 3339 time"))?;
+    }
+    let (settings, state_dir) = open(g)?;
+    let state = engine::open_state(&settings, &state_dir)?;
+    let entries =
+        state.audit(&AuditQuery { tenants: tenants.to_vec(), since: since.map(str::to_owned), limit: None })?;
+    #[derive(Default, Serialize)]
+    struct PerTenant {
+        changes: usize,
+        failures: usize,
+        rollbacks: usize,
+        rotations: usize,
+        by_risk: BTreeMap<String, usize>,
+        last_change: Option<String>,
+    }
+    let mut summary: BTreeMap<String, PerTenant> = BTreeMap::new();
+    for e in &entries {
+        let s = summary.entry(e.tenant.clone()).or_default();
+        match e.outcome.as_str() {
+            "applied" => {
+                s.changes += 1;
+                s.last_change = Some(e.time.clone());
+                *s.by_risk.entry(e.risk.clone()).or_default() += 1;
+                if e.action == "rotate" {
+                    s.rotations += 1;
+                }
+            }
+            "failed" | "rollback_failed" => s.failures += 1,
+            "rolled_back" => s.rollbacks += 1,
+            _ => {}
+        }
+    }
+    match format {
+        Format::Json => {
+            println!("{}", serde_json::to_string_pretty(&json!({"entries": entries, "summary": summary}))?);
+        }
+        _ => {
+            for e in &entries {
+                println!(
+                    "{}  {:<12} {:<8} {:<9} {:<14} {}  ({}, {})",
+                    e.time,
+                    e.actor,
+                    e.action,
+                    e.risk,
+                    e.outcome,
+                    e.address,
+                    e.correlation_id,
+                    e.message.as_deref().unwrap_or("-")
+                );
+            }
+            println!("\n{} entries.", entries.len());
+            for (t, s) in &summary {
+                println!(
+                    "  {t}: {} changes, {} rotations, {} failures, {} rollbacks; last change {}",
+                    s.changes,
+                    s.rotations,
+                    s.failures,
+                    s.rollbacks,
+                    s.last_change.as_deref().unwrap_or("-")
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub fn cmd_secret_put(g: &Global, tenant: &str, name: &str) -> Result<u8> {
+    let (settings, state_dir) = open(g)?;
+    if settings.providers.secrets.kind != "local" {
+        bail!(
+            "`secret put` writes to the local store; [providers.secrets] is kind = \"{}\": use that system's own tools",
+            settings.providers.secrets.kind
+        );
+    }
+    if let Some(problem) = crate::validate::checks::secret_name_problem(name) {
+        bail!("secret name `{name}` {problem}");
+    }
+    if std::io::stdin().is_terminal() {
+        eprintln!("Type the value and end with Ctrl-D (it is not echoed anywhere else):");
+    }
+    let mut raw = Vec::new();
+    std::io::stdin().lock().read_to_end(&mut raw)?;
+    while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        raw.pop();
+    }
+    if raw.is_empty() {
+        bail!("no value on stdin");
+    }
+    let value = SecretValue::from_bytes(raw);
+    let store = LocalStore::open(&state_dir, ProviderId::Secrets, &settings.providers.secrets)?;
+    let address = Address::new(tenant, ResourceKind::OpenbaoSecret, Some(name));
+    let live = store.put_external(&address, &value)?;
+    println!("{address}: stored as {} ({} bytes, encrypted)", live.fingerprint, value.len());
+    Ok(0)
+}

@@ -1,0 +1,350 @@
+//! Plan: every change between the repository and what is live, with the state it was made
+//! against, so that `apply` can refuse it when anything moved. Building a plan is pure.
+//!
+//! The plan type is also the plan file's format (`format_version`), written as JSON by
+//! `plan --out`. It carries the desired content of every change (what apply writes) and the
+//! live fingerprints it saw — never a secret value: secrets are declarations and versions.
+
+pub mod markdown;
+pub mod text;
+
+use crate::diff::{self, Action, Change, Risk, Severity, Violation};
+use crate::model::{Address, Content, Coordination, Resource};
+use crate::providers::{LiveResource, TenantScope};
+use crate::state::{JournalEntry, Record};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub create: usize,
+    pub update: usize,
+    pub rotate: usize,
+    pub delete: usize,
+    pub noop: usize,
+    pub drift: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub format_version: u32,
+    pub plan_id: String,
+    pub created_at: String,
+    /// The time secrets' ages and licenses were judged at.
+    pub now: String,
+    /// The commit planned, or null for a work tree with uncommitted changes.
+    pub revision: Option<String>,
+    /// A digest of every repository file read (detects a changed work tree).
+    pub inputs_digest: String,
+    pub lineage: String,
+    pub serial: u64,
+    /// The tenants targeted with `--tenant` (null: all).
+    pub tenants: Option<Vec<String>>,
+    pub summary: Summary,
+    pub changes: Vec<Change>,
+    pub violations: Vec<Violation>,
+    /// How each tenant with changes is applied.
+    #[serde(default)]
+    pub coordination: BTreeMap<String, Coordination>,
+    /// Every live fingerprint the plan saw, by address (plan files only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub live: BTreeMap<String, String>,
+}
+
+/// What a plan is built from.
+pub struct Inputs<'a> {
+    pub desired: &'a BTreeMap<String, Vec<Resource>>,
+    pub coordination: BTreeMap<String, Coordination>,
+    pub live: &'a [LiveResource],
+    pub records: &'a [Record],
+    pub journal: &'a [JournalEntry],
+    pub scope: &'a TenantScope,
+    pub now: Timestamp,
+    pub options: diff::Options,
+}
+
+/// Identity of a plan, from the edges (clock, random id, repository, state).
+pub struct Meta {
+    pub plan_id: String,
+    pub created_at: String,
+    pub revision: Option<String>,
+    pub inputs_digest: String,
+    pub lineage: String,
+    pub serial: u64,
+    pub tenants: Option<Vec<String>>,
+}
+
+/// Builds the plan: the three-way diff of every address desired, recorded or (if recorded)
+/// live, in apply order.
+pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
+    let live: HashMap<&Address, &LiveResource> =
+        inputs.live.iter().filter(|l| inputs.scope.contains(&l.address.tenant)).map(|l| (&l.address, l)).collect();
+    let records: HashMap<&Address, &Record> =
+        inputs.records.iter().filter(|r| inputs.scope.contains(&r.address.tenant)).map(|r| (&r.address, r)).collect();
+    let desired: HashMap<&Address, &Resource> = inputs
+        .desired
+        .iter()
+        .filter(|(t, _)| inputs.scope.contains(t))
+        .flat_map(|(_, rs)| rs)
+        .map(|r| (&r.address, r))
+        .collect();
+    // A write that was in flight when an apply stopped: if live now holds what it intended,
+    // it happened — treat it as recorded rather than as drift.
+    let journal: HashMap<String, &JournalEntry> = inputs.journal.iter().map(|j| (j.address.clone(), j)).collect();
+
+    let mut addresses: BTreeSet<&Address> = desired.keys().copied().collect();
+    addresses.extend(records.keys().copied());
+    let mut changes = Vec::new();
+    let mut violations = Vec::new();
+    let mut summary = Summary::default();
+    for a in addresses {
+        let l = live.get(a).copied();
+        let mut adopted;
+        let mut r = records.get(a).copied();
+        if let (Some(j), Some(l)) = (journal.get(&a.to_string()), l)
+            && j.intended.as_deref() == Some(l.fingerprint.as_str())
+        {
+            adopted = r.cloned().unwrap_or(Record {
+                address: a.clone(),
+                fingerprint: String::new(),
+                content: None,
+                applied_at: String::new(),
+                serial: 0,
+            });
+            adopted.fingerprint = l.fingerprint.clone();
+            r = Some(&adopted);
+            let (c, v) = diff::diff(a, desired.get(a).copied(), Some(l), r, inputs.now, &inputs.options);
+            push(&mut changes, &mut violations, &mut summary, c, v, true);
+            continue;
+        }
+        let (c, v) = diff::diff(a, desired.get(a).copied(), l, r, inputs.now, &inputs.options);
+        push(&mut changes, &mut violations, &mut summary, c, v, false);
+    }
+    let violations = merge_placeholder_warnings(violations);
+    let changed: BTreeSet<&str> = changes.iter().map(|c| c.address.tenant.as_str()).collect();
+    let coordination = inputs.coordination.into_iter().filter(|(t, _)| changed.contains(t.as_str())).collect();
+    Plan {
+        format_version: FORMAT_VERSION,
+        plan_id: meta.plan_id,
+        created_at: meta.created_at,
+        now: inputs.now.to_string(),
+        revision: meta.revision,
+        inputs_digest: meta.inputs_digest,
+        lineage: meta.lineage,
+        serial: meta.serial,
+        tenants: meta.tenants,
+        summary,
+        changes,
+        violations,
+        coordination,
+        live: live.iter().map(|(a, l)| (a.to_string(), l.fingerprint.clone())).collect(),
+    }
+}
+
+/// One warning per tenant for its development placeholders, rather than one per secret.
+fn merge_placeholder_warnings(violations: Vec<Violation>) -> Vec<Violation> {
+    const RULE: &str = "external-secret-placeholder";
+    let (placeholders, mut rest): (Vec<Violation>, Vec<Violation>) =
+        violations.into_iter().partition(|v| v.rule == RULE);
+    let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for v in placeholders {
+        let name = v.address.as_deref().and_then(Address::parse).and_then(|a| a.name).unwrap_or_default();
+        by_tenant.entry(v.tenant).or_default().push(name);
+    }
+    for (tenant, names) in by_tenant {
+        rest.push(Violation {
+            message: format!(
+                "tenant {tenant}: {} external secret{} stand{} in as development placeholder{} (dev_placeholders): {}. Put the real values with `dotmac-gitops secret put --tenant {tenant} --name <name>`",
+                names.len(),
+                if names.len() == 1 { "" } else { "s" },
+                if names.len() == 1 { "s" } else { "" },
+                if names.len() == 1 { "" } else { "s" },
+                names.join(", ")
+            ),
+            tenant,
+            rule: RULE.into(),
+            severity: Severity::Warning,
+            address: None,
+        });
+    }
+    rest.sort_by(|a, b| (&a.tenant, a.severity, &a.rule).cmp(&(&b.tenant, b.severity, &b.rule)));
+    rest
+}
+
+fn push(
+    changes: &mut Vec<Change>,
+    violations: &mut Vec<Violation>,
+    summary: &mut Summary,
+    c: Option<Change>,
+    v: Option<Violation>,
+    journaled: bool,
+) {
+    if let Some(v) = v {
+        violations.push(v);
+    }
+    let Some(mut c) = c else {
+        summary.noop += 1;
+        return;
+    };
+    if journaled && c.action == Action::Noop {
+        c.reason = "written by an apply that was interrupted; recorded now".into();
+    }
+    match c.action {
+        Action::Create => summary.create += 1,
+        Action::Update => summary.update += 1,
+        Action::Rotate => summary.rotate += 1,
+        Action::Delete => summary.delete += 1,
+        Action::Noop => summary.noop += 1,
+    }
+    if c.drift {
+        summary.drift += 1;
+    }
+    changes.push(c);
+}
+
+impl Plan {
+    /// Changes that write or delete something (not record-only noops).
+    pub fn actionable(&self) -> impl Iterator<Item = &Change> {
+        self.changes.iter().filter(|c| c.action != Action::Noop)
+    }
+
+    pub fn has_changes(&self) -> bool {
+        self.actionable().next().is_some()
+    }
+
+    /// Changes or drift: what `--detailed-exitcode` reports as 2.
+    pub fn has_changes_or_drift(&self) -> bool {
+        self.has_changes() || self.summary.drift > 0
+    }
+
+    pub fn errors(&self) -> impl Iterator<Item = &Violation> {
+        self.violations.iter().filter(|v| v.severity == Severity::Error)
+    }
+
+    pub fn highest_risk(&self) -> Option<Risk> {
+        self.actionable().map(|c| c.risk).max()
+    }
+
+    pub fn tenants_changed(&self) -> BTreeSet<&str> {
+        self.changes.iter().map(|c| c.address.tenant.as_str()).collect()
+    }
+
+    /// The correlation id of everything this plan does: plan id and revision.
+    pub fn correlation_id(&self) -> String {
+        format!("{}@{}", self.plan_id, self.revision.as_deref().unwrap_or("worktree"))
+    }
+
+    /// The JSON people and tools read (`plan --format json`): the stable shape of the CLI
+    /// contract, without the apply-only fields.
+    pub fn to_json(&self) -> Value {
+        let changes: Vec<Value> = self
+            .changes
+            .iter()
+            .map(|c| {
+                json!({
+                    "address": c.address.to_string(),
+                    "tenant": c.address.tenant,
+                    "provider": c.address.provider(),
+                    "action": c.action,
+                    "drift": c.drift,
+                    "risk": c.risk,
+                    "reason": c.reason,
+                    "diff": c.diff,
+                    "before": c.before.as_ref().map(masked).unwrap_or(Value::Null),
+                    "after": c.desired.as_ref().filter(|_| c.action != Action::Delete).map(masked).unwrap_or(Value::Null),
+                    "fields": c.fields,
+                })
+            })
+            .collect();
+        json!({
+            "format_version": self.format_version,
+            "plan_id": self.plan_id,
+            "created_at": self.created_at,
+            "now": self.now,
+            "revision": self.revision,
+            "lineage": self.lineage,
+            "serial": self.serial,
+            "tenants": self.tenants,
+            "summary": self.summary,
+            "changes": changes,
+            "violations": self.violations,
+        })
+    }
+}
+
+/// A content as JSON for output: structures as they are, text as a string, secrets as
+/// metadata and `(sensitive)`.
+pub fn masked(c: &Content) -> Value {
+    match c {
+        Content::Text(t) => Value::String(t.clone()),
+        Content::Json(v) => v.clone(),
+        Content::Secret(s) => json!({"secret": s.name, "source": s.source, "value": "(sensitive)"}),
+        Content::SecretMeta(m) => {
+            json!({"version": m.version, "updated": m.updated, "deleted": m.deleted, "value": "(sensitive)"})
+        }
+    }
+}
+
+/// A random id (`plan-` and 12 hex digits).
+pub fn new_id(prefix: &str) -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::fill(&mut b);
+    format!("{prefix}-{}", crate::providers::local::hex(&b))
+}
+
+/// Why a saved plan may no longer be applied.
+pub fn staleness(
+    plan: &Plan,
+    revision: Option<&str>,
+    inputs_digest: &str,
+    state: &crate::state::StateMeta,
+    live: &[LiveResource],
+) -> Vec<String> {
+    let mut why = Vec::new();
+    if plan.format_version != FORMAT_VERSION {
+        why.push(format!("the plan file has format {}; this engine reads {FORMAT_VERSION}", plan.format_version));
+    }
+    if plan.lineage != state.lineage {
+        why.push(format!("the plan was made against another state (lineage {} ≠ {})", plan.lineage, state.lineage));
+    } else if plan.serial != state.serial {
+        why.push(format!("the state moved from serial {} to {} (someone applied since)", plan.serial, state.serial));
+    }
+    match (plan.revision.as_deref(), revision) {
+        (Some(p), Some(c)) if p != c => why.push(format!("the repository moved from {} to {}", short(p), short(c))),
+        _ if plan.inputs_digest != inputs_digest => why.push("the repository's files changed since the plan".into()),
+        _ => {}
+    }
+    let now: HashMap<String, &str> = live.iter().map(|l| (l.address.to_string(), l.fingerprint.as_str())).collect();
+    let mut moved: Vec<String> = Vec::new();
+    for (a, fp) in &plan.live {
+        match now.get(a) {
+            Some(f) if f == fp => {}
+            Some(_) => moved.push(format!("{a} changed")),
+            None => moved.push(format!("{a} disappeared")),
+        }
+    }
+    for (a, _) in now.iter().filter(|(a, _)| !plan.live.contains_key(*a)) {
+        if plan.changes.iter().any(|c| &c.address.to_string() == a) {
+            moved.push(format!("{a} appeared"));
+        }
+    }
+    moved.sort();
+    if !moved.is_empty() {
+        let n = moved.len();
+        let shown: Vec<String> = moved.into_iter().take(10).collect();
+        why.push(format!(
+            "live state moved: {}{}",
+            shown.join(", "),
+            if n > 10 { format!(" and {} more", n - 10) } else { String::new() }
+        ));
+    }
+    why
+}
+
+pub fn short(rev: &str) -> &str {
+    &rev[..rev.len().min(12)]
+}

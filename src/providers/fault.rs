@@ -1,0 +1,115 @@
+//! Fault injection, for testing what a failed write leaves behind.
+//!
+//! `DOTMAC_FAULTS="isp:put:3,management:delete:1"` makes the 3rd `put` on the ISP provider
+//! and the 1st `delete` on the management provider fail (counted across the whole process,
+//! all threads). `*` as the count fails every call. Nothing is injected unless the variable
+//! is set; the wrapper is not installed at all then.
+
+use super::secret_value::SecretValue;
+use super::{Expect, LiveResource, Provider, ProviderError, Result, TenantScope};
+use crate::model::{Address, ProviderId, Resource};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    op: String,
+    /// `None`: every call.
+    nth: Option<usize>,
+}
+
+pub struct Faulty {
+    inner: Arc<dyn Provider>,
+    rules: Vec<Rule>,
+    puts: AtomicUsize,
+    deletes: AtomicUsize,
+    lists: AtomicUsize,
+    fetches: AtomicUsize,
+}
+
+/// Parses the rules of `spec` that concern `provider`.
+fn rules_for(spec: &str, provider: ProviderId) -> Vec<Rule> {
+    spec.split(',')
+        .filter_map(|r| {
+            let mut parts = r.trim().split(':');
+            let (p, op, n) = (parts.next()?, parts.next()?, parts.next()?);
+            (p == provider.as_str() || p == "*").then(|| Rule { op: op.to_owned(), nth: n.parse().ok() })
+        })
+        .collect()
+}
+
+/// Wraps `inner` if `DOTMAC_FAULTS` names faults for it.
+pub fn wrap(inner: Arc<dyn Provider>) -> Arc<dyn Provider> {
+    let Ok(spec) = std::env::var("DOTMAC_FAULTS") else { return inner };
+    let rules = rules_for(&spec, inner.id());
+    if rules.is_empty() {
+        return inner;
+    }
+    Arc::new(Faulty {
+        inner,
+        rules,
+        puts: AtomicUsize::new(0),
+        deletes: AtomicUsize::new(0),
+        lists: AtomicUsize::new(0),
+        fetches: AtomicUsize::new(0),
+    })
+}
+
+impl Faulty {
+    fn check(&self, op: &str, counter: &AtomicUsize, what: &str) -> Result<()> {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.rules.iter().any(|r| r.op == op && r.nth.is_none_or(|k| k == n)) {
+            return Err(ProviderError::Unavailable(format!("injected fault: {} {op} #{n} ({what})", self.inner.id())));
+        }
+        Ok(())
+    }
+}
+
+impl Provider for Faulty {
+    fn id(&self) -> ProviderId {
+        self.inner.id()
+    }
+    fn describe(&self) -> String {
+        format!("{} with injected faults", self.inner.describe())
+    }
+    fn list(&self, scope: &TenantScope) -> Result<Vec<LiveResource>> {
+        self.check("list", &self.lists, "all")?;
+        self.inner.list(scope)
+    }
+    fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {
+        self.check("fetch", &self.fetches, "batch")?;
+        self.inner.fetch(addresses)
+    }
+    fn put(&self, r: &Resource, secret: Option<&SecretValue>, expect: &Expect) -> Result<LiveResource> {
+        self.check("put", &self.puts, &r.address.to_string())?;
+        self.inner.put(r, secret, expect)
+    }
+    fn delete(&self, a: &Address, expect: &Expect, destroy: bool) -> Result<()> {
+        self.check("delete", &self.deletes, &a.to_string())?;
+        self.inner.delete(a, expect, destroy)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn restore_secret(&self, a: &Address, version: u64) -> Result<LiveResource> {
+        self.inner.restore_secret(a, version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_parse() {
+        assert_eq!(
+            rules_for("isp:put:3,management:delete:*", ProviderId::Isp),
+            vec![Rule { op: "put".into(), nth: Some(3) }]
+        );
+        assert_eq!(
+            rules_for("isp:put:3,management:delete:*", ProviderId::Management),
+            vec![Rule { op: "delete".into(), nth: None }]
+        );
+        assert!(rules_for("isp:put:3", ProviderId::Secrets).is_empty());
+    }
+}

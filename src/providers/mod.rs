@@ -1,0 +1,192 @@
+//! Providers: one per live system, behind one trait. They read and write; they never decide
+//! what to change (that is `diff` and `plan`).
+//!
+//! The four slots (secrets, management, isp, kubernetes) are filled from `dotmac.toml`; the
+//! embedded default for every slot is `local`, a real store under `.dotmac/live/`.
+
+pub mod fault;
+pub mod local;
+pub mod secret_value;
+
+use crate::load::settings::Settings;
+use crate::model::{Address, Content, ProviderId, Resource};
+use secret_value::SecretValue;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A resource as a live system holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveResource {
+    pub address: Address,
+    /// `sha256:...` of the canonical content, or a secret's version (`v3`).
+    pub fingerprint: String,
+    /// The content, when it was read (listing may return fingerprints only).
+    pub content: Option<Content>,
+}
+
+/// Which tenants a read covers.
+#[derive(Debug, Clone)]
+pub enum TenantScope {
+    All,
+    Only(BTreeSet<String>),
+}
+
+impl TenantScope {
+    pub fn contains(&self, tenant: &str) -> bool {
+        match self {
+            TenantScope::All => true,
+            TenantScope::Only(s) => s.contains(tenant),
+        }
+    }
+}
+
+/// What the caller believes is live before a write: the provider refuses the write if the
+/// live resource moved (a concurrent writer), instead of overwriting it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Write whatever is there.
+    Any,
+    /// The resource must not exist.
+    Absent,
+    /// The resource must have this fingerprint.
+    Fingerprint(String),
+}
+
+impl Expect {
+    pub fn from_live(fp: Option<&str>) -> Expect {
+        match fp {
+            None => Expect::Absent,
+            Some(f) => Expect::Fingerprint(f.to_owned()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The live resource is not what the caller expected (someone changed it meanwhile).
+    #[error("{address}: changed by someone else since it was read (expected {expected}, found {found}); re-plan")]
+    Conflict { address: String, expected: String, found: String },
+    /// Authentication or authorization failed: retrying will not help.
+    #[error("{0}")]
+    Denied(String),
+    /// The system could not be reached or failed; it may work later.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ProviderError {
+    pub fn other(e: impl std::fmt::Display) -> Self {
+        ProviderError::Other(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ProviderError>;
+
+/// A live system. Implementations must be safe to call from several threads at once.
+pub trait Provider: Send + Sync {
+    fn id(&self) -> ProviderId;
+
+    /// A short description for logs and errors ("local store .dotmac/live/isp").
+    fn describe(&self) -> String;
+
+    /// Every resource this provider holds for the tenants in scope, with fingerprints, in as
+    /// few calls as the system allows. Content may be left out.
+    fn list(&self, scope: &TenantScope) -> Result<Vec<LiveResource>>;
+
+    /// These resources with their content (absent ones are left out).
+    fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>>;
+
+    /// Creates or replaces a resource. `secret` carries the value of a generated secret being
+    /// written (only for `openbao.secret`). Returns the resource as now live.
+    fn put(&self, resource: &Resource, secret: Option<&SecretValue>, expect: &Expect) -> Result<LiveResource>;
+
+    /// Removes a resource. For secrets, `destroy` removes every version (otherwise a soft
+    /// delete that keeps versions).
+    fn delete(&self, address: &Address, expect: &Expect, destroy: bool) -> Result<()>;
+
+    /// Makes every completed write durable (called before the state store records them).
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes the secret's version `version` current again (a rollback of a secret write), by
+    /// writing its value as a new version inside the store; the value never leaves it.
+    fn restore_secret(&self, address: &Address, version: u64) -> Result<LiveResource> {
+        let _ = version;
+        Err(ProviderError::Other(format!("{address}: {} cannot restore secret versions", self.describe())))
+    }
+}
+
+/// The four providers of a repository.
+#[derive(Clone)]
+pub struct Providers {
+    pub secrets: Arc<dyn Provider>,
+    pub management: Arc<dyn Provider>,
+    pub isp: Arc<dyn Provider>,
+    pub kubernetes: Arc<dyn Provider>,
+}
+
+impl Providers {
+    pub fn get(&self, id: ProviderId) -> &Arc<dyn Provider> {
+        match id {
+            ProviderId::Secrets => &self.secrets,
+            ProviderId::Management => &self.management,
+            ProviderId::Isp => &self.isp,
+            ProviderId::Kubernetes => &self.kubernetes,
+        }
+    }
+
+    /// Builds the providers `dotmac.toml` asks for, with live stores under `state_dir`.
+    pub fn from_settings(settings: &Settings, state_dir: &Path) -> anyhow::Result<Providers> {
+        let p = &settings.providers;
+        let local = |id: ProviderId| -> anyhow::Result<Arc<dyn Provider>> {
+            Ok(Arc::new(local::LocalStore::open(state_dir, id, &settings.providers.secrets)?))
+        };
+        let pick = |id: ProviderId, kind: &str| -> anyhow::Result<Arc<dyn Provider>> {
+            match kind {
+                "local" => local(id),
+                "none" if id == ProviderId::Kubernetes => Ok(Arc::new(Nothing(id))),
+                other => {
+                    anyhow::bail!("[providers.{id}] kind = \"{other}\" is not available in this build; use \"local\"")
+                }
+            }
+        };
+        Ok(Providers {
+            secrets: fault::wrap(pick(ProviderId::Secrets, &p.secrets.kind)?),
+            management: fault::wrap(pick(ProviderId::Management, &p.management.kind)?),
+            isp: fault::wrap(pick(ProviderId::Isp, &p.isp.kind)?),
+            kubernetes: fault::wrap(pick(ProviderId::Kubernetes, &p.kubernetes.kind)?),
+        })
+    }
+}
+
+/// `kind = "none"`: resources of this provider are not managed; nothing is live.
+pub struct Nothing(pub ProviderId);
+
+impl Provider for Nothing {
+    fn id(&self) -> ProviderId {
+        self.0
+    }
+    fn describe(&self) -> String {
+        format!("{} (kind = \"none\")", self.0)
+    }
+    fn list(&self, _: &TenantScope) -> Result<Vec<LiveResource>> {
+        Ok(Vec::new())
+    }
+    fn fetch(&self, _: &[Address]) -> Result<Vec<LiveResource>> {
+        Ok(Vec::new())
+    }
+    fn put(&self, r: &Resource, _: Option<&SecretValue>, _: &Expect) -> Result<LiveResource> {
+        Ok(LiveResource {
+            address: r.address.clone(),
+            fingerprint: crate::fingerprint::of(&r.content),
+            content: Some(r.content.clone()),
+        })
+    }
+    fn delete(&self, _: &Address, _: &Expect, _: bool) -> Result<()> {
+        Ok(())
+    }
+}

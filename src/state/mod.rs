@@ -1,0 +1,108 @@
+//! The state store: the last-applied record of every resource, a serial that moves on every
+//! apply, a lineage id, the audit log, a journal of in-flight writes, and the lock.
+//!
+//! The embedded default is SQLite under `.dotmac/state/` (`sqlite.rs`) with an OS file lock
+//! (`lock.rs`). Secrets are recorded by version only; their content is never stored.
+
+pub mod lock;
+pub mod sqlite;
+
+use crate::model::{Address, Content};
+use crate::providers::TenantScope;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+pub type Result<T> = anyhow::Result<T>;
+
+/// The identity and position of a state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateMeta {
+    /// Random id made when the state was created; a plan from another state is refused.
+    pub lineage: String,
+    /// Moves on every apply.
+    pub serial: u64,
+}
+
+/// What was last applied to one resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub address: Address,
+    pub fingerprint: String,
+    /// The content applied (never for secrets). Loaded on demand.
+    pub content: Option<Content>,
+    pub applied_at: String,
+    pub serial: u64,
+}
+
+/// One line of the audit log. Values in `before`/`after` are masked: secrets never appear.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    #[serde(default)]
+    pub id: i64,
+    pub time: String,
+    /// The plan id and the repository revision: `plan-…@<commit>`.
+    pub correlation_id: String,
+    pub actor: String,
+    pub tenant: String,
+    pub address: String,
+    pub action: String,
+    pub risk: String,
+    /// applied | failed | rolled_back | rollback_failed | skipped
+    pub outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub before: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub after: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
+}
+
+/// A write about to happen: recorded before the write, cleared with the state commit, so
+/// that after a crash the next run knows what may have happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub address: String,
+    pub plan_id: String,
+    pub action: String,
+    /// The fingerprint the resource will have once written (`None` for a delete).
+    pub intended: Option<String>,
+    pub started_at: String,
+}
+
+/// One transaction: records to upsert and forget, audit entries, journal entries to clear.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub upserts: Vec<(Address, String, Option<Content>)>,
+    pub forget: Vec<Address>,
+    pub audit: Vec<AuditEntry>,
+    pub clear_journal: Vec<String>,
+}
+
+impl Commit {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.forget.is_empty() && self.audit.is_empty() && self.clear_journal.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub tenants: Vec<String>,
+    /// RFC 3339; entries at or after it.
+    pub since: Option<String>,
+    pub limit: Option<usize>,
+}
+
+pub trait StateStore: Send + Sync {
+    fn meta(&self) -> Result<StateMeta>;
+    /// Records (without content) of the tenants in scope.
+    fn records(&self, scope: &TenantScope) -> Result<Vec<Record>>;
+    /// The recorded content of these addresses (those that have one).
+    fn contents(&self, addresses: &[Address]) -> Result<HashMap<Address, Content>>;
+    /// Starts an apply: moves the serial and returns the new one.
+    fn begin_apply(&self) -> Result<u64>;
+    /// Applies one transaction at `serial`.
+    fn commit(&self, serial: u64, commit: Commit) -> Result<()>;
+    fn journal_add(&self, entries: &[JournalEntry]) -> Result<()>;
+    fn journal(&self) -> Result<Vec<JournalEntry>>;
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>>;
+}

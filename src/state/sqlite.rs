@@ -1,0 +1,351 @@
+//! The embedded state store: one SQLite file (WAL, synchronous=FULL), versioned migrations.
+
+use super::{AuditEntry, AuditQuery, Commit, JournalEntry, Record, Result, StateMeta, StateStore};
+use crate::model::{Address, Content};
+use crate::providers::TenantScope;
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+/// Schema migrations, applied in order; the user_version pragma says how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE resources (
+        address TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        content TEXT,
+        applied_at TEXT NOT NULL,
+        serial INTEGER NOT NULL);
+     CREATE INDEX resources_by_tenant ON resources(tenant);
+     CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time TEXT NOT NULL,
+        correlation_id TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        address TEXT NOT NULL,
+        action TEXT NOT NULL,
+        risk TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        message TEXT);
+     CREATE INDEX audit_by_tenant_time ON audit(tenant, time);
+     CREATE INDEX audit_by_time ON audit(time);
+     CREATE TABLE journal (
+        address TEXT PRIMARY KEY,
+        plan_id TEXT NOT NULL,
+        action TEXT NOT NULL,
+        intended TEXT,
+        started_at TEXT NOT NULL);",
+];
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the store in `dir/state.db`.
+    pub fn open(dir: &Path) -> Result<SqliteStore> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("state.db");
+        let mut conn = Connection::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version as usize > MIGRATIONS.len() {
+            anyhow::bail!(
+                "{} was written by a newer dotmac-gitops (schema {version}, this one knows {}); upgrade",
+                path.display(),
+                MIGRATIONS.len()
+            );
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql).with_context(|| format!("migration {} failed", i + 1))?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        let has_lineage: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'lineage'", [], |r| r.get(0)).optional()?;
+        if has_lineage.is_none() {
+            let mut b = [0u8; 16];
+            getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let lineage = crate::providers::local::hex(&b);
+            conn.execute("INSERT INTO meta(key, value) VALUES ('lineage', ?1), ('serial', '0')", params![lineage])?;
+        }
+        Ok(SqliteStore { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn content_to_text(c: &Content) -> Option<String> {
+    match c {
+        Content::Secret(_) | Content::SecretMeta(_) => None,
+        other => serde_json::to_string(other).ok(),
+    }
+}
+
+impl StateStore for SqliteStore {
+    fn meta(&self) -> Result<StateMeta> {
+        let conn = self.conn();
+        let get = |k: &str| -> Result<String> {
+            Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", params![k], |r| r.get::<_, String>(0))?)
+        };
+        Ok(StateMeta { lineage: get("lineage")?, serial: get("serial")?.parse()? })
+    }
+
+    fn records(&self, scope: &TenantScope) -> Result<Vec<Record>> {
+        let conn = self.conn();
+        let mut out = Vec::new();
+        let mut push = |row: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
+            let addr: String = row.get(0)?;
+            if let Some(address) = Address::parse(&addr) {
+                out.push(Record {
+                    address,
+                    fingerprint: row.get(1)?,
+                    content: None,
+                    applied_at: row.get(2)?,
+                    serial: row.get::<_, i64>(3)? as u64,
+                });
+            }
+            Ok(())
+        };
+        match scope {
+            TenantScope::All => {
+                let mut st = conn.prepare("SELECT address, fingerprint, applied_at, serial FROM resources")?;
+                let mut rows = st.query([])?;
+                while let Some(row) = rows.next()? {
+                    push(row)?;
+                }
+            }
+            TenantScope::Only(tenants) => {
+                let mut st =
+                    conn.prepare("SELECT address, fingerprint, applied_at, serial FROM resources WHERE tenant = ?1")?;
+                for t in tenants {
+                    let mut rows = st.query(params![t])?;
+                    while let Some(row) = rows.next()? {
+                        push(row)?;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn contents(&self, addresses: &[Address]) -> Result<HashMap<Address, Content>> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT content FROM resources WHERE address = ?1 AND content IS NOT NULL")?;
+        let mut out = HashMap::new();
+        for a in addresses {
+            let text: Option<String> = st.query_row(params![a.to_string()], |r| r.get(0)).optional()?;
+            if let Some(t) = text
+                && let Ok(c) = serde_json::from_str::<Content>(&t)
+            {
+                out.insert(a.clone(), c);
+            }
+        }
+        Ok(out)
+    }
+
+    fn begin_apply(&self) -> Result<u64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let serial: String = tx.query_row("SELECT value FROM meta WHERE key = 'serial'", [], |r| r.get(0))?;
+        let next = serial.parse::<u64>()? + 1;
+        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'serial'", params![next.to_string()])?;
+        tx.commit()?;
+        Ok(next)
+    }
+
+    fn commit(&self, serial: u64, c: Commit) -> Result<()> {
+        if c.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let now = jiff::Timestamp::now().to_string();
+            let mut up = tx.prepare_cached(
+                "INSERT INTO resources(address, tenant, provider, fingerprint, content, applied_at, serial)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(address) DO UPDATE SET fingerprint = excluded.fingerprint, content = excluded.content,
+                    applied_at = excluded.applied_at, serial = excluded.serial",
+            )?;
+            for (a, fp, content) in &c.upserts {
+                up.execute(params![
+                    a.to_string(),
+                    a.tenant,
+                    a.provider().as_str(),
+                    fp,
+                    content.as_ref().and_then(content_to_text),
+                    now,
+                    serial as i64
+                ])?;
+            }
+            let mut del = tx.prepare_cached("DELETE FROM resources WHERE address = ?1")?;
+            for a in &c.forget {
+                del.execute(params![a.to_string()])?;
+            }
+            let mut au = tx.prepare_cached(
+                "INSERT INTO audit(time, correlation_id, actor, tenant, address, action, risk, outcome, before, after, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+            for e in &c.audit {
+                au.execute(params![
+                    e.time,
+                    e.correlation_id,
+                    e.actor,
+                    e.tenant,
+                    e.address,
+                    e.action,
+                    e.risk,
+                    e.outcome,
+                    e.before.as_ref().map(|v| v.to_string()),
+                    e.after.as_ref().map(|v| v.to_string()),
+                    e.message
+                ])?;
+            }
+            let mut cj = tx.prepare_cached("DELETE FROM journal WHERE address = ?1")?;
+            for a in &c.clear_journal {
+                cj.execute(params![a])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn journal_add(&self, entries: &[JournalEntry]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO journal(address, plan_id, action, intended, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for e in entries {
+                st.execute(params![e.address, e.plan_id, e.action, e.intended, e.started_at])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn journal(&self) -> Result<Vec<JournalEntry>> {
+        let conn = self.conn();
+        let mut st =
+            conn.prepare("SELECT address, plan_id, action, intended, started_at FROM journal ORDER BY address")?;
+        let rows = st.query_map([], |r| {
+            Ok(JournalEntry {
+                address: r.get(0)?,
+                plan_id: r.get(1)?,
+                action: r.get(2)?,
+                intended: r.get(3)?,
+                started_at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        let conn = self.conn();
+        let mut sql = String::from(
+            "SELECT id, time, correlation_id, actor, tenant, address, action, risk, outcome, before, after, message
+             FROM audit WHERE time >= ?1",
+        );
+        if !q.tenants.is_empty() {
+            sql.push_str(" AND tenant IN (SELECT value FROM json_each(?2))");
+        } else {
+            sql.push_str(" AND ?2 IS NOT NULL");
+        }
+        sql.push_str(" ORDER BY id");
+        if let Some(l) = q.limit {
+            sql.push_str(&format!(" LIMIT {l}"));
+        }
+        let mut st = conn.prepare(&sql)?;
+        let tenants = serde_json::to_string(&q.tenants)?;
+        let rows = st.query_map(params![q.since.clone().unwrap_or_default(), tenants], |r| {
+            let json = |i: usize| -> rusqlite::Result<Option<serde_json::Value>> {
+                Ok(r.get::<_, Option<String>>(i)?.and_then(|t| serde_json::from_str(&t).ok()))
+            };
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                time: r.get(1)?,
+                correlation_id: r.get(2)?,
+                actor: r.get(3)?,
+                tenant: r.get(4)?,
+                address: r.get(5)?,
+                action: r.get(6)?,
+                risk: r.get(7)?,
+                outcome: r.get(8)?,
+                before: json(9)?,
+                after: json(10)?,
+                message: r.get(11)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn records_commit_and_survive_reopening() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(d.path()).unwrap();
+        let m0 = s.meta().unwrap();
+        assert_eq!(m0.serial, 0);
+        let serial = s.begin_apply().unwrap();
+        let a = Address::parse("t1/management.tenant").unwrap();
+        let b = Address::parse("t1/openbao.secret[x]").unwrap();
+        s.commit(
+            serial,
+            Commit {
+                upserts: vec![
+                    (a.clone(), "sha256:1".into(), Some(Content::Json(json!({"k": 1})))),
+                    (b.clone(), "v1".into(), None),
+                ],
+                audit: vec![AuditEntry {
+                    id: 0,
+                    time: "2026-01-01T00:00:00Z".into(),
+                    correlation_id: "c".into(),
+                    actor: "me".into(),
+                    tenant: "t1".into(),
+                    address: a.to_string(),
+                    action: "create".into(),
+                    risk: "low".into(),
+                    outcome: "applied".into(),
+                    before: None,
+                    after: Some(json!({"k": 1})),
+                    message: None,
+                }],
+                ..Commit::default()
+            },
+        )
+        .unwrap();
+        drop(s);
+        let s = SqliteStore::open(d.path()).unwrap();
+        let m = s.meta().unwrap();
+        assert_eq!((m.lineage.clone(), m.serial), (m0.lineage, 1));
+        let recs = s.records(&TenantScope::All).unwrap();
+        assert_eq!(recs.len(), 2);
+        let c = s.contents(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(c.get(&a), Some(&Content::Json(json!({"k": 1}))));
+        assert!(!c.contains_key(&b));
+        let audit = s.audit(&AuditQuery { tenants: vec!["t1".into()], ..Default::default() }).unwrap();
+        assert_eq!(audit.len(), 1);
+        assert!(s.audit(&AuditQuery { tenants: vec!["t2".into()], ..Default::default() }).unwrap().is_empty());
+    }
+}
