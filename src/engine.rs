@@ -6,13 +6,13 @@ use crate::diff;
 use crate::fingerprint;
 use crate::load::Loaded;
 use crate::load::settings::Settings;
-use crate::model::{Desired, ProviderId, Resource};
+use crate::model::{Address, Desired, ProviderId, Resource};
 use crate::plan::{self, Plan};
 use crate::providers::{LiveResource, Providers, TenantScope};
 use crate::state::{StateStore, sqlite::SqliteStore};
 use anyhow::{Context, Result};
 use jiff::Timestamp;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Where live stores and the state live: `$DOTMAC_STATE_DIR`, else `[state] dir`, else
@@ -62,6 +62,23 @@ pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]
             tracing::debug!(provider = %p, resources = v.len(), "read live state");
         }
         out.extend(r.with_context(|| format!("reading live state from {}", providers.get(p).describe()))?);
+    }
+    Ok(out)
+}
+
+/// The full content of these addresses, read from their providers.
+pub fn fetch_all<'a>(
+    providers: &Providers,
+    addresses: impl Iterator<Item = &'a Address>,
+) -> Result<HashMap<Address, LiveResource>> {
+    let mut by: BTreeMap<ProviderId, Vec<Address>> = BTreeMap::new();
+    for a in addresses {
+        by.entry(a.provider()).or_default().push(a.clone());
+    }
+    let mut out = HashMap::new();
+    for (p, addrs) in by {
+        let got = providers.get(p).fetch(&addrs).with_context(|| format!("reading {}", providers.get(p).describe()))?;
+        out.extend(got.into_iter().map(|l| (l.address.clone(), l)));
     }
     Ok(out)
 }
@@ -116,7 +133,8 @@ pub fn make_plan(req: PlanRequest<'_>, providers: &Providers, state: &dyn StateS
         .iter()
         .map(|(t, rs)| (t.clone(), rs.iter().filter(|r| !skip.contains(&r.provider())).cloned().collect()))
         .collect();
-    let coordination = req.desired.tenants.values().map(|t| (t.id.clone(), t.spec.coordination.clone())).collect();
+    let coordination: BTreeMap<String, crate::model::Coordination> =
+        req.desired.tenants.values().map(|t| (t.id.clone(), t.spec.coordination.clone())).collect();
     let options = diff::Options {
         dev_placeholders: settings.providers.secrets.kind == "local"
             && settings.providers.secrets.options.get("dev_placeholders").and_then(|v| v.as_bool()).unwrap_or(false),
@@ -126,27 +144,43 @@ pub fn make_plan(req: PlanRequest<'_>, providers: &Providers, state: &dyn StateS
         TenantScope::All => None,
         TenantScope::Only(s) => Some(s.iter().cloned().collect()),
     };
-    let plan = plan::build(
-        plan::Inputs {
-            desired: &rendered,
-            coordination,
-            live: &live,
-            records: &records,
-            journal: &journal,
-            scope: &req.scope,
-            now: req.now,
-            options,
-        },
-        plan::Meta {
-            plan_id: plan::new_id("plan"),
-            created_at: Timestamp::now().to_string(),
-            revision: req.revision,
-            inputs_digest: inputs_digest(req.loaded),
-            lineage: meta.lineage,
-            serial: meta.serial,
-            tenants,
-        },
-    );
+    let meta = plan::Meta {
+        plan_id: plan::new_id("plan"),
+        created_at: Timestamp::now().to_string(),
+        revision: req.revision,
+        inputs_digest: inputs_digest(req.loaded),
+        lineage: meta.lineage,
+        serial: meta.serial,
+        tenants,
+    };
+    let build = |live: &[LiveResource], meta: plan::Meta, coordination| {
+        plan::build(
+            plan::Inputs {
+                desired: &rendered,
+                coordination,
+                live,
+                records: &records,
+                journal: &journal,
+                scope: &req.scope,
+                now: req.now,
+                options: options.clone(),
+            },
+            meta,
+        )
+    };
+    let mut plan = build(&live, meta.clone(), coordination.clone());
+    // Listing gives fingerprints; what changed is read in full, for the diff people see.
+    let wanted: Vec<&Address> = plan
+        .changes
+        .iter()
+        .filter(|c| c.live_fingerprint.is_some() && c.before.is_none())
+        .map(|c| &c.address)
+        .collect();
+    if !wanted.is_empty() {
+        let fetched = fetch_all(providers, wanted.into_iter())?;
+        let live: Vec<LiveResource> = live.into_iter().map(|l| fetched.get(&l.address).cloned().unwrap_or(l)).collect();
+        plan = build(&live, meta, coordination);
+    }
     tracing::info!(plan = %plan.plan_id, create = plan.summary.create, update = plan.summary.update,
         rotate = plan.summary.rotate, delete = plan.summary.delete, drift = plan.summary.drift, "planned");
     Ok(plan)

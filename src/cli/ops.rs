@@ -48,15 +48,28 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
     let scope =
         if tenants.is_empty() { TenantScope::All } else { TenantScope::Only(tenants.iter().cloned().collect()) };
     let records = state.records(&scope)?;
-    let live = engine::read_live(&providers, &scope, &engine::disabled(&settings))?;
+    let mut live = engine::read_live(&providers, &scope, &engine::disabled(&settings))?;
+    // The consistency check reads the records in full (listing gives fingerprints).
+    let wanted: Vec<Address> = live
+        .iter()
+        .filter(|l| {
+            l.content.is_none() && matches!(l.address.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig)
+        })
+        .map(|l| l.address.clone())
+        .collect();
+    let fetched = engine::fetch_all(&providers, wanted.iter())?;
+    for l in live.iter_mut() {
+        if let Some(f) = fetched.get(&l.address) {
+            *l = f.clone();
+        }
+    }
     let by_addr: HashMap<&Address, &LiveResource> = live.iter().map(|l| (&l.address, l)).collect();
     let mut drifted = Vec::new();
     for r in &records {
         let l = by_addr.get(&r.address);
-        let deleted = match l.and_then(|l| l.content.as_ref()) {
+        let deleted = match l {
             None => true,
-            Some(Content::SecretMeta(m)) => m.deleted,
-            _ => false,
+            Some(l) => matches!(&l.content, Some(Content::SecretMeta(m)) if m.deleted),
         };
         if !deleted && l.map(|l| l.fingerprint.as_str()) == Some(r.fingerprint.as_str()) {
             continue;

@@ -68,6 +68,7 @@ pub struct Inputs<'a> {
 }
 
 /// Identity of a plan, from the edges (clock, random id, repository, state).
+#[derive(Clone)]
 pub struct Meta {
     pub plan_id: String,
     pub created_at: String,
