@@ -7,7 +7,7 @@
 //! The index is a cache: losing it, or a stale one, costs time, never correctness.
 
 use crate::model::SecretMeta;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -178,7 +178,7 @@ fn decode(b: &[u8]) -> Option<HashMap<String, Entry>> {
         return None;
     }
     let n = r.u32()? as usize;
-    let mut entries = HashMap::with_capacity(n.min(1 << 24));
+    let mut entries = HashMap::with_capacity_and_hasher(n.min(1 << 24), Default::default());
     for _ in 0..n {
         let name = r.str()?;
         let stamp = Stamp { mtime: r.i64()?, mtime_ns: r.i64()?, size: r.u64()?, ino: r.u64()? };
