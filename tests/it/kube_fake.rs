@@ -466,7 +466,7 @@ fn from_tree(tree: &Value) -> BTreeSet<FieldPath> {
     out
 }
 
-fn find_item<'a>(items: &'a [Value], seg: &str) -> Option<usize> {
+fn find_item(items: &[Value], seg: &str) -> Option<usize> {
     if let Some(k) = seg.strip_prefix("k:") {
         let want: Map<String, Value> = serde_json::from_str(k).ok()?;
         return items.iter().position(|i| want.iter().all(|(f, v)| i.get(f) == Some(v)));
@@ -1049,6 +1049,17 @@ fn defaults(kind: &str, obj: &mut Value, name: &str) {
                     c.entry("imagePullPolicy").or_insert(json!("IfNotPresent"));
                     c.entry("terminationMessagePath").or_insert(json!("/dev/termination-log"));
                     c.entry("terminationMessagePolicy").or_insert(json!("File"));
+                    // Quantities are stored in canonical form: "1000m" is kept as "1".
+                    for which in ["requests", "limits"] {
+                        if let Some(Value::String(cpu)) =
+                            c.get_mut("resources").and_then(|r| r.get_mut(which)).and_then(|r| r.get_mut("cpu"))
+                            && let Some(whole) = cpu
+                                .strip_suffix("000m")
+                                .filter(|w| !w.is_empty() && w.chars().all(|d| d.is_ascii_digit()))
+                        {
+                            *cpu = whole.to_owned();
+                        }
+                    }
                 }
             }
         }

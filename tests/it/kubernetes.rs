@@ -388,3 +388,32 @@ fn a_conflict_or_a_server_error_fails_only_that_tenant_and_rolls_it_back() {
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert_no_changes(r);
 }
+
+#[test]
+fn an_unreachable_api_server_is_named() {
+    let (repo, fake) = setup("30s");
+    let url = fake.url.clone();
+    drop(fake);
+    let out = dm(repo.path(), &["plan", "--now", NOW]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains(&format!("the Kubernetes API at {url} cannot be reached")), "{}", out.stderr);
+}
+
+/// A limit stated in the README: the engine compares manifests as written, so a value the
+/// server stores in another form (a quantity in canonical form) shows as an update on every
+/// plan. Apply says so, naming the field.
+#[test]
+fn a_manifest_the_server_normalises_is_reported() {
+    let (repo, fake) = setup("30s");
+    let r = repo.path();
+    edit(&r.join("catalog/resource-tiers.yaml"), "medium: {cpu: \"1\"", "medium: {cpu: \"1000m\"");
+    let out = dm(r, &["apply", "--auto-approve", "--now", NOW, "--tenant", "coastal-wireless"]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("coastal-wireless/kubernetes.Deployment[isp-framework]: the API server stores this manifest differently from how it is written (at /spec/template/spec/containers/0/resources/limits/cpu: sent \"1000m\", stored \"1\")"),
+        "{}",
+        out.stderr
+    );
+    let d = fake.object("deployments", "dotmac-tenant-coastal-wireless", "isp-framework").unwrap();
+    assert_eq!(d.pointer("/spec/template/spec/containers/0/resources/requests/cpu"), Some(&json!("1")));
+}

@@ -540,11 +540,31 @@ fn human(d: Duration) -> String {
     let s = d.as_secs();
     if d.subsec_millis() != 0 || s == 0 {
         format!("{}ms", d.as_millis())
-    } else if s % 60 == 0 {
+    } else if s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")
     }
+}
+
+/// The first place where two JSON values differ: (pointer, left, right).
+pub fn first_difference(a: &Value, b: &Value) -> Option<(String, String, String)> {
+    fn rec(a: Option<&Value>, b: Option<&Value>, at: &str) -> Option<(String, String, String)> {
+        let show = |v: Option<&Value>| v.map_or("nothing".to_owned(), Value::to_string);
+        match (a, b) {
+            (Some(Value::Object(x)), Some(Value::Object(y))) => {
+                let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                keys.into_iter()
+                    .find_map(|k| rec(x.get(k), y.get(k), &format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"))))
+            }
+            (Some(Value::Array(x)), Some(Value::Array(y))) if x.len() == y.len() => {
+                x.iter().zip(y).enumerate().find_map(|(i, (p, q))| rec(Some(p), Some(q), &format!("{at}/{i}")))
+            }
+            (x, y) if x == y => None,
+            (x, y) => Some((if at.is_empty() { "/".into() } else { at.to_owned() }, show(x), show(y))),
+        }
+    }
+    rec(Some(a), Some(b), "")
 }
 
 /// Checks a manifest before it is sent, and returns (apiVersion, namespace).
@@ -663,6 +683,11 @@ impl Provider for KubeProvider {
                     self.cluster.manager
                 ))
             })?;
+            if let Some((pointer, sent, stored)) = first_difference(&Value::Object(obj.clone()), &after) {
+                tracing::warn!(
+                    "{a}: the API server stores this manifest differently from how it is written (at {pointer}: sent {sent}, stored {stored}); write it the way the server does, or every plan will show an update"
+                );
+            }
             if kind.kind == "Deployment" {
                 let generation = stored.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
                 if let Err(why) = self.wait_rollout(&kind, ns, &name, generation, &addr).await {
@@ -737,6 +762,22 @@ mod tests {
         let mut wrong_tenant = good.clone();
         wrong_tenant["metadata"]["labels"]["dotmac.io/tenant"] = "u".into();
         assert!(check_manifest(&a, wrong_tenant.as_object().unwrap(), &cm).is_err());
+    }
+
+    #[test]
+    fn differences_are_located() {
+        use serde_json::json;
+        let sent = json!({"spec": {"containers": [{"cpu": "1000m", "name": "a"}], "x/y": 1}});
+        let stored = json!({"spec": {"containers": [{"cpu": "1", "name": "a"}], "x/y": 1}});
+        assert_eq!(
+            first_difference(&sent, &stored),
+            Some(("/spec/containers/0/cpu".into(), "\"1000m\"".into(), "\"1\"".into()))
+        );
+        assert_eq!(first_difference(&sent, &sent), None);
+        assert_eq!(
+            first_difference(&json!({"a/b": 1}), &json!({})),
+            Some(("/a~1b".into(), "1".into(), "nothing".into()))
+        );
     }
 
     #[test]
