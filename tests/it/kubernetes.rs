@@ -417,3 +417,31 @@ fn a_manifest_the_server_normalises_is_reported() {
     let d = fake.object("deployments", "dotmac-tenant-coastal-wireless", "isp-framework").unwrap();
     assert_eq!(d.pointer("/spec/template/spec/containers/0/resources/requests/cpu"), Some(&json!("1")));
 }
+
+#[test]
+fn setting_mistakes_are_named() {
+    let (repo, _fake) = setup("30s");
+    let r = repo.path();
+    // A kind the templates render but plans would not read.
+    std::fs::write(
+        r.join("templates/kubernetes/service.yaml.j2"),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: isp-framework\n  namespace: dotmac-tenant-{{ tenant.id }}\nspec:\n  selector:\n    app: isp-framework\n  ports:\n    - port: 80\n",
+    )
+    .unwrap();
+    let out = applied(r, &["--tenant", "tenant-123"]);
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("kind Service is not read by plans; add \"v1/Service\" to [providers.kubernetes] kinds"),
+        "{}",
+        out.stderr
+    );
+    // Both providers under one field manager would strip each other's fields.
+    edit(
+        &r.join("dotmac.toml"),
+        "[providers.isp]\nkind = \"kubernetes\"\n",
+        "[providers.isp]\nkind = \"kubernetes\"\nfield_manager = \"dotmac-gitops\"\n",
+    );
+    let out = dm(r, &["plan", "--now", NOW]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("[providers.isp] field_manager must differ"), "{}", out.stderr);
+}

@@ -78,6 +78,11 @@ impl Kind {
     }
 }
 
+/// The table's apiVersion of a kind name (for suggestions).
+pub fn api_version_of(kind: &str) -> Option<&'static str> {
+    WELL_KNOWN.iter().find(|(_, k, _, _)| *k == kind).map(|(a, _, _, _)| *a)
+}
+
 /// Parses a `kinds` entry: `apiVersion/Kind` (`v1/Service`, `policy/v1/PodDisruptionBudget`).
 pub fn parse_entry(entry: &str) -> Option<(String, String)> {
     let (api_version, kind) = entry.rsplit_once('/')?;

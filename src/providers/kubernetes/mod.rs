@@ -454,7 +454,7 @@ impl KubeProvider {
             ))),
             None => Err(ProviderError::Other(format!(
                 "{a}: kind {name} is not read by plans; add \"{}/{name}\" to [providers.kubernetes] kinds",
-                api_version.unwrap_or("<apiVersion>")
+                api_version.or_else(|| kinds::api_version_of(name)).unwrap_or("<apiVersion>")
             ))),
         }
     }
