@@ -5,6 +5,7 @@
 //! embedded default for every slot is `local`, a real store under `.dotmac/live/`.
 
 pub mod fault;
+pub mod kubernetes;
 pub mod local;
 pub mod secret_value;
 
@@ -149,6 +150,19 @@ impl Providers {
             match kind {
                 "local" => local(id),
                 "none" if id == ProviderId::Kubernetes => Ok(Arc::new(Nothing(id))),
+                "kubernetes" if id == ProviderId::Kubernetes => {
+                    Ok(Arc::new(kubernetes::KubeProvider::connect(&p.kubernetes)?))
+                }
+                "kubernetes" if id == ProviderId::Isp => {
+                    let isp = kubernetes::isp::KubeIspProvider::connect(&p.isp)?;
+                    let k8s_manager = p.kubernetes.str("field_manager").unwrap_or(crate::render::MANAGED_BY.1);
+                    if p.kubernetes.kind == "kubernetes" && isp.field_manager() == k8s_manager {
+                        anyhow::bail!(
+                            "[providers.isp] field_manager must differ from [providers.kubernetes] field_manager (both are \"{k8s_manager}\"): each provider owns its own fields"
+                        );
+                    }
+                    Ok(Arc::new(isp))
+                }
                 other => {
                     anyhow::bail!("[providers.{id}] kind = \"{other}\" is not available in this build; use \"local\"")
                 }

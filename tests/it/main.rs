@@ -3,6 +3,8 @@
 
 mod util;
 
+mod kube_fake;
+mod kubernetes;
 mod parity;
 mod plan_apply;
 mod render;
