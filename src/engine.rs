@@ -8,7 +8,7 @@ use crate::load::Loaded;
 use crate::load::settings::Settings;
 use crate::model::{Desired, ProviderId, Resource};
 use crate::plan::{self, Plan};
-use crate::providers::{LiveResource, Providers, TenantScope};
+use crate::providers::{LiveResource, ProviderError, Providers, Session, TenantScope};
 use crate::state::{StateStore, sqlite::SqliteStore};
 use anyhow::{Context, Result};
 use jiff::Timestamp;
@@ -46,8 +46,16 @@ pub fn disabled(settings: &Settings) -> Vec<ProviderId> {
     v
 }
 
+/// Live state as read: the resources, and the tenants some provider could not read (a dead
+/// target), with why. Those tenants are reported and left out; the others go on.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub resources: Vec<LiveResource>,
+    pub unreadable: BTreeMap<String, String>,
+}
+
 /// Reads every provider's live resources for the scope, the providers in parallel.
-pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]) -> Result<Vec<LiveResource>> {
+pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]) -> Result<Live> {
     let results: Vec<(ProviderId, crate::providers::Result<Vec<LiveResource>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = ProviderId::ALL
             .iter()
@@ -56,14 +64,39 @@ pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]
             .collect();
         handles.into_iter().map(|(p, h)| (p, h.join().unwrap_or_else(|_| Ok(Vec::new())))).collect()
     });
-    let mut out = Vec::new();
+    let mut out = Live::default();
     for (p, r) in results {
+        let r = match r {
+            Err(ProviderError::Partial { found, failed }) => {
+                for (t, why) in failed {
+                    tracing::warn!(provider = %p, tenant = %t, "cannot read live state: {why}");
+                    let e = out.unreadable.entry(t).or_default();
+                    if !e.is_empty() {
+                        e.push_str("; ");
+                    }
+                    e.push_str(&format!("{p}: {why}"));
+                }
+                Ok(found)
+            }
+            other => other,
+        };
         if let Ok(v) = &r {
             tracing::debug!(provider = %p, resources = v.len(), "read live state");
         }
-        out.extend(r.with_context(|| format!("reading live state from {}", providers.get(p).describe()))?);
+        out.resources.extend(r.with_context(|| format!("reading live state from {}", providers.get(p).describe()))?);
     }
     Ok(out)
+}
+
+/// Tells the providers the correlation id, the tenants known (the repository's and the
+/// state's: what `All` means to a system that cannot list its tenants) and the coordination.
+pub fn begin_session(
+    providers: &Providers,
+    correlation_id: String,
+    tenants: impl IntoIterator<Item = String>,
+    coordination: BTreeMap<String, crate::model::Coordination>,
+) {
+    providers.begin(&Session { correlation_id, tenants: tenants.into_iter().collect(), coordination });
 }
 
 /// A digest of every file the repository was read from.
@@ -107,8 +140,18 @@ pub struct PlanRequest<'a> {
 pub fn make_plan(req: PlanRequest<'_>, providers: &Providers, state: &dyn StateStore) -> Result<Plan> {
     let settings = &req.desired.settings;
     let skip = disabled(settings);
-    let live = read_live(providers, &req.scope, &skip)?;
     let records = state.records(&req.scope)?;
+    let plan_id = plan::new_id("plan");
+    let coordination: BTreeMap<String, crate::model::Coordination> =
+        req.desired.tenants.values().map(|t| (t.id.clone(), t.spec.coordination.clone())).collect();
+    let known = req.rendered.keys().cloned().chain(records.iter().map(|r| r.address.tenant.clone()));
+    begin_session(
+        providers,
+        format!("{plan_id}@{}", req.revision.as_deref().unwrap_or("worktree")),
+        known,
+        coordination.clone(),
+    );
+    let live = read_live(providers, &req.scope, &skip)?;
     let journal = state.journal()?;
     let meta = state.meta()?;
     let rendered: BTreeMap<String, Vec<Resource>> = req
@@ -116,7 +159,6 @@ pub fn make_plan(req: PlanRequest<'_>, providers: &Providers, state: &dyn StateS
         .iter()
         .map(|(t, rs)| (t.clone(), rs.iter().filter(|r| !skip.contains(&r.provider())).cloned().collect()))
         .collect();
-    let coordination = req.desired.tenants.values().map(|t| (t.id.clone(), t.spec.coordination.clone())).collect();
     let options = diff::Options {
         dev_placeholders: settings.providers.secrets.kind == "local"
             && settings.providers.secrets.options.get("dev_placeholders").and_then(|v| v.as_bool()).unwrap_or(false),
@@ -130,7 +172,8 @@ pub fn make_plan(req: PlanRequest<'_>, providers: &Providers, state: &dyn StateS
         plan::Inputs {
             desired: &rendered,
             coordination,
-            live: &live,
+            live: &live.resources,
+            unreadable: &live.unreadable,
             records: &records,
             journal: &journal,
             scope: &req.scope,
@@ -138,7 +181,7 @@ pub fn make_plan(req: PlanRequest<'_>, providers: &Providers, state: &dyn StateS
             options,
         },
         plan::Meta {
-            plan_id: plan::new_id("plan"),
+            plan_id,
             created_at: Timestamp::now().to_string(),
             revision: req.revision,
             inputs_digest: inputs_digest(req.loaded),

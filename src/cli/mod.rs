@@ -194,6 +194,7 @@ pub fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    crate::providers::http::install_crypto_provider();
     let cli = Cli::parse();
     init_logging(&cli.global);
     match commands::run(cli) {

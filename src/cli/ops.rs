@@ -48,10 +48,17 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
     let scope =
         if tenants.is_empty() { TenantScope::All } else { TenantScope::Only(tenants.iter().cloned().collect()) };
     let records = state.records(&scope)?;
-    let live = engine::read_live(&providers, &scope, &engine::disabled(&settings))?;
+    engine::begin_session(
+        &providers,
+        crate::plan::new_id("drift"),
+        records.iter().map(|r| r.address.tenant.clone()),
+        BTreeMap::new(),
+    );
+    let engine::Live { resources: live, unreadable } =
+        engine::read_live(&providers, &scope, &engine::disabled(&settings))?;
     let by_addr: HashMap<&Address, &LiveResource> = live.iter().map(|l| (&l.address, l)).collect();
     let mut drifted = Vec::new();
-    for r in &records {
+    for r in records.iter().filter(|r| !unreadable.contains_key(&r.address.tenant)) {
         let l = by_addr.get(&r.address);
         let deleted = match l.and_then(|l| l.content.as_ref()) {
             None => true,
@@ -115,6 +122,7 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
                 "resources": drifted,
                 "consistency": consistency,
                 "checked": {"resources": records.len(), "tenants": mgmt.len()},
+                "unreadable": unreadable,
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
@@ -131,6 +139,9 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
                     d.impact,
                     d.recommendation
                 );
+            }
+            for (t, why) in &unreadable {
+                println!("{} tenant {t}: live state could not be read: {why}", paint("1;31", "!"));
             }
             for c in &consistency {
                 println!(
@@ -160,6 +171,13 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
                 );
             }
         }
+    }
+    if !unreadable.is_empty() {
+        eprintln!(
+            "error: the live state of {} tenant(s) could not be read; drift is unknown for them",
+            unreadable.len()
+        );
+        return Ok(1);
     }
     Ok(if detailed && any { 2 } else { 0 })
 }

@@ -60,6 +60,8 @@ pub struct Inputs<'a> {
     pub desired: &'a BTreeMap<String, Vec<Resource>>,
     pub coordination: BTreeMap<String, Coordination>,
     pub live: &'a [LiveResource],
+    /// Tenants whose live state could not be read, with why: not planned, reported as errors.
+    pub unreadable: &'a BTreeMap<String, String>,
     pub records: &'a [Record],
     pub journal: &'a [JournalEntry],
     pub scope: &'a TenantScope,
@@ -81,17 +83,13 @@ pub struct Meta {
 /// Builds the plan: the three-way diff of every address desired, recorded or (if recorded)
 /// live, in apply order.
 pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
+    let wanted = |t: &str| inputs.scope.contains(t) && !inputs.unreadable.contains_key(t);
     let live: HashMap<&Address, &LiveResource> =
-        inputs.live.iter().filter(|l| inputs.scope.contains(&l.address.tenant)).map(|l| (&l.address, l)).collect();
+        inputs.live.iter().filter(|l| wanted(&l.address.tenant)).map(|l| (&l.address, l)).collect();
     let records: HashMap<&Address, &Record> =
-        inputs.records.iter().filter(|r| inputs.scope.contains(&r.address.tenant)).map(|r| (&r.address, r)).collect();
-    let desired: HashMap<&Address, &Resource> = inputs
-        .desired
-        .iter()
-        .filter(|(t, _)| inputs.scope.contains(t))
-        .flat_map(|(_, rs)| rs)
-        .map(|r| (&r.address, r))
-        .collect();
+        inputs.records.iter().filter(|r| wanted(&r.address.tenant)).map(|r| (&r.address, r)).collect();
+    let desired: HashMap<&Address, &Resource> =
+        inputs.desired.iter().filter(|(t, _)| wanted(t)).flat_map(|(_, rs)| rs).map(|r| (&r.address, r)).collect();
     // A write that was in flight when an apply stopped: if live now holds what it intended,
     // it happened — treat it as recorded rather than as drift.
     let journal: HashMap<String, &JournalEntry> = inputs.journal.iter().map(|j| (j.address.clone(), j)).collect();
@@ -123,6 +121,15 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
         }
         let (c, v) = diff::diff(a, desired.get(a).copied(), l, r, inputs.now, &inputs.options);
         push(&mut changes, &mut violations, &mut summary, c, v, false);
+    }
+    for (tenant, why) in inputs.unreadable.iter().filter(|(t, _)| inputs.scope.contains(t)) {
+        violations.push(Violation {
+            tenant: tenant.clone(),
+            rule: "live-unreadable".into(),
+            severity: Severity::Error,
+            message: format!("tenant {tenant}: its live state could not be read, so it is not planned: {why}"),
+            address: None,
+        });
     }
     let violations = merge_placeholder_warnings(violations);
     let changed: BTreeSet<&str> = changes.iter().map(|c| c.address.tenant.as_str()).collect();
@@ -303,6 +310,7 @@ pub fn staleness(
     inputs_digest: &str,
     state: &crate::state::StateMeta,
     live: &[LiveResource],
+    unreadable: &BTreeMap<String, String>,
 ) -> Vec<String> {
     let mut why = Vec::new();
     if plan.format_version != FORMAT_VERSION {
@@ -320,7 +328,10 @@ pub fn staleness(
     }
     let now: HashMap<String, &str> = live.iter().map(|l| (l.address.to_string(), l.fingerprint.as_str())).collect();
     let mut moved: Vec<String> = Vec::new();
-    for (a, fp) in &plan.live {
+    // A tenant that cannot be read now is not judged here: apply re-reads each tenant before
+    // writing and fails that one alone.
+    let readable = |a: &str| !unreadable.contains_key(a.split_once('/').map(|(t, _)| t).unwrap_or(a));
+    for (a, fp) in plan.live.iter().filter(|(a, _)| readable(a)) {
         match now.get(a) {
             Some(f) if f == fp => {}
             Some(_) => moved.push(format!("{a} changed")),
