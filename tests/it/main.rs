@@ -3,7 +3,9 @@
 
 mod util;
 
+mod http;
 mod parity;
+mod platform;
 mod plan_apply;
 mod render;
 mod sandbox;
