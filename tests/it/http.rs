@@ -86,6 +86,7 @@ fn applies_replans_empty_and_heals_drift_on_both_sides() {
         p.coordination("tenant-123").unwrap(),
         json!({"coordination_strategy": "management_first", "rollback_on_failure": true})
     );
+    assert_eq!(p.coordination("northwind-isp").unwrap()["coordination_strategy"], "synchronized");
     // Licenses in the platform's shape, both kept although written one at a time.
     let lic = p.licenses("tenant-123");
     assert_eq!(lic.len(), 2, "{lic:?}");
@@ -133,7 +134,11 @@ fn applies_replans_empty_and_heals_drift_on_both_sides() {
     let out = dm(r, &["drift", "--detailed-exitcode"]);
     assert_eq!(out.code, 2, "{}", both(&out));
     assert!(out.stdout.contains("tenant-123/management.tenant changed"), "{}", out.stdout);
-    assert!(out.stdout.contains("tenant-123 plan: management \"basic\" vs ISP framework \"premium\""), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("tenant-123 plan: management \"basic\" vs ISP framework \"premium\""),
+        "{}",
+        out.stdout
+    );
     let plan = plan_json(r);
     assert_eq!(plan["summary"]["drift"], 1);
     assert_eq!(plan["changes"][0]["address"], "tenant-123/management.tenant");
@@ -346,7 +351,8 @@ fn transient_failures_are_retried_and_bad_answers_are_named() {
     p.fault(Some("GET"), "/isp/northwind-isp/", FaultKind::Hang(Duration::from_secs(5)), None);
     edit(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
     let plan = plan_json(r);
-    let errors: Vec<&Value> = plan["violations"].as_array().unwrap().iter().filter(|v| v["severity"] == "error").collect();
+    let errors: Vec<&Value> =
+        plan["violations"].as_array().unwrap().iter().filter(|v| v["severity"] == "error").collect();
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0]["tenant"], "northwind-isp");
     assert!(errors[0]["message"].as_str().unwrap().contains("timed out"), "{}", errors[0]);
@@ -390,4 +396,22 @@ fn no_token_or_secret_value_in_outputs_logs_or_requests() {
     for e in p.audit_events() {
         assert!(!e.to_string().contains(planted));
     }
+}
+
+#[test]
+fn removing_a_tenant_stops_at_the_isp_instance_that_cannot_delete() {
+    let p = Platform::start(TOKEN);
+    let repo = http_repo(&p, "");
+    let r = repo.path();
+    assert_eq!(apply(r).code, 0);
+    std::fs::remove_dir_all(r.join("tenants/pampas-telecom")).unwrap();
+    // The spec's instance API has no delete: the instance answers 405, the tenant's deletes
+    // are rolled back and its management record stays.
+    let out = dm(r, &["apply", "--auto-approve", "--allow-delete", "--now", NOW]);
+    assert_eq!(out.code, 1, "{}", both(&out));
+    assert!(out.stderr.contains("failed: pampas-telecom (rolled back)"), "{}", out.stderr);
+    assert!(out.stderr.contains("the ISP instance cannot remove its configuration"), "{}", out.stderr);
+    assert!(out.stderr.contains("answered 405 Method Not Allowed"), "{}", out.stderr);
+    assert!(p.record("pampas-telecom").is_some());
+    assert!(p.instance("pampas-telecom").config.is_some());
 }

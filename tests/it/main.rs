@@ -5,8 +5,8 @@ mod util;
 
 mod http;
 mod parity;
-mod platform;
 mod plan_apply;
+mod platform;
 mod render;
 mod sandbox;
 mod secrets;

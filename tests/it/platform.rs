@@ -230,7 +230,13 @@ fn header(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
-async fn handle(AxState(state): AxState<Shared>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    AxState(state): AxState<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let path = uri.path().to_owned();
     let fault = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
@@ -266,7 +272,11 @@ async fn handle(AxState(state): AxState<Shared>, method: Method, uri: Uri, heade
             return r;
         }
         Some(FaultKind::NotEnvelope(code)) => {
-            return (status(code), [("content-type", "text/html")], "<html><body><h1>502 Bad Gateway</h1>nginx</body></html>")
+            return (
+                status(code),
+                [("content-type", "text/html")],
+                "<html><body><h1>502 Bad Gateway</h1>nginx</body></html>",
+            )
                 .into_response();
         }
         Some(FaultKind::Hang(d)) => tokio::time::sleep(d).await,
@@ -377,15 +387,13 @@ fn management(
     let invalid = |m: &str| envelope_err(StatusCode::BAD_REQUEST, "VALIDATION_ERROR", m);
     match (method.as_str(), rest) {
         ("GET", ["tenants"]) => {
-            let list: Vec<Value> =
-                s.tenants.iter().map(|(id, t)| json!({"tenant_id": id, "etag": t.etag})).collect();
+            let list: Vec<Value> = s.tenants.iter().map(|(id, t)| json!({"tenant_id": id, "etag": t.etag})).collect();
             envelope_ok(StatusCode::OK, Value::Array(list))
         }
         ("GET", ["tenant", id, "config"]) => match s.tenants.get(*id) {
-            Some(t) => envelope_ok(
-                StatusCode::OK,
-                json!({"tenant_id": id, "etag": t.etag, "configuration": t.configuration}),
-            ),
+            Some(t) => {
+                envelope_ok(StatusCode::OK, json!({"tenant_id": id, "etag": t.etag, "configuration": t.configuration}))
+            }
             None => not_found(),
         },
         ("PUT", ["tenant", id, "config", "coordinate"]) => {

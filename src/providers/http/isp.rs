@@ -213,7 +213,8 @@ impl Api {
             405 | 501 => Err(ProviderError::Other(format!(
                 "{a}: the ISP instance cannot remove its configuration (DELETE {} answered {}; platform-api.md \
                  defines no such call): it goes away with the instance itself",
-                reply.url, reply.status
+                reply.url,
+                super::status_text(reply.status)
             ))),
             412 => Err(conflict(a, expect, None)),
             _ => {

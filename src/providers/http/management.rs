@@ -415,6 +415,12 @@ impl Provider for Management {
 
     fn list(&self, scope: &TenantScope) -> Result<Vec<LiveResource>> {
         let api = self.api.clone();
+        // Tenants the platform has but neither the repository nor the state knows are not
+        // managed here: listed, not read.
+        let known: Option<std::collections::BTreeSet<String>> = {
+            let s = self.session.read().unwrap_or_else(|p| p.into_inner());
+            (!s.correlation_id.is_empty()).then(|| s.tenants.clone())
+        };
         Client::block_on(async move {
             let url = format!("{}/tenants", api.base);
             let data = api.call(Method::GET, &url, None, Cond::None).await?.data(api.label())?;
@@ -424,7 +430,7 @@ impl Provider for Management {
             let tenants: Vec<String> = items
                 .iter()
                 .filter_map(|t| t.get("tenant_id").and_then(Value::as_str))
-                .filter(|t| scope.contains(t))
+                .filter(|t| scope.contains(t) && known.as_ref().is_none_or(|k| k.contains(*t)))
                 .map(str::to_owned)
                 .collect();
             read_tenants(api, tenants).await

@@ -157,7 +157,7 @@ impl Reply {
     }
 }
 
-fn status_text(status: u16) -> String {
+pub(crate) fn status_text(status: u16) -> String {
     match reqwest::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()) {
         Some(r) => format!("{status} {r}"),
         None => status.to_string(),
