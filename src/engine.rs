@@ -11,7 +11,7 @@ use crate::load::source::{Scope, tenant_unit};
 use crate::load::{self, Loaded};
 use crate::model::{Address, Content, Coordination, DesiredEntry, ProviderId};
 use crate::plan::{self, Plan};
-use crate::providers::{LiveResource, Providers, TenantScope};
+use crate::providers::{LiveResource, ProviderError, Providers, Session, TenantScope};
 use crate::render::Renderer;
 use crate::state::{StateStore, sqlite::SqliteStore};
 use crate::validate;
@@ -51,8 +51,16 @@ pub fn disabled(settings: &Settings) -> Vec<ProviderId> {
     v
 }
 
+/// Live state as read: the resources, and the tenants some provider could not read (a dead
+/// target), with why. Those tenants are reported and left out; the others go on.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub resources: Vec<LiveResource>,
+    pub unreadable: BTreeMap<String, String>,
+}
+
 /// Reads every provider's live resources for the scope, the providers in parallel.
-pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]) -> Result<Vec<LiveResource>> {
+pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]) -> Result<Live> {
     let results: Vec<(ProviderId, crate::providers::Result<Vec<LiveResource>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = ProviderId::ALL
             .iter()
@@ -61,14 +69,39 @@ pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]
             .collect();
         handles.into_iter().map(|(p, h)| (p, h.join().unwrap_or_else(|_| Ok(Vec::new())))).collect()
     });
-    let mut out = Vec::new();
+    let mut out = Live::default();
     for (p, r) in results {
+        let r = match r {
+            Err(ProviderError::Partial { found, failed }) => {
+                for (t, why) in failed {
+                    tracing::warn!(provider = %p, tenant = %t, "cannot read live state: {why}");
+                    let e = out.unreadable.entry(t).or_default();
+                    if !e.is_empty() {
+                        e.push_str("; ");
+                    }
+                    e.push_str(&format!("{p}: {why}"));
+                }
+                Ok(found)
+            }
+            other => other,
+        };
         if let Ok(v) = &r {
             tracing::debug!(provider = %p, resources = v.len(), "read live state");
         }
-        out.extend(r.with_context(|| format!("reading live state from {}", providers.get(p).describe()))?);
+        out.resources.extend(r.with_context(|| format!("reading live state from {}", providers.get(p).describe()))?);
     }
     Ok(out)
+}
+
+/// Tells the providers the correlation id, the tenants known (the repository's and the
+/// state's: what `All` means to a system that cannot list its tenants) and the coordination.
+pub fn begin_session(
+    providers: &Providers,
+    correlation_id: String,
+    tenants: impl IntoIterator<Item = String>,
+    coordination: BTreeMap<String, crate::model::Coordination>,
+) {
+    providers.begin(&Session { correlation_id, tenants: tenants.into_iter().collect(), coordination });
 }
 
 /// The full content of these addresses, read from their providers.
@@ -341,8 +374,18 @@ impl Workspace {
     ) -> Result<Plan> {
         let t = std::time::Instant::now();
         let skip = disabled(&self.settings);
-        let mut live = read_live(providers, scope, &skip)?;
         let records = state.records(scope)?;
+        let plan_id = plan::new_id("plan");
+        let coordination: BTreeMap<String, Coordination> =
+            self.tenants.iter().map(|(id, t)| (id.clone(), t.coordination.clone())).collect();
+        let known = self.tenants.keys().cloned().chain(records.iter().map(|r| r.address.tenant.clone()));
+        begin_session(
+            providers,
+            format!("{plan_id}@{}", revision.as_deref().unwrap_or("worktree")),
+            known,
+            coordination.clone(),
+        );
+        let Live { resources: mut live, unreadable } = read_live(providers, scope, &skip)?;
         let journal = state.journal()?;
         let meta = state.meta()?;
         tracing::debug!(live = live.len(), records = records.len(), elapsed = ?t.elapsed(), "read live state and records");
@@ -360,7 +403,7 @@ impl Workspace {
         };
         let meta = plan::Meta {
             record_live,
-            plan_id: plan::new_id("plan"),
+            plan_id,
             created_at: Timestamp::now().to_string(),
             revision,
             inputs_digest: inputs_digest(&self.loaded),
@@ -371,8 +414,6 @@ impl Workspace {
                 TenantScope::Only(s) => Some(s.iter().cloned().collect()),
             },
         };
-        let coordination: BTreeMap<String, Coordination> =
-            self.tenants.iter().map(|(id, t)| (id.clone(), t.coordination.clone())).collect();
         let now = self.now;
         let build = |entries: &BTreeMap<String, Vec<DesiredEntry>>, live: &[LiveResource], meta: plan::Meta| {
             plan::build(
@@ -380,6 +421,7 @@ impl Workspace {
                     desired: entries,
                     coordination: coordination.clone(),
                     live,
+                    unreadable: &unreadable,
                     records: &records,
                     journal: &journal,
                     scope,

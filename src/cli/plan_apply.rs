@@ -204,6 +204,11 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
                 Some(t) => TenantScope::Only(t.iter().cloned().collect()),
             };
             let guard = prepared.lock("apply", a.lock)?;
+            let mut known: BTreeSet<String> =
+                prepared.state.records(&prepared.scope)?.into_iter().map(|r| r.address.tenant).collect();
+            known.extend(plan.live.keys().filter_map(|a| a.split_once('/')).map(|(t, _)| t.to_owned()));
+            known.extend(plan.changes.iter().map(|c| c.address.tenant.clone()));
+            engine::begin_session(&prepared.providers, plan.correlation_id(), known, plan.coordination.clone());
             let live =
                 engine::read_live(&prepared.providers, &prepared.scope, &engine::disabled(&prepared.ws.settings))?;
             let why = plan::staleness(
@@ -211,7 +216,8 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
                 prepared.revision.as_deref(),
                 &engine::inputs_digest(&prepared.ws.loaded),
                 &prepared.state.meta()?,
-                &live,
+                &live.resources,
+                &live.unreadable,
             );
             if !why.is_empty() {
                 bail!("stale plan, not applied: {}", why.join("; "));

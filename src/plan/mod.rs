@@ -62,6 +62,8 @@ pub struct Inputs<'a> {
     pub desired: &'a BTreeMap<String, Vec<DesiredEntry>>,
     pub coordination: BTreeMap<String, Coordination>,
     pub live: &'a [LiveResource],
+    /// Tenants whose live state could not be read, with why: not planned, reported as errors.
+    pub unreadable: &'a BTreeMap<String, String>,
     pub records: &'a [Record],
     pub journal: &'a [JournalEntry],
     pub scope: &'a TenantScope,
@@ -88,18 +90,19 @@ pub struct Meta {
 /// no global maps keyed by address), in parallel.
 pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
     let scope = inputs.scope;
+    let wanted = |t: &str| scope.contains(t) && !inputs.unreadable.contains_key(t);
     let mut live_by: FxHashMap<&str, Vec<&LiveResource>> = FxHashMap::default();
-    for l in inputs.live.iter().filter(|l| scope.contains(&l.address.tenant)) {
+    for l in inputs.live.iter().filter(|l| wanted(&l.address.tenant)) {
         live_by.entry(l.address.tenant.as_str()).or_default().push(l);
     }
     let mut rec_by: FxHashMap<&str, Vec<&Record>> = FxHashMap::default();
-    for r in inputs.records.iter().filter(|r| scope.contains(&r.address.tenant)) {
+    for r in inputs.records.iter().filter(|r| wanted(&r.address.tenant)) {
         rec_by.entry(r.address.tenant.as_str()).or_default().push(r);
     }
     // A write that was in flight when an apply stopped: if live now holds what it intended,
     // it happened — treat it as recorded rather than as drift.
     let journal: FxHashMap<&str, &JournalEntry> = inputs.journal.iter().map(|j| (j.address.as_str(), j)).collect();
-    let mut tenants: BTreeSet<&str> = inputs.desired.keys().map(String::as_str).filter(|t| scope.contains(t)).collect();
+    let mut tenants: BTreeSet<&str> = inputs.desired.keys().map(String::as_str).filter(|t| wanted(t)).collect();
     tenants.extend(rec_by.keys().copied());
     let tenants: Vec<&str> = tenants.into_iter().collect();
     let empty_d: Vec<DesiredEntry> = Vec::new();
@@ -128,6 +131,15 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
         summary.delete += s.delete;
         summary.noop += s.noop;
         summary.drift += s.drift;
+    }
+    for (tenant, why) in inputs.unreadable.iter().filter(|(t, _)| scope.contains(t)) {
+        violations.push(Violation {
+            tenant: tenant.clone(),
+            rule: "live-unreadable".into(),
+            severity: Severity::Error,
+            message: format!("tenant {tenant}: its live state could not be read, so it is not planned: {why}"),
+            address: None,
+        });
     }
     let violations = merge_placeholder_warnings(violations);
     let changed: BTreeSet<&str> = changes.iter().map(|c| c.address.tenant.as_str()).collect();
@@ -375,6 +387,7 @@ pub fn staleness(
     inputs_digest: &str,
     state: &crate::state::StateMeta,
     live: &[LiveResource],
+    unreadable: &BTreeMap<String, String>,
 ) -> Vec<String> {
     let mut why = Vec::new();
     if plan.format_version != FORMAT_VERSION {
@@ -392,7 +405,10 @@ pub fn staleness(
     }
     let now: HashMap<String, &str> = live.iter().map(|l| (l.address.to_string(), l.fingerprint.as_str())).collect();
     let mut moved: Vec<String> = Vec::new();
-    for (a, fp) in &plan.live {
+    // A tenant that cannot be read now is not judged here: apply re-reads each tenant before
+    // writing and fails that one alone.
+    let readable = |a: &str| !unreadable.contains_key(a.split_once('/').map(|(t, _)| t).unwrap_or(a));
+    for (a, fp) in plan.live.iter().filter(|(a, _)| readable(a)) {
         match now.get(a) {
             Some(f) if f == fp => {}
             Some(_) => moved.push(format!("{a} changed")),

@@ -5,14 +5,15 @@
 //! embedded default for every slot is `local`, a real store under `.dotmac/live/`.
 
 pub mod fault;
+pub mod http;
 pub mod kubernetes;
 pub mod local;
 pub mod secret_value;
 
 use crate::load::settings::Settings;
-use crate::model::{Address, Content, ProviderId, Resource};
+use crate::model::{Address, Content, Coordination, ProviderId, Resource};
 use secret_value::SecretValue;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -76,6 +77,34 @@ pub enum ProviderError {
     Unavailable(String),
     #[error("{0}")]
     Other(String),
+    /// Some tenants could not be read (their target failed); the others were. The engine
+    /// plans and applies the others and reports these.
+    #[error("{}", describe_partial(.failed))]
+    Partial { found: Vec<LiveResource>, failed: BTreeMap<String, String> },
+}
+
+fn describe_partial(failed: &BTreeMap<String, String>) -> String {
+    let shown: Vec<String> = failed.iter().take(5).map(|(t, e)| format!("tenant {t}: {e}")).collect();
+    let more = if failed.len() > 5 { format!("; and {} more", failed.len() - 5) } else { String::new() };
+    format!(
+        "could not read {} tenant{}: {}{more}",
+        failed.len(),
+        if failed.len() == 1 { "" } else { "s" },
+        shown.join("; ")
+    )
+}
+
+/// What the engine tells the providers before it reads or writes (see [`Provider::begin`]).
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    /// The plan's correlation id (plan id and revision), sent with every call to a platform
+    /// so that its audit can join ours.
+    pub correlation_id: String,
+    /// The tenants the repository and the state know: what `TenantScope::All` means to a
+    /// system that cannot list its tenants itself (ISP instances, one per tenant).
+    pub tenants: BTreeSet<String>,
+    /// How each tenant is coordinated, for systems that take it with a write.
+    pub coordination: BTreeMap<String, Coordination>,
 }
 
 impl ProviderError {
@@ -119,6 +148,19 @@ pub trait Provider: Send + Sync {
         let _ = version;
         Err(ProviderError::Other(format!("{address}: {} cannot restore secret versions", self.describe())))
     }
+
+    /// Called before a plan reads and before an apply writes.
+    fn begin(&self, session: &Session) {
+        let _ = session;
+    }
+
+    /// Called by apply on the management provider after each applied change, with the audit
+    /// entry as the state store keeps it (masked: fields, fingerprints or versions, never a
+    /// secret value). The management platform keeps the cross-platform audit trail.
+    fn audit_event(&self, entry: &crate::state::AuditEntry) -> Result<()> {
+        let _ = entry;
+        Ok(())
+    }
 }
 
 /// The four providers of a repository.
@@ -137,6 +179,12 @@ impl Providers {
             ProviderId::Management => &self.management,
             ProviderId::Isp => &self.isp,
             ProviderId::Kubernetes => &self.kubernetes,
+        }
+    }
+
+    pub fn begin(&self, session: &Session) {
+        for p in ProviderId::ALL {
+            self.get(p).begin(session);
         }
     }
 
@@ -163,6 +211,10 @@ impl Providers {
                     }
                     Ok(Arc::new(isp))
                 }
+                "http" if id == ProviderId::Management => {
+                    Ok(Arc::new(http::management::Management::new(&settings.providers.management)?))
+                }
+                "http" if id == ProviderId::Isp => Ok(Arc::new(http::isp::Isp::new(&settings.providers.isp)?)),
                 other => {
                     anyhow::bail!("[providers.{id}] kind = \"{other}\" is not available in this build; use \"local\"")
                 }

@@ -3,10 +3,12 @@
 
 mod util;
 
+mod http;
 mod kube_fake;
 mod kubernetes;
 mod parity;
 mod plan_apply;
+mod platform;
 mod render;
 mod sandbox;
 mod secrets;
