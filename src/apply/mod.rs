@@ -518,7 +518,7 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<S
             let ok = match (fp, now) {
                 (Some(f), Some(n)) => f == n || (a.kind == crate::model::ResourceKind::OpenbaoSecret),
                 (None, None) => true,
-                (None, Some(n)) => n.ends_with("-deleted"),
+                (None, Some(n)) => n.ends_with("-deleted") || providers.get(p).deletes_with_tenant(),
                 _ => false,
             };
             if !ok {

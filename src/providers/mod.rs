@@ -149,6 +149,12 @@ pub trait Provider: Send + Sync {
         Err(ProviderError::Other(format!("{address}: {} cannot restore secret versions", self.describe())))
     }
 
+    /// True when a delete leaves the resource to go away with the tenant's instance (the ISP
+    /// API has no delete): the engine stops managing it rather than expecting it gone.
+    fn deletes_with_tenant(&self) -> bool {
+        false
+    }
+
     /// Called before a plan reads and before an apply writes.
     fn begin(&self, session: &Session) {
         let _ = session;

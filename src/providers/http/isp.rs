@@ -210,12 +210,19 @@ impl Api {
         let reply = self.call(&a.tenant, Method::DELETE, "/config", None, Cond::IfMatch(etag)).await?;
         match reply.status {
             404 => Ok(()),
-            405 | 501 => Err(ProviderError::Other(format!(
-                "{a}: the ISP instance cannot remove its configuration (DELETE {} answered {}; platform-api.md \
-                 defines no such call): it goes away with the instance itself",
-                reply.url,
-                super::status_text(reply.status)
-            ))),
+            // platform-api.md defines no delete for an instance's configuration: it goes away
+            // with the instance itself (its Kubernetes resources, deleted with the tenant).
+            // The engine stops managing it; the record is dropped.
+            405 | 501 => {
+                tracing::warn!(
+                    address = %a,
+                    url = %reply.url,
+                    "the ISP instance cannot remove its configuration ({}); it goes away with the instance",
+                    super::status_text(reply.status)
+                );
+                self.remember(&a.tenant, None);
+                Ok(())
+            }
             412 => Err(conflict(a, expect, None)),
             _ => {
                 reply.data(self.label())?;
@@ -291,6 +298,10 @@ impl Provider for Isp {
             return Err(ProviderError::Other(format!("{} does not belong to an ISP instance", r.address)));
         }
         Client::block_on(self.api.put(r, expect))
+    }
+
+    fn deletes_with_tenant(&self) -> bool {
+        true
     }
 
     fn delete(&self, a: &Address, expect: &Expect, _destroy: bool) -> Result<()> {
