@@ -375,6 +375,7 @@ impl Workspace {
         let t = std::time::Instant::now();
         let skip = disabled(&self.settings);
         let records = state.records(scope)?;
+        tracing::debug!(records = records.len(), elapsed = ?t.elapsed(), "read the state store");
         let plan_id = plan::new_id("plan");
         let coordination: BTreeMap<String, Coordination> =
             self.tenants.iter().map(|(id, t)| (id.clone(), t.coordination.clone())).collect();
@@ -386,6 +387,7 @@ impl Workspace {
             coordination.clone(),
         );
         let Live { resources: mut live, unreadable } = read_live(providers, scope, &skip)?;
+        tracing::debug!(live = live.len(), elapsed = ?t.elapsed(), "read live state");
         let journal = state.journal()?;
         let meta = state.meta()?;
         tracing::debug!(live = live.len(), records = records.len(), elapsed = ?t.elapsed(), "read live state and records");
