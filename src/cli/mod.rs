@@ -194,6 +194,9 @@ pub fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // reqwest is built without a TLS crypto provider (so that exactly one is compiled in):
+    // install ring's before any client exists.
+    crate::providers::openbao::install_crypto_provider();
     let cli = Cli::parse();
     init_logging(&cli.global);
     match commands::run(cli) {
@@ -210,7 +213,9 @@ pub fn main() -> ExitCode {
 fn init_logging(g: &Global) {
     use tracing_subscriber::EnvFilter;
     let default = match g.verbose {
-        0 => "warn",
+        // vaultrs logs every error answer at ERROR level; the OpenBao provider reports
+        // failures itself, with what to do about them.
+        0 => "warn,vaultrs=off",
         1 => "dotmac_gitops=info",
         2 => "dotmac_gitops=debug",
         _ => "dotmac_gitops=trace",

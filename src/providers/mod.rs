@@ -6,6 +6,7 @@
 
 pub mod fault;
 pub mod local;
+pub mod openbao;
 pub mod secret_value;
 
 use crate::load::settings::Settings;
@@ -148,6 +149,7 @@ impl Providers {
         let pick = |id: ProviderId, kind: &str| -> anyhow::Result<Arc<dyn Provider>> {
             match kind {
                 "local" => local(id),
+                "openbao" if id == ProviderId::Secrets => Ok(Arc::new(openbao::OpenBao::open(&p.secrets)?)),
                 "none" if id == ProviderId::Kubernetes => Ok(Arc::new(Nothing(id))),
                 other => {
                     anyhow::bail!("[providers.{id}] kind = \"{other}\" is not available in this build; use \"local\"")

@@ -1,8 +1,10 @@
 //! The integration tests: one binary (faster to build), one module per capability.
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
+mod bao;
 mod util;
 
+mod openbao;
 mod parity;
 mod plan_apply;
 mod render;
