@@ -192,10 +192,7 @@ impl Transport {
     fn classify(&self, e: ClientError, op: &Op<'_>, info: &TokenInfo) -> (Failure, bool) {
         let addr = &self.address;
         let what = format!("{} {}", op.verb, op.path);
-        let server = |errors: &[String]| {
-            let text = errors.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect::<Vec<_>>().join("; ");
-            self.scrub(text, None)
-        };
+        let server = |errors: &[String]| self.scrub(tidy(errors), None);
         match e {
             ClientError::APIError { code: 404, .. } => (Failure::NotFound, false),
             ClientError::APIError { code: 400, errors } if errors.iter().any(|e| e.contains("check-and-set")) => {
@@ -398,6 +395,18 @@ impl Transport {
     }
 }
 
+/// The server's error strings on one line: OpenBao wraps them as
+/// "1 error occurred:\n\t* permission denied\n\n".
+pub fn tidy(errors: &[String]) -> String {
+    errors
+        .iter()
+        .flat_map(|e| e.lines())
+        .map(|l| l.trim().trim_start_matches("* ").trim())
+        .filter(|l| !l.is_empty() && !(l.ends_with("occurred:") && l.contains(" error")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The innermost cause of a `reqwest` error, which says what happened ("Connection refused").
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut last: &dyn std::error::Error = e;
@@ -407,4 +416,91 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         last = s;
     }
     parts.pop().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A transport to nowhere whose session is already set up: only the classification and
+    /// retry logic run, on errors made here.
+    fn transport() -> Transport {
+        crate::providers::openbao::install_crypto_provider();
+        let mut b = vaultrs::client::VaultClientSettingsBuilder::default();
+        b.address("http://127.0.0.1:1").token("s.SECRET-TOKEN-1234").verify(true);
+        let vault = VaultClient::new(b.build().unwrap()).unwrap();
+        let mut t = Transport::new(
+            vault,
+            "http://127.0.0.1:1".into(),
+            "BAO_TOKEN".into(),
+            "s.SECRET-TOKEN-1234".into(),
+            Duration::from_secs(1),
+        );
+        t.base_delay = Duration::from_millis(1);
+        t.session.set(TokenInfo { policies: vec!["dotmac".into()] }).unwrap();
+        t
+    }
+
+    fn api(code: u16, errors: &[&str]) -> ClientError {
+        ClientError::APIError { code, errors: errors.iter().map(|e| e.to_string()).collect() }
+    }
+
+    /// Runs `call` on a request that fails with `errors` in turn, then succeeds.
+    fn attempts(t: &Transport, op: &Op<'_>, errors: Vec<ClientError>) -> (Result<(), Failure>, u32) {
+        let n = AtomicU32::new(0);
+        let errors = std::sync::Mutex::new(errors.into_iter());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let r = rt.block_on(t.call(op, || {
+            n.fetch_add(1, Ordering::SeqCst);
+            let next = errors.lock().unwrap().next();
+            async move { next.map_or(Ok(()), Err) }
+        }));
+        (r, n.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn transient_failures_are_retried_and_403_is_not() {
+        let t = transport();
+        let read = Op::read("read", "secret/metadata/x".into());
+        // 503 twice, then success: three attempts.
+        let (r, n) = attempts(&t, &read, vec![api(503, &["Vault is sealed"]), api(500, &["boom"])]);
+        assert_eq!((r, n), (Ok(()), 3));
+        // Always 503: gives up after ATTEMPTS, saying so.
+        let (r, n) = attempts(&t, &read, (0..ATTEMPTS).map(|_| api(503, &["Vault is sealed"])).collect());
+        assert_eq!(n, ATTEMPTS);
+        match r {
+            Err(Failure::Unavailable(m)) => assert!(m.contains("sealed") && m.contains("gave up after 4"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // 403: once, and the message names the variable, the path and the policies.
+        let (r, n) = attempts(&t, &read, vec![api(403, &["1 error occurred:\n\t* permission denied\n"])]);
+        assert_eq!(n, 1);
+        match r {
+            Err(Failure::Denied(m)) => {
+                assert!(
+                    m.contains("$BAO_TOKEN") && m.contains("secret/metadata/x") && m.contains("its policies: dotmac")
+                );
+                assert!(m.contains("(403 permission denied)"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A check-and-set refusal and a 404 are answers, not failures to retry.
+        let write = Op::write("write", "secret/data/x".into());
+        let cas = api(400, &["check-and-set parameter did not match the current version"]);
+        assert_eq!(attempts(&t, &write, vec![cas]), (Err(Failure::CasMismatch), 1));
+        assert_eq!(attempts(&t, &read, vec![api(404, &[])]), (Err(Failure::NotFound), 1));
+        assert!(matches!(attempts(&t, &read, vec![api(400, &["bad"])]), (Err(Failure::Other(_)), 1)));
+        // A server message quoting the token is cut.
+        let (r, _) = attempts(&t, &read, vec![api(400, &["token s.SECRET-TOKEN-1234 is odd"])]);
+        let m = r.unwrap_err().message();
+        assert!(!m.contains("SECRET-TOKEN") && m.contains("(token)"), "{m}");
+    }
+
+    #[test]
+    fn server_errors_read_on_one_line() {
+        assert_eq!(tidy(&["1 error occurred:\n\t* permission denied\n\n".into()]), "permission denied");
+        assert_eq!(tidy(&["2 errors occurred:\n\t* a\n\t* b\n".into(), "c".into()]), "a; b; c");
+        assert_eq!(tidy(&[]), "");
+    }
 }
