@@ -402,7 +402,10 @@ pub fn tidy(errors: &[String]) -> String {
         .iter()
         .flat_map(|e| e.lines())
         .map(|l| l.trim().trim_start_matches("* ").trim())
-        .filter(|l| !l.is_empty() && !(l.ends_with("occurred:") && l.contains(" error")))
+        .filter(|l| {
+            let wrapper = l.ends_with("occurred:") && l.contains(" error");
+            !l.is_empty() && !wrapper
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
