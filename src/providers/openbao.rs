@@ -185,11 +185,12 @@ impl OpenBao {
     }
 }
 
-/// A failure as the trait reports it, for `address`.
+/// A failure as the trait reports it, for `address` (empty: the messages say enough).
 fn to_provider(f: Failure, address: &str) -> ProviderError {
     match f {
         Failure::Denied(m) => ProviderError::Denied(m),
         Failure::Unavailable(m) => ProviderError::Unavailable(m),
+        Failure::Other(m) if address.is_empty() => ProviderError::Other(m),
         Failure::Other(m) => ProviderError::Other(format!("{address}: {m}")),
         Failure::NotFound => ProviderError::Other(format!("{address}: not found in OpenBao")),
         Failure::CasMismatch => ProviderError::Other(format!("{address}: check-and-set refused the write")),
@@ -506,7 +507,10 @@ impl OpenBao {
     async fn list_async(&self, scope: &TenantScope) -> Result<Vec<LiveResource>> {
         let t = self.t.clone();
         let mount = self.cfg.mount.clone();
-        let err = |f: Failure| to_provider(f, &format!("OpenBao at {}", self.cfg.address));
+        let err = |f: Failure| match f {
+            Failure::NotFound | Failure::CasMismatch => to_provider(f, &format!("OpenBao at {}", self.cfg.address)),
+            f => to_provider(f, ""),
+        };
         let tenants: Vec<String> = match scope {
             TenantScope::Only(s) => s.iter().filter(|t| is_tenant_id(t)).cloned().collect(),
             TenantScope::All => ops::list(&t, &mount, &format!("{TENANTS_ROOT}/"))

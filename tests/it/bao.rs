@@ -38,7 +38,10 @@ pub fn bao_binary() -> Option<PathBuf> {
 pub struct Bao {
     child: Child,
     pub bin: PathBuf,
+    /// `http://127.0.0.1:port`, or `https://` with `-dev-tls`.
     pub addr: String,
+    /// The CA that signed the server's certificate (`-dev-tls` only).
+    pub ca: Option<PathBuf>,
     pub port: u16,
     pub token: String,
     dir: tempfile::TempDir,
@@ -64,6 +67,15 @@ fn free_port() -> u16 {
 impl Bao {
     /// Starts a dev server, or returns `None` (after saying so) when `bao` is not installed.
     pub fn start(test: &str) -> Option<Bao> {
+        Self::start_with(test, false)
+    }
+
+    /// A dev server speaking TLS, with a CA of its own (`-dev-tls`).
+    pub fn start_tls(test: &str) -> Option<Bao> {
+        Self::start_with(test, true)
+    }
+
+    fn start_with(test: &str, tls: bool) -> Option<Bao> {
         let Some(bin) = bao_binary() else {
             assert!(
                 std::env::var_os("DOTMAC_REQUIRE_ALL").is_none(),
@@ -74,14 +86,14 @@ impl Bao {
         };
         // A port can be taken between our probe and the server's bind: try a few.
         for _ in 0..5 {
-            if let Some(b) = Self::try_start(&bin) {
+            if let Some(b) = Self::try_start(&bin, tls) {
                 return Some(b);
             }
         }
         panic!("bao server -dev did not start; see the logs above");
     }
 
-    fn try_start(bin: &Path) -> Option<Bao> {
+    fn try_start(bin: &Path, tls: bool) -> Option<Bao> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let token = format!("root-{}", random_hex(12));
@@ -93,13 +105,16 @@ impl Bao {
             "-dev-no-store-token",
             &format!("-dev-root-token-id={token}"),
             &format!("-dev-listen-address=127.0.0.1:{port}"),
-        ])
-        .env("HOME", dir.path())
-        .env_remove("BAO_ADDR")
-        .env_remove("BAO_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
+        ]);
+        if tls {
+            cmd.arg("-dev-tls").arg(format!("-dev-tls-cert-dir={}", dir.path().display()));
+        }
+        cmd.env("HOME", dir.path())
+            .env_remove("BAO_ADDR")
+            .env_remove("BAO_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         // SAFETY: prctl is async-signal-safe. The server dies with the test thread that
         // started it, even if the test process is killed before `Drop` runs.
         unsafe {
@@ -109,14 +124,22 @@ impl Bao {
             });
         }
         let child = cmd.spawn().expect("bao runs");
-        let mut b = Bao { child, bin: bin.to_owned(), addr: format!("http://127.0.0.1:{port}"), port, token, dir };
+        let scheme = if tls { "https" } else { "http" };
+        let ca = tls.then(|| dir.path().join("vault-ca.pem"));
+        let addr = format!("{scheme}://127.0.0.1:{port}");
+        let mut b = Bao { child, bin: bin.to_owned(), addr, ca, port, token, dir };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
             if let Ok(Some(_)) = b.child.try_wait() {
                 eprintln!("bao server exited early:\n{}", b.log());
                 return None;
             }
-            if http_status(port, "/v1/sys/health") == Some(200) {
+            let ready = if tls {
+                b.ca.as_ref().is_some_and(|c| c.exists()) && b.run(&["status"], None).ok
+            } else {
+                http_status(port, "/v1/sys/health") == Some(200)
+            };
+            if ready {
                 return Some(b);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -135,7 +158,11 @@ impl Bao {
 
     /// Runs `bao` against this server as root (or with `token`), with `stdin` as input.
     pub fn run_with(&self, args: &[&str], stdin: Option<&str>, token: &str) -> BaoOut {
-        let mut child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(ca) = &self.ca {
+            cmd.env("BAO_CACERT", ca);
+        }
+        let mut child = cmd
             .args(args)
             .env("BAO_ADDR", &self.addr)
             .env("BAO_TOKEN", token)

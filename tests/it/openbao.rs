@@ -451,6 +451,49 @@ fn failures_are_clear_and_only_transient_ones_are_retried() {
     assert!(!out.stderr.contains(&bao.token));
 }
 
+#[test]
+fn tls_with_a_private_ca_and_a_namespace() {
+    let bao = match Bao::start_tls("openbao: tls and namespace") {
+        Some(b) => b,
+        None => return,
+    };
+    bao.ok(&["namespace", "create", "isp"]);
+    bao.ok(&["secrets", "enable", "-namespace=isp", "-path=secret", "kv-v2"]);
+    let repo = openbao_repo(&bao, 1, 23);
+    let r = repo.path();
+    let toml = r.join("dotmac.toml");
+    let base = std::fs::read_to_string(&toml).unwrap();
+    let ca = bao.ca.as_ref().unwrap().display().to_string();
+    std::fs::write(&toml, base.replace("mount = \"secret\"\n", "mount = \"secret\"\nnamespace = \"isp\"\n")).unwrap();
+
+    // Without the CA the certificate is refused: said at once, with the setting to use.
+    let out = dm(&bao, r, &["plan", "--now", NOW]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("UnknownIssuer") && out.stderr.contains("set [providers.secrets] ca_cert"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("retrying"), "a certificate problem is not retried: {}", out.stderr);
+
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, text.replace("namespace = ", &format!("ca_cert = \"{ca}\"\nnamespace = "))).unwrap();
+    // The hint names the namespace; the tests run it as given.
+    let externals = put_missing_externals(&bao, r, "tls");
+    let ext = path_of(&externals[0].0);
+    assert!(bao.run(&["kv", "get", "-mount=secret", &ext], None).stdout.is_empty(), "not in the root namespace");
+    let out = dm(&bao, r, &["apply", "--auto-approve", "--now", NOW]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(dm(&bao, r, &["plan", "--detailed-exitcode", "--now", NOW]).code, 0);
+    let o = bao.run(
+        &["kv", "metadata", "get", "-namespace=isp", "-mount=secret", "dotmac/tenants/tenant-000000/database/password"],
+        None,
+    );
+    assert!(o.ok, "{}", o.stderr);
+    assert!(bao.run(&["policy", "read", "-namespace=isp", "tenant-000000-read-secrets"], None).ok);
+    assert!(bao.policy("tenant-000000-read-secrets").is_none(), "policies live in the namespace");
+}
+
 /// Every byte the engine writes, searched for planted values: external secrets put with the
 /// `bao` CLI, generated ones read back from OpenBao, and the token.
 #[test]

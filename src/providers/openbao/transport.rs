@@ -246,7 +246,9 @@ impl Transport {
                     None => (false, false, source.to_string()),
                 };
                 let cause = self.scrub(cause, None);
-                if timeout {
+                if let Some(tls) = source.downcast_ref::<reqwest::Error>().and_then(|r| self.tls_failure(r)) {
+                    (tls, false)
+                } else if timeout {
                     let msg = format!(
                         "OpenBao at {addr} did not answer within {:?} to {what}{}",
                         self.timeout,
@@ -333,11 +335,20 @@ impl Transport {
                         code >= 500,
                     ),
                 },
-                Err(e) => {
-                    let why =
-                        if e.is_timeout() { format!("no answer within {:?}", self.timeout) } else { root_cause(&e) };
-                    (Failure::Unavailable(format!("cannot reach OpenBao at {addr}: {}", self.scrub(why, None))), true)
-                }
+                Err(e) => match self.tls_failure(&e) {
+                    Some(tls) => (tls, false),
+                    None => {
+                        let why = if e.is_timeout() {
+                            format!("no answer within {:?}", self.timeout)
+                        } else {
+                            root_cause(&e)
+                        };
+                        (
+                            Failure::Unavailable(format!("cannot reach OpenBao at {addr}: {}", self.scrub(why, None))),
+                            true,
+                        )
+                    }
+                },
             };
             if !retry || attempt >= self.attempts {
                 return Err(match failure {
@@ -358,6 +369,25 @@ impl Transport {
             tokio::time::sleep(delay).await;
             attempt += 1;
         }
+    }
+
+    /// A TLS failure (an unknown issuer, a wrong name): retrying will not help, a setting will.
+    fn tls_failure(&self, e: &reqwest::Error) -> Option<Failure> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+                return Some(Failure::Other(format!(
+                    "the TLS connection to OpenBao at {} failed: {tls}; if its certificate is signed by a private CA, set [providers.secrets] ca_cert to that CA's PEM file",
+                    self.address
+                )));
+            }
+            // `io::Error::source` skips the error it wraps: step into it instead.
+            cur = match err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => err.source(),
+            };
+        }
+        None
     }
 
     async fn maybe_renew(&self) {
