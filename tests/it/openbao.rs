@@ -121,6 +121,14 @@ fn a_generated_repository_plans_applies_and_replans_empty_against_openbao() {
         "{}",
         out.stdout
     );
+    // `secret put` is for the local store; it points at the same command.
+    let out = dm(&bao, r, &["secret", "put", "--tenant", "tenant-000000", "--name", "stripe/secret_key"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("bao kv put -mount=secret dotmac/tenants/tenant-000000/stripe/secret_key value=-"),
+        "{}",
+        out.stderr
+    );
     let externals = put_missing_externals(&bao, r, "ext");
 
     let out = dm(&bao, r, &["plan", "--detailed-exitcode", "--now", NOW]);
