@@ -113,7 +113,8 @@ pub fn install_crypto_provider() {
 }
 
 pub struct OpenBao {
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until dropped.
+    rt: Option<tokio::runtime::Runtime>,
     t: Arc<Transport>,
     cfg: Config,
 }
@@ -158,7 +159,7 @@ impl OpenBao {
             .build()
             .context("starting the OpenBao client's runtime")?;
         let t = Arc::new(Transport::new(vault, cfg.address.clone(), cfg.token_env.clone(), token, cfg.timeout));
-        Ok(OpenBao { rt, t, cfg })
+        Ok(OpenBao { rt: Some(rt), t, cfg })
     }
 
     pub fn config(&self) -> &Config {
@@ -172,7 +173,10 @@ impl OpenBao {
                 "the OpenBao provider was called from inside a tokio runtime; call it through spawn_blocking".into(),
             ));
         }
-        self.rt.block_on(f)
+        match &self.rt {
+            Some(rt) => rt.block_on(f),
+            None => Err(ProviderError::Other("the OpenBao provider is shutting down".into())),
+        }
     }
 
     fn describe_path(&self, path: &str) -> String {
@@ -182,6 +186,16 @@ impl OpenBao {
     /// `<mount>/metadata/<path>`, the API path in messages.
     fn metadata_api(&self, path: &str) -> String {
         format!("{}/metadata/{path}", self.cfg.mount)
+    }
+}
+
+impl Drop for OpenBao {
+    /// Without waiting for the runtime's threads, so that a daemon may drop the provider
+    /// inside async code (dropping a runtime there would panic).
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -686,7 +700,11 @@ impl Provider for OpenBao {
                 ProviderError::Other(format!("{s}: gone from {}; nothing to restore", self.describe_path(&path)))
             })?;
             let old = m.versions.get(&version.to_string());
-            let readable = old.is_some_and(|v| !v.destroyed && v.deletion_time.is_empty());
+            let now = Timestamp::now();
+            let readable = old.is_some_and(|v| {
+                !v.destroyed
+                    && (v.deletion_time.is_empty() || v.deletion_time.parse::<Timestamp>().is_ok_and(|t| t > now))
+            });
             if !readable {
                 // The version before was deleted: deleting the current one restores that state.
                 let current = meta_of(&m, Timestamp::now());
@@ -798,6 +816,22 @@ mod tests {
         assert!(target(&Address::new("..", ResourceKind::OpenbaoSecret, Some("x"))).is_err());
         let e = target(&Address::parse("t/openbao.policy[t-Read]").unwrap()).err().unwrap();
         assert!(e.to_string().contains("lower case"), "{e}");
+    }
+
+    #[test]
+    fn inside_a_tokio_runtime_calls_are_refused_and_drop_does_not_panic() {
+        // SAFETY: the variable is unique to this test.
+        unsafe { std::env::set_var("DOTMAC_TEST_RT_TOKEN", "t") };
+        let p = OpenBao::open(&settings(json!({
+            "kind": "openbao", "address": "http://127.0.0.1:1", "token_env": "DOTMAC_TEST_RT_TOKEN"
+        })))
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async move {
+            let e = p.list(&TenantScope::All).unwrap_err();
+            assert!(e.to_string().contains("spawn_blocking"), "{e}");
+            drop(p);
+        });
     }
 
     #[test]
