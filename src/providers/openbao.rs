@@ -11,10 +11,14 @@
 //!   old version and writes it back as a new one without the value leaving this module.
 //! - **Listing**: one LIST per folder of a tenant (names may contain `/`), then one metadata
 //!   read per secret, many at a time; policies with one LIST of `sys/policy` and one read
-//!   per policy of the tenants in scope.
+//!   per policy whose name starts with a tenant in scope (`a-b-x` may be tenant `a`'s or
+//!   tenant `a-b`'s: it is offered under both, and the plan ignores the one that neither
+//!   wants nor recorded it).
 //! - **Writes use check-and-set**: `Expect::Absent` writes with `cas=0`, an expected `vN`
 //!   with `cas=N`; another writer in between makes KV v2 refuse the write, which becomes a
-//!   `ProviderError::Conflict`. Policies have no `cas`: they are read and compared first.
+//!   `ProviderError::Conflict`. Policies (through `sys/policies/acl`) are read and compared
+//!   with the expectation, then written with OpenBao's `cas` on the version read (Vault has
+//!   no policy versions: there, the read-and-compare is all).
 //! - **Deletes** are soft (KV v2 delete of the current version, which keeps every version)
 //!   unless `destroy` is asked (`--destroy-secrets`), which removes the metadata and every
 //!   version.
@@ -398,13 +402,101 @@ mod ops {
         Ok(names)
     }
 
-    pub async fn read_policy(t: &Transport, name: &str) -> std::result::Result<Option<String>, Failure> {
-        let op = Op::read("read policy", format!("sys/policy/{name}"));
-        match t.call(&op, || sys::policy::read(&t.vault, name)).await {
-            Ok(p) => Ok(Some(p.rules)),
+    /// A policy's text and, on OpenBao, its version (for check-and-set); `None` if absent.
+    pub async fn read_policy(t: &Transport, name: &str) -> std::result::Result<Option<AclPolicy>, Failure> {
+        let op = Op::read("read policy", format!("sys/policies/acl/{name}"));
+        let read = || vaultrs::api::exec_with_result(&t.vault, AclPolicyRequest { name: name.to_owned() });
+        match t.call(&op, read).await {
+            Ok(p) => Ok(Some(p)),
             Err(Failure::NotFound) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Writes a policy; with `cas`, only if its version is still `cas` (0: only if absent).
+    pub async fn write_policy(
+        t: &Transport,
+        name: &str,
+        text: &str,
+        cas: Option<u64>,
+    ) -> std::result::Result<(), Failure> {
+        let op = Op::write("write policy", format!("sys/policies/acl/{name}"));
+        let write = || {
+            let body = WriteAclPolicy { name: name.to_owned(), policy: text.to_owned(), cas };
+            vaultrs::api::exec_with_empty(&t.vault, body)
+        };
+        t.call(&op, write).await
+    }
+}
+
+/// `GET sys/policies/acl/<name>`. Unlike `sys/policy/<name>` (which `vaultrs` wraps), it
+/// tells OpenBao's policy version, which makes check-and-set writes possible.
+struct AclPolicyRequest {
+    name: String,
+}
+
+#[derive(Deserialize)]
+pub struct AclPolicy {
+    pub policy: String,
+    /// OpenBao only; Vault has no policy versions.
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+impl rustify::endpoint::Endpoint for AclPolicyRequest {
+    type Response = AclPolicy;
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+    fn path(&self) -> String {
+        format!("sys/policies/acl/{}", self.name)
+    }
+    fn method(&self) -> rustify::enums::RequestMethod {
+        rustify::enums::RequestMethod::GET
+    }
+}
+
+/// `DELETE sys/policies/acl/<name>`.
+struct DeleteAclPolicy {
+    name: String,
+}
+
+impl rustify::endpoint::Endpoint for DeleteAclPolicy {
+    type Response = ();
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+    fn path(&self) -> String {
+        format!("sys/policies/acl/{}", self.name)
+    }
+    fn method(&self) -> rustify::enums::RequestMethod {
+        rustify::enums::RequestMethod::DELETE
+    }
+}
+
+/// `PUT sys/policies/acl/<name>` with OpenBao's `cas`.
+struct WriteAclPolicy {
+    name: String,
+    policy: String,
+    cas: Option<u64>,
+}
+
+impl rustify::endpoint::Endpoint for WriteAclPolicy {
+    type Response = ();
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+    fn path(&self) -> String {
+        format!("sys/policies/acl/{}", self.name)
+    }
+    fn method(&self) -> rustify::enums::RequestMethod {
+        rustify::enums::RequestMethod::PUT
+    }
+    fn body(&self) -> std::result::Result<Option<Vec<u8>>, rustify::errors::ClientError> {
+        let mut body = serde_json::json!({ "policy": self.policy });
+        if let Some(c) = self.cas {
+            body["cas"] = c.into();
+        }
+        serde_json::to_vec(&body)
+            .map(Some)
+            .map_err(|e| rustify::errors::ClientError::DataParseError { source: e.into() })
     }
 }
 
@@ -419,7 +511,7 @@ impl OpenBao {
                 .map_err(|f| to_provider(f, &s))?
                 .map(|m| secret_live(a, meta_of(&m, Timestamp::now())))),
             Target::Policy { name } => {
-                Ok(ops::read_policy(t, &name).await.map_err(|f| to_provider(f, &s))?.map(|text| policy_live(a, text)))
+                Ok(ops::read_policy(t, &name).await.map_err(|f| to_provider(f, &s))?.map(|p| policy_live(a, p.policy)))
             }
         }
     }
@@ -580,7 +672,7 @@ impl OpenBao {
         }
         let read = each(wanted.into_iter().collect(), |(name, owners)| {
             let t = t.clone();
-            async move { Ok(ops::read_policy(&t, &name).await?.map(|text| (name, owners, text))) }
+            async move { Ok(ops::read_policy(&t, &name).await?.map(|p| (name, owners, p.policy))) }
         })
         .await
         .map_err(err)?;
@@ -643,14 +735,33 @@ impl Provider for OpenBao {
                     self.write_secret(a, &path, value, cas).await
                 }
                 (Target::Policy { name }, Content::Text(text)) => {
-                    let now = self.live_of(a.clone()).await?;
-                    self.check(a, expect, now.as_ref())?;
-                    let op = Op::read("write policy", format!("sys/policy/{name}"));
+                    // Read and compare, then write with OpenBao's check-and-set on the
+                    // version read, so that a writer in between is refused too.
                     let t = &self.t;
-                    t.call(&op, || sys::policy::set(&t.vault, &name, text))
-                        .await
-                        .map_err(|f| to_provider(f, &a.to_string()))?;
-                    Ok(policy_live(a.clone(), text.clone()))
+                    let s = a.to_string();
+                    let now = ops::read_policy(t, &name).await.map_err(|f| to_provider(f, &s))?;
+                    let version = now.as_ref().map(|p| p.version);
+                    let live = now.map(|p| policy_live(a.clone(), p.policy));
+                    self.check(a, expect, live.as_ref())?;
+                    let cas = match (expect, version) {
+                        (Expect::Any, _) => None,
+                        (_, None) => Some(0),
+                        (_, Some(v)) => v,
+                    };
+                    match ops::write_policy(t, &name, text, cas).await {
+                        Ok(()) => Ok(policy_live(a.clone(), text.clone())),
+                        Err(Failure::CasMismatch) => {
+                            let found = ops::read_policy(t, &name).await.ok().flatten();
+                            Err(ProviderError::Conflict {
+                                address: s,
+                                expected: live.map(|l| l.fingerprint).unwrap_or_else(|| "nothing".into()),
+                                found: found
+                                    .map(|p| fingerprint::of(&Content::Text(p.policy)))
+                                    .unwrap_or_else(|| "nothing".into()),
+                            })
+                        }
+                        Err(f) => Err(to_provider(f, &s)),
+                    }
                 }
                 _ => Err(ProviderError::Other(format!("{a}: this content cannot be written to OpenBao"))),
             }
@@ -678,8 +789,9 @@ impl Provider for OpenBao {
                     t.call(&op, || kv2::delete_latest(&t.vault, mount, &path)).await
                 }
                 Target::Policy { name } => {
-                    let op = Op::read("delete policy", format!("sys/policy/{name}"));
-                    t.call(&op, || sys::policy::delete(&t.vault, &name)).await
+                    let op = Op::read("delete policy", format!("sys/policies/acl/{name}"));
+                    let delete = || vaultrs::api::exec_with_empty(&t.vault, DeleteAclPolicy { name: name.clone() });
+                    t.call(&op, delete).await
                 }
             }
             .map_err(|f| to_provider(f, &s))?;

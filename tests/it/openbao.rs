@@ -343,6 +343,19 @@ fn a_concurrent_writer_is_a_conflict_not_an_overwrite() {
     p.delete(&a, &Expect::Fingerprint("v4-deleted".into()), true).unwrap();
     assert!(p.fetch(std::slice::from_ref(&a)).unwrap().is_empty());
     assert!(bao.metadata(path).is_none());
+    // Policies: read, compared, then written with OpenBao's check-and-set.
+    let pa = Address::parse("t1/openbao.policy[t1-read-secrets]").unwrap();
+    let text = |t: &str| Resource { address: pa.clone(), content: Content::Text(t.to_owned()) };
+    let first = p.put(&text("path \"a\" {\n  capabilities = [\"read\"]\n}"), None, &Expect::Absent).unwrap();
+    assert_eq!(bao.policy("t1-read-secrets").as_deref(), Some("path \"a\" {\n  capabilities = [\"read\"]\n}"));
+    bao.policy_write("t1-read-secrets", "path \"b\" {\n  capabilities = [\"read\"]\n}");
+    for expect in [Expect::Fingerprint(first.fingerprint.clone()), Expect::Absent] {
+        let e = p.put(&text("path \"c\" {}"), None, &expect).unwrap_err();
+        assert!(matches!(e, ProviderError::Conflict { .. }), "{e}");
+    }
+    assert!(bao.policy("t1-read-secrets").unwrap().contains("\"b\""), "not overwritten");
+    let e = p.delete(&pa, &Expect::Fingerprint(first.fingerprint), false).unwrap_err();
+    assert!(matches!(e, ProviderError::Conflict { .. }), "{e}");
     // No message carries a value or the token.
     let debug = format!("{p:?}");
     for text in errors.iter().chain([&debug]) {
@@ -399,13 +412,13 @@ fn removed_tenants_soft_delete_secrets_unless_destroy_is_asked() {
 const ENGINE_POLICY: &str = r#"path "secret/data/dotmac/tenants/*" { capabilities = ["create", "update", "read", "delete"] }
 path "secret/metadata/dotmac/tenants/*" { capabilities = ["list", "read", "delete"] }
 path "sys/policy" { capabilities = ["read", "list"] }
-path "sys/policy/*" { capabilities = ["create", "update", "read", "delete"] }
+path "sys/policies/acl/*" { capabilities = ["create", "update", "read", "delete"] }
 "#;
 
 #[test]
 fn failures_are_clear_and_only_transient_ones_are_retried() {
     let bao = bao_or_skip!("openbao: failures");
-    let repo = openbao_repo(&bao, 1, 17);
+    let repo = openbao_repo(&bao, 2, 17);
     let r = repo.path();
     let toml = r.join("dotmac.toml");
 
@@ -439,6 +452,16 @@ fn failures_are_clear_and_only_transient_ones_are_retried() {
     let after: Value = serde_json::from_str(&after.stdout).unwrap();
     assert!(after["data"]["last_renewal_time"].as_i64().unwrap_or(0) > 0, "renewed: {after:#}");
     assert!(!out.stderr.contains(&renewable));
+    // The policy the README gives the engine is enough to apply, and to delete a tenant.
+    put_missing_externals(&bao, r, "failures");
+    let engine = [(TOKEN_ENV, renewable.as_str())];
+    let out = run_env(&["apply", "--auto-approve", "--now", NOW], r, &engine);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    std::fs::remove_dir_all(r.join("tenants/tenant-000001")).unwrap();
+    let out = run_env(&["apply", "--auto-approve", "--allow-delete", "--destroy-secrets", "--now", NOW], r, &engine);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(run_env(&["plan", "--detailed-exitcode", "--now", NOW], r, &engine).code, 0);
+    assert!(bao.policy("tenant-000001-read-secrets").is_none());
 
     // Nothing listens: retried with backoff, then a clear error.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
