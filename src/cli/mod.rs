@@ -194,9 +194,8 @@ pub fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // reqwest is built without a TLS crypto provider (so that exactly one is compiled in):
-    // install ring's before any client exists.
-    crate::providers::openbao::install_crypto_provider();
+    // One TLS crypto provider for the process (ring); an error means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     init_logging(&cli.global);
     match commands::run(cli) {

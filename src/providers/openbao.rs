@@ -13,7 +13,8 @@
 //!   read per secret, many at a time; policies with one LIST of `sys/policy` and one read
 //!   per policy whose name starts with a tenant in scope (`a-b-x` may be tenant `a`'s or
 //!   tenant `a-b`'s: it is offered under both, and the plan ignores the one that neither
-//!   wants nor recorded it).
+//!   wants nor recorded it). With `TenantScope::All`, only the tenants the session names
+//!   (the repository's and the state's) are read: the others are not ours.
 //! - **Writes use check-and-set**: `Expect::Absent` writes with `cas=0`, an expected `vN`
 //!   with `cas=N`; another writer in between makes KV v2 refuse the write, which becomes a
 //!   `ProviderError::Conflict`. Policies (through `sys/policies/acl`) are read and compared
@@ -30,7 +31,7 @@
 mod transport;
 
 use super::secret_value::SecretValue;
-use super::{Expect, LiveResource, Provider, ProviderError, Result, TenantScope};
+use super::{Expect, LiveResource, Provider, ProviderError, Result, Session, TenantScope};
 use crate::fingerprint;
 use crate::load::settings::{ProviderSettings, parse_duration};
 use crate::model::{Address, Content, ProviderId, Resource, ResourceKind, SecretMeta};
@@ -121,6 +122,10 @@ pub struct OpenBao {
     rt: Option<tokio::runtime::Runtime>,
     t: Arc<Transport>,
     cfg: Config,
+    /// The tenants the repository and the state know (from `begin`): what
+    /// `TenantScope::All` needs to read. `None` until a session begins: then every tenant
+    /// folder and every policy named like a tenant's is read.
+    known: std::sync::RwLock<Option<std::collections::BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for OpenBao {
@@ -163,7 +168,7 @@ impl OpenBao {
             .build()
             .context("starting the OpenBao client's runtime")?;
         let t = Arc::new(Transport::new(vault, cfg.address.clone(), cfg.token_env.clone(), token, cfg.timeout));
-        Ok(OpenBao { rt: Some(rt), t, cfg })
+        Ok(OpenBao { rt: Some(rt), t, cfg, known: std::sync::RwLock::new(None) })
     }
 
     pub fn config(&self) -> &Config {
@@ -613,6 +618,9 @@ impl OpenBao {
     async fn list_async(&self, scope: &TenantScope) -> Result<Vec<LiveResource>> {
         let t = self.t.clone();
         let mount = self.cfg.mount.clone();
+        // A tenant neither the repository nor the state knows is not ours: not read.
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let wanted_tenant = |tenant: &str| scope.contains(tenant) && known.as_ref().is_none_or(|k| k.contains(tenant));
         let err = |f: Failure| match f {
             Failure::NotFound | Failure::CasMismatch => to_provider(f, &format!("OpenBao at {}", self.cfg.address)),
             f => to_provider(f, ""),
@@ -624,7 +632,7 @@ impl OpenBao {
                 .map_err(err)?
                 .into_iter()
                 .filter_map(|k| k.strip_suffix('/').map(str::to_owned))
-                .filter(|k| is_tenant_id(k))
+                .filter(|k| is_tenant_id(k) && wanted_tenant(k))
                 .collect(),
         };
         // 1. The names under each tenant's folder.
@@ -665,7 +673,7 @@ impl OpenBao {
         let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for p in policies.into_iter().filter(|p| is_policy_name(p)) {
             let owners: Vec<String> =
-                policy_tenants(&p).into_iter().filter(|t| scope.contains(t)).map(str::to_owned).collect();
+                policy_tenants(&p).into_iter().filter(|t| wanted_tenant(t)).map(str::to_owned).collect();
             if !owners.is_empty() {
                 wanted.insert(p, owners);
             }
@@ -699,6 +707,10 @@ impl Provider for OpenBao {
 
     fn list(&self, scope: &TenantScope) -> Result<Vec<LiveResource>> {
         self.block(self.list_async(scope))
+    }
+
+    fn begin(&self, session: &Session) {
+        *self.known.write().unwrap_or_else(|p| p.into_inner()) = Some(session.tenants.clone());
     }
 
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {

@@ -4,9 +4,13 @@
 mod bao;
 mod util;
 
+mod http;
+mod kube_fake;
+mod kubernetes;
 mod openbao;
 mod parity;
 mod plan_apply;
+mod platform;
 mod render;
 mod sandbox;
 mod secrets;

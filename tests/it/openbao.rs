@@ -142,6 +142,16 @@ fn a_generated_repository_plans_applies_and_replans_empty_against_openbao() {
         assert!(out.stdout.contains("No changes."), "{}", out.stdout);
     }
     assert_eq!(dm(&bao, r, &["drift", "--detailed-exitcode"]).code, 0);
+    // What this engine did not write is left alone: a policy named like a tenant's, a
+    // secret in an unknown tenant's folder.
+    bao.policy_write("tenant-000000-by-hand", "path \"secret/data/x\" {\n  capabilities = [\"read\"]\n}");
+    bao.kv_put("dotmac/tenants/stranger/api_key", "not-ours");
+    let out = dm(&bao, r, &["plan", "--detailed-exitcode", "--now", NOW]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let out = dm(&bao, r, &["apply", "--auto-approve", "--allow-delete", "--now", NOW]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(bao.policy("tenant-000000-by-hand").is_some());
+    assert_eq!(bao.kv_value("dotmac/tenants/stranger/api_key"), "not-ours");
 
     // Everything is where the layout says.
     let resources = rendered(&bao, r);
