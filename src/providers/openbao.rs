@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <mount>/dotmac/tenants/<tenant>/<name>     KV v2, the value under the key `value`
-//! sys/policy/<tenant>-<template stem>        the rendered openbao/*.hcl.j2
+//! sys/policies/acl/<tenant>-<template stem>  the rendered openbao/*.hcl.j2 (an ACL policy)
 //! ```
 //!
 //! - **Live state is metadata only**: a secret's current version, when that version was
