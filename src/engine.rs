@@ -138,13 +138,22 @@ pub fn inputs_digest(loaded: &Loaded) -> String {
     format!("sha256:{}", fingerprint::sha256_hex(&all))
 }
 
-/// How to tell a person to create a missing external secret in the configured store.
-pub fn external_hint(settings: &Settings) -> fn(&str, &str) -> String {
-    match settings.providers.secrets.kind.as_str() {
-        "openbao" => |t, n| format!("Create it: bao kv put <mount>/dotmac/tenants/{t}/{n} value=…"),
-        _ => {
-            |t, n| format!("Create it: dotmac-gitops secret put --tenant {t} --name {n} (the value is read from stdin)")
-        }
+/// How to tell a person to create a missing external secret in the configured store: for
+/// OpenBao, the exact `bao kv put` (mount, namespace and path included).
+pub fn external_hint(settings: &Settings) -> diff::Hint {
+    let secrets = &settings.providers.secrets;
+    match secrets.kind.as_str() {
+        "openbao" => match crate::providers::openbao::Config::from_settings(secrets) {
+            Ok(cfg) => diff::Hint::new(move |t, n| {
+                format!("Create it: {} (the value is read from stdin)", cfg.put_command(t, n))
+            }),
+            Err(_) => diff::Hint::new(|t, n| {
+                format!("Create it in OpenBao at <mount>/{}", crate::providers::openbao::Config::secret_path(t, n))
+            }),
+        },
+        _ => diff::Hint::new(|t, n| {
+            format!("Create it: dotmac-gitops secret put --tenant {t} --name {n} (the value is read from stdin)")
+        }),
     }
 }
 

@@ -212,7 +212,10 @@ pub fn main() -> ExitCode {
 fn init_logging(g: &Global) {
     use tracing_subscriber::EnvFilter;
     let default = match g.verbose {
-        0 => "warn",
+        // vaultrs and rustify log every error answer (a 404 too) at ERROR level, the TLS
+        // verifier every refused certificate; the OpenBao provider reports failures itself,
+        // with what to do about them.
+        0 => "warn,vaultrs=off,rustify=off,rustls_platform_verifier=off",
         1 => "dotmac_gitops=info",
         2 => "dotmac_gitops=debug",
         _ => "dotmac_gitops=trace",

@@ -265,6 +265,13 @@ pub fn cmd_audit(g: &Global, tenants: &[String], since: Option<&str>, format: Fo
 
 pub fn cmd_secret_put(g: &Global, tenant: &str, name: &str) -> Result<u8> {
     let (settings, state_dir) = open(g)?;
+    if settings.providers.secrets.kind == "openbao" {
+        let cfg = crate::providers::openbao::Config::from_settings(&settings.providers.secrets)?;
+        bail!(
+            "`secret put` writes to the local store; [providers.secrets] is kind = \"openbao\": put the value there with `{}` (it reads the value from stdin)",
+            cfg.put_command(tenant, name)
+        );
+    }
     if settings.providers.secrets.kind != "local" {
         bail!(
             "`secret put` writes to the local store; [providers.secrets] is kind = \"{}\": use that system's own tools",

@@ -8,6 +8,7 @@ pub mod fault;
 pub mod http;
 pub mod kubernetes;
 pub mod local;
+pub mod openbao;
 pub mod secret_value;
 
 use crate::load::settings::Settings;
@@ -203,6 +204,7 @@ impl Providers {
         let pick = |id: ProviderId, kind: &str| -> anyhow::Result<Arc<dyn Provider>> {
             match kind {
                 "local" => local(id),
+                "openbao" if id == ProviderId::Secrets => Ok(Arc::new(openbao::OpenBao::open(&p.secrets)?)),
                 "none" if id == ProviderId::Kubernetes => Ok(Arc::new(Nothing(id))),
                 "kubernetes" if id == ProviderId::Kubernetes => {
                     Ok(Arc::new(kubernetes::KubeProvider::connect(&p.kubernetes)?))

@@ -182,6 +182,19 @@ pub fn check(kind: Kind, value: &Value) -> Vec<Violation> {
                 let (message, help) = pattern_message(&got, pattern, &path);
                 out.push(Violation { pointer: path, target: Target::Value, message, help });
             }
+            ValidationErrorKind::FalseSchema => {
+                let key = path.rsplit('/').next().unwrap_or_default().replace("~1", "/").replace("~0", "~");
+                out.push(Violation {
+                    pointer: path,
+                    target: Target::Key,
+                    message: format!("field `{key}` is not allowed here"),
+                    help: e
+                        .schema_path()
+                        .as_str()
+                        .contains("/then/")
+                        .then(|| "it does not apply to this `kind`; the schema's description says which".to_owned()),
+                })
+            }
             _ => out.push(Violation { pointer: path, target: Target::Value, message: e.to_string(), help: None }),
         }
     }

@@ -1,11 +1,13 @@
 //! The integration tests: one binary (faster to build), one module per capability.
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
+mod bao;
 mod util;
 
 mod http;
 mod kube_fake;
 mod kubernetes;
+mod openbao;
 mod parity;
 mod plan_apply;
 mod platform;
