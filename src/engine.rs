@@ -37,11 +37,6 @@ pub fn open_state(settings: &Settings, state_dir: &Path) -> Result<Box<dyn State
     }
 }
 
-/// The path of the state lock.
-pub fn lock_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("state").join("lock")
-}
-
 /// Providers whose resources are not managed (`kind = "none"`).
 pub fn disabled(settings: &Settings) -> Vec<ProviderId> {
     let mut v = Vec::new();

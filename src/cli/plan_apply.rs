@@ -76,10 +76,10 @@ impl Prepared {
         self.ws.plan(&self.providers, self.state.as_ref(), &self.scope, self.revision.clone(), record_live)
     }
 
-    pub fn lock(&self, what: &str, l: &LockArgs) -> Result<lock::LockGuard> {
+    pub fn lock(&self, what: &str, l: &LockArgs) -> Result<Box<dyn crate::state::StateLock>> {
         let timeout = parse_duration(&l.lock_timeout)
             .with_context(|| format!("--lock-timeout `{}` is not a duration such as 30s or 5m", l.lock_timeout))?;
-        lock::acquire(&engine::lock_path(&self.ws.state_dir), &lock::holder_description(what), timeout)
+        self.state.lock(&lock::holder_description(what), timeout)
     }
 }
 

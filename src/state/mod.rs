@@ -92,7 +92,16 @@ pub struct AuditQuery {
     pub limit: Option<usize>,
 }
 
+/// A held state lock: released when dropped, and by the operating system (or the database
+/// session) if its holder dies.
+pub trait StateLock: Send {}
+
+impl StateLock for lock::LockGuard {}
+
 pub trait StateStore: Send + Sync {
+    /// Takes the state's lock for `holder` (a description naming who), waiting up to
+    /// `timeout` (zero: fail at once, naming the current holder).
+    fn lock(&self, holder: &str, timeout: std::time::Duration) -> Result<Box<dyn StateLock>>;
     fn meta(&self) -> Result<StateMeta>;
     /// Records (without content) of the tenants in scope.
     fn records(&self, scope: &TenantScope) -> Result<Vec<Record>>;

@@ -11,6 +11,8 @@ use std::sync::Mutex;
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// The folder of the database, where the lock file lives too.
+    dir: std::path::PathBuf,
 }
 
 /// Schema migrations, applied in order; the user_version pragma says how many ran.
@@ -81,7 +83,7 @@ impl SqliteStore {
             let lineage = crate::providers::local::hex(&b);
             conn.execute("INSERT INTO meta(key, value) VALUES ('lineage', ?1), ('serial', '0')", params![lineage])?;
         }
-        Ok(SqliteStore { conn: Mutex::new(conn) })
+        Ok(SqliteStore { conn: Mutex::new(conn), dir: dir.to_path_buf() })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -97,6 +99,10 @@ fn content_to_text(c: &Content) -> Option<String> {
 }
 
 impl StateStore for SqliteStore {
+    fn lock(&self, holder: &str, timeout: std::time::Duration) -> Result<Box<dyn super::StateLock>> {
+        Ok(Box::new(super::lock::acquire(&self.dir.join("lock"), holder, timeout)?))
+    }
+
     fn meta(&self) -> Result<StateMeta> {
         let conn = self.conn();
         let get = |k: &str| -> Result<String> {
