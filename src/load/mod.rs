@@ -210,6 +210,15 @@ impl Loaded {
         self.files.iter().find(|f| &*f.path == path).map(|f| f.text.as_str())
     }
 
+    /// Keeps the shared files (settings, catalogs, environments, templates) and the tenant
+    /// units in `units`; drops every other tenant folder's files, documents and problems.
+    pub fn retain_units(&mut self, units: &std::collections::BTreeSet<String>) {
+        let keep = |p: &str| source::tenant_unit(p).is_none_or(|u| units.contains(u));
+        self.files.retain(|f| keep(&f.path));
+        self.docs.retain(|d| keep(&d.at.file));
+        self.diagnostics.retain(|d| d.file.as_deref().is_none_or(keep));
+    }
+
     pub fn revision(&self) -> Option<&str> {
         match &self.origin {
             Origin::Commit(c) => Some(c),
