@@ -74,10 +74,20 @@ pub struct PrDiff {
     pub changes: Vec<Change>,
     /// Problems at the head revision in what was compared (positions resolved, sorted).
     pub diagnostics: Vec<Diagnostic>,
-    /// Things to know about the base revision (tenants that were invalid there).
-    pub notes: Vec<String>,
+    /// Things to know that are not problems at head: tenants invalid at base, a provider
+    /// switched off.
+    pub notes: Vec<Note>,
     /// The head revision as read, for printing diagnostics with their source lines.
     pub head_loaded: Loaded,
+}
+
+/// A remark on the comparison (shown as a warning).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Note {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub rule: &'static str,
+    pub message: String,
 }
 
 /// Compares the repository at `root` between the revisions `base` and `head`.
@@ -204,8 +214,21 @@ pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<Pr
     base_all_diags.extend(base_render_diags);
     let base_broken = Broken::of(&base_all_diags, &base_desired, &head_desired);
 
-    let head_skip = engine::disabled(&head_desired.settings);
-    let base_skip = engine::disabled(&base_desired.settings);
+    let mut notes = Vec::new();
+    // A provider switched off at head (`kind = "none"`) stops being managed: its resources
+    // are left alone, not deleted, so they are compared on neither side.
+    let skip = engine::disabled(&head_desired.settings);
+    for p in engine::disabled(&head_desired.settings) {
+        if !engine::disabled(&base_desired.settings).contains(&p) {
+            notes.push(Note {
+                tenant: None,
+                rule: "provider-off",
+                message: format!(
+                    "the {p} provider is switched off at head: its resources are no longer managed (left as they are, not deleted)"
+                ),
+            });
+        }
+    }
     let unit_reasons = |t: &str| -> String {
         let unit = head_desired.tenants.get(t).or_else(|| base_desired.tenants.get(t)).map(|x| x.unit.as_str());
         match (&selection, unit.and_then(|u| units.get(u))) {
@@ -216,7 +239,6 @@ pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<Pr
 
     let mut changes = Vec::new();
     let mut unchecked = Vec::new();
-    let mut notes = Vec::new();
     for t in &tenants {
         if head_broken.contains(t) {
             unchecked.push(t.clone());
@@ -226,20 +248,24 @@ pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<Pr
             .get(t)
             .into_iter()
             .flatten()
-            .filter(|r| !head_skip.contains(&r.provider()))
+            .filter(|r| !skip.contains(&r.provider()))
             .map(|r| (&r.address, &r.content))
             .collect();
         let before: BTreeMap<&Address, &Content> = if base_broken.contains(t) {
-            notes.push(format!(
-                "tenant `{t}` has errors at the base revision; its resources are compared with nothing there"
-            ));
+            notes.push(Note {
+                tenant: Some(t.clone()),
+                rule: "base-invalid",
+                message: format!(
+                    "tenant `{t}` has errors at the base revision; its resources are compared with nothing there"
+                ),
+            });
             BTreeMap::new()
         } else {
             base_rendered
                 .get(t)
                 .into_iter()
                 .flatten()
-                .filter(|r| !base_skip.contains(&r.provider()))
+                .filter(|r| !skip.contains(&r.provider()))
                 .map(|r| (&r.address, &r.content))
                 .collect()
         };
@@ -827,10 +853,10 @@ impl PrDiff {
             .collect();
         for n in &self.notes {
             out.push(diff::Violation {
-                tenant: n.split('`').nth(1).unwrap_or_default().to_owned(),
-                rule: "base-invalid".into(),
+                tenant: n.tenant.clone().unwrap_or_default(),
+                rule: n.rule.into(),
                 severity: diff::Severity::Warning,
-                message: n.clone(),
+                message: n.message.clone(),
                 address: None,
             });
         }

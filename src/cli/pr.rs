@@ -52,6 +52,8 @@ pub fn markdown(rep: &Report<'_>, args: &ReportArgs, max: Option<usize>, marker:
             max_chars: max,
             full_report: Some(full_report),
             marker: marker.or(args.marker.as_deref()),
+            // A capped report is a comment: room goes to updates, not to whole resources.
+            full_contents: max.is_none(),
         },
     )
 }
@@ -76,6 +78,7 @@ pub fn write_ci_files(rep: &Report<'_>, args: &ReportArgs) -> Result<()> {
                     max_chars: Some(room),
                     full_report: Some(&rep.again),
                     marker: None,
+                    full_contents: true,
                 },
             );
             append(path, &(if existing > 0 { format!("\n{md}") } else { md }))

@@ -23,6 +23,9 @@ pub struct Options<'a> {
     pub full_report: Option<&'a str>,
     /// A hidden marker to find the comment again (`<!-- … -->`), put first.
     pub marker: Option<&'a str>,
+    /// Show the whole content of created and deleted resources (a job summary), not only
+    /// their addresses (a comment, where room is short).
+    pub full_contents: bool,
 }
 
 /// GitHub's limit on an issue or pull-request comment body.
@@ -111,7 +114,7 @@ pub fn render(changes: &[Change], violations: &[Violation], o: &Options<'_>) -> 
         .into_iter()
         .filter_map(|r| risk_table(&shown, r))
         .collect();
-    let details = tenant_details(&shown);
+    let details = tenant_details(&shown, o.full_contents);
 
     let Some(max) = o.max_chars else {
         let mut out = head;
@@ -276,7 +279,7 @@ fn grouped_table(shown: &[&Change], risk: Risk) -> Option<String> {
 }
 
 /// One `<details>` per tenant, the riskiest tenants first: (tenant, changes, text).
-fn tenant_details(shown: &[&Change]) -> Vec<(String, usize, String)> {
+fn tenant_details(shown: &[&Change], full_contents: bool) -> Vec<(String, usize, String)> {
     let mut per_tenant: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
     for c in shown {
         per_tenant.entry(c.address.tenant.as_str()).or_default().push(c);
@@ -301,7 +304,7 @@ fn tenant_details(shown: &[&Change]) -> Vec<(String, usize, String)> {
         );
         for c in cs {
             let _ = writeln!(d, "# {} {}", symbol(c.action), local(c));
-            if c.action == Action::Create {
+            if !full_contents && matches!(c.action, Action::Create | Action::Delete) {
                 continue;
             }
             for line in c.diff.lines().skip(2) {
@@ -309,7 +312,7 @@ fn tenant_details(shown: &[&Change]) -> Vec<(String, usize, String)> {
                 d.push('\n');
             }
         }
-        d.push_str("```\n\n</details>\n");
+        d.push_str("```\n\n</details>\n\n");
         details.push((highest, tenant.to_string(), cs.len(), d));
     }
     details.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
@@ -319,7 +322,7 @@ fn tenant_details(shown: &[&Change]) -> Vec<(String, usize, String)> {
 /// A tenant's details cut to `room` bytes at a line, the fence closed, with a count of the
 /// lines left out; `None` if too little room to be worth it.
 fn cut_details(d: &str, room: usize) -> Option<String> {
-    const CLOSE: &str = "```\n\n</details>\n";
+    const CLOSE: &str = "```\n\n</details>\n\n";
     if room < 1500 {
         return None;
     }
@@ -423,7 +426,14 @@ mod tests {
     }
 
     fn opts(max: Option<usize>) -> Options<'static> {
-        Options { title: "t", subtitle: None, max_chars: max, full_report: Some("the job summary"), marker: Some("m") }
+        Options {
+            title: "t",
+            subtitle: None,
+            max_chars: max,
+            full_report: Some("the job summary"),
+            marker: Some("m"),
+            full_contents: false,
+        }
     }
 
     #[test]

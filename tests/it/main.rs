@@ -5,6 +5,7 @@ mod util;
 
 mod parity;
 mod plan_apply;
+mod prdiff;
 mod render;
 mod sandbox;
 mod secrets;
