@@ -244,7 +244,16 @@ impl Poster {
                 Err(e) if !last && (e.is_connect() || e.is_timeout()) => {
                     tracing::warn!(attempt, "{what}: {}; retrying", transport_message(&e));
                 }
-                Err(e) => return Err(Error::Transport { what: what.to_owned(), message: transport_message(&e) }),
+                Err(e) => {
+                    return Err(Error::Transport {
+                        what: what.to_owned(),
+                        message: format!(
+                            "{} (is GITHUB_API_URL=`{}` reachable from here?)",
+                            transport_message(&e),
+                            self.cfg.api_url
+                        ),
+                    });
+                }
             }
             std::thread::sleep(pause);
             pause *= 2;

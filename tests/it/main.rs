@@ -1,10 +1,12 @@
 //! The integration tests: one binary (faster to build), one module per capability.
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
+mod fake_github;
 mod util;
 
 mod parity;
 mod plan_apply;
+mod pr_comment;
 mod prdiff;
 mod render;
 mod sandbox;
