@@ -106,7 +106,8 @@ fn the_comment_is_created_once_and_updated_after() {
 fn refusals_say_what_to_check_and_exit_1() {
     let gh = FakeGithub::start();
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[(&str, &str)], &[&str]); 5] = [
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 5] = [
         (REPO, &[("GITHUB_TOKEN", "ghs_wrong")], &["401 Unauthorized", "Bad credentials", "GITHUB_TOKEN"]),
         ("acme/forbidden", &[], &["403 Forbidden", "Resource not accessible by integration", "pull-requests: write"]),
         ("acme/missing", &[], &["404 Not Found", "GITHUB_REPOSITORY=`acme/missing`", "GITHUB_API_URL"]),
