@@ -4,6 +4,8 @@
 mod fake_github;
 mod util;
 
+mod action;
+
 mod parity;
 mod plan_apply;
 mod pr_comment;
