@@ -92,10 +92,11 @@ pub struct Note {
 
 /// Compares the repository at `root` between the revisions `base` and `head`.
 pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<PrDiff> {
+    let t = std::time::Instant::now();
     let (repo, prefix) = source::open_git(root).map_err(|e| anyhow!(e))?;
     let base_id = source::resolve_rev(&repo, base).map_err(|e| anyhow!("--base: {e}"))?;
     let head_id = source::resolve_rev(&repo, head).map_err(|e| anyhow!("--head: {e}"))?;
-    let t = std::time::Instant::now();
+    tracing::debug!(elapsed = ?t.elapsed(), "opened the repository");
     let files = changed_files(&repo, &prefix, base_id, head_id)
         .with_context(|| format!("comparing the trees of {} and {}", short(base_id), short(head_id)))?;
     tracing::info!(files = files.len(), elapsed = ?t.elapsed(), "tree diff");
@@ -158,7 +159,8 @@ pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<Pr
         Selection::Units(set) => {
             let head_loaded = match head_all {
                 Some(mut all) => {
-                    let extra = same_id_units(&all, set, |_| true);
+                    let present: BTreeSet<&str> = all.files.iter().filter_map(|f| tenant_unit(&f.path)).collect();
+                    let extra = same_id_units(&all, set, |unit| present.contains(unit));
                     all.retain_units(&set.union(&extra).cloned().collect());
                     all
                 }

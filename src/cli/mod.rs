@@ -254,6 +254,12 @@ pub fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Keep large git trees parsed in memory (libgit2 caches trees up to 4 KiB by default): a
+    // `tenants/` tree of thousands of folders is then inflated once per run, not on every
+    // lookup. SAFETY: libgit2's global options are set before any thread starts.
+    unsafe {
+        let _ = git2::opts::set_cache_object_limit(git2::ObjectType::Tree, 64 << 20);
+    }
     // One TLS crypto provider for the whole process (reqwest is built without one).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
