@@ -474,4 +474,24 @@ mod tests {
         assert_eq!(md.matches("```diff").count() * 2, md.matches("```").count());
         assert_eq!(md.matches("<details>").count(), md.matches("</details>").count());
     }
+
+    #[test]
+    fn many_violations_are_cut_to_fit() {
+        let vs: Vec<Violation> = (0..3000)
+            .map(|i| Violation {
+                tenant: format!("t{i}"),
+                rule: "unknown-reference".into(),
+                severity: Severity::Error,
+                message: format!("tenants/t{i}/tenant.yaml:9: plan `premum` does not exist"),
+                address: None,
+            })
+            .collect();
+        let cs = vec![change("t1/isp.config", Action::Update, Risk::Low, 2)];
+        let md = render(&cs, &vs, &opts(Some(GITHUB_COMMENT_LIMIT)));
+        assert!(md.len() <= GITHUB_COMMENT_LIMIT);
+        assert!(md.contains("| ❌ error | `t0` | unknown-reference |"));
+        assert!(md.contains(" more | | | |"), "a row counts the rest");
+        assert!(md.contains("violations are left out"), "{}", &md[md.len() - 400..]);
+        assert!(md.contains("<details><summary><code>t1</code>"), "the changes still have room");
+    }
 }

@@ -422,3 +422,25 @@ fn the_action_checks_inputs_and_forks() {
     assert_eq!(r.failed.as_deref(), Some("Post the sticky comment"), "{}", r.log);
     assert!(r.log.contains("pull-requests: write"), "{}", r.log);
 }
+
+#[test]
+fn the_action_plans_against_the_providers_when_asked() {
+    // The example repository's providers are local stores: the plan runs offline here, as
+    // it would with credentials against live systems.
+    let ws = Workspace::new(None);
+    let r = ws.run(&[("mode", "plan"), ("working-directory", "desired"), ("version", "installed")], REPO, REPO);
+    assert_eq!(r.failed, None, "{}", r.log);
+    assert_eq!(r.outputs["has-changes"], "true");
+    assert_eq!(r.outputs["highest-risk"], "high", "secrets to create");
+    let tenants: Vec<String> = serde_json::from_str(r.outputs["changed-tenants"].as_str().unwrap()).unwrap();
+    assert_eq!(tenants.len(), 5);
+    let comments = ws.gh.comments(REPO, 7);
+    assert_eq!(comments.len(), 1);
+    assert!(comments[0].body.starts_with("<!-- dotmac-gitops:plan:desired -->\n## dotmac-gitops plan\n"));
+    assert!(comments[0].body.contains("**5 tenants**: 60 resources added"), "{}", comments[0].body);
+    assert!(r.summary.starts_with("## dotmac-gitops plan\n"));
+    // A diff of the same pull request is another comment.
+    let r = ws.run(&[("working-directory", "desired"), ("version", "installed")], REPO, REPO);
+    assert_eq!(r.failed, None, "{}", r.log);
+    assert_eq!(ws.gh.comments(REPO, 7).len(), 2);
+}
