@@ -16,9 +16,8 @@
 //! created, one older than its rotation interval is rotated; an external one that is
 //! missing or old is reported as a violation.
 
-use crate::fingerprint;
 use crate::load::yaml;
-use crate::model::{Address, Content, Resource, ResourceKind, SecretSource, SecretSpec};
+use crate::model::{Address, Content, DesiredEntry, ResourceKind, SecretSource, SecretSpec};
 use crate::providers::LiveResource;
 use crate::state::Record;
 use crate::validate::checks::is_credential_key;
@@ -140,14 +139,14 @@ pub struct Options {
 /// The three-way diff of one resource. `None` when nothing is to be done or shown.
 pub fn diff(
     address: &Address,
-    desired: Option<&Resource>,
+    desired: Option<&DesiredEntry>,
     live: Option<&LiveResource>,
     last: Option<&Record>,
     now: Timestamp,
     opts: &Options,
 ) -> (Option<Change>, Option<Violation>) {
-    if let Some(Content::Secret(spec)) = desired.map(|d| &d.content) {
-        return diff_secret(address, spec, desired.unwrap(), live, last, now, opts);
+    if let Some(Some(Content::Secret(spec))) = desired.map(|d| &d.content) {
+        return diff_secret(address, spec, live, last, now, opts);
     }
     let live_fp = live.map(|l| l.fingerprint.as_str());
     let last_fp = last.map(|l| l.fingerprint.as_str());
@@ -187,19 +186,19 @@ pub fn diff(
             } else {
                 change(Action::Create, false, "new".into())
             };
-            c.desired = Some(d.content.clone());
+            c.desired = d.content.clone();
             c
         }
         (Some(d), Some(l)) => {
-            let desired_fp = fingerprint::of(&d.content);
-            if desired_fp == l.fingerprint {
+            let desired_fp = &d.fingerprint;
+            if *desired_fp == l.fingerprint {
                 if last_fp == Some(desired_fp.as_str()) {
                     return (None, None);
                 }
                 // Live already is what we want; only the record is behind.
                 let mut c = change(Action::Noop, false, "already as desired; the record is updated".into());
                 c.refresh = true;
-                c.desired = Some(d.content.clone());
+                c.desired = d.content.clone();
                 c
             } else {
                 let mut c = match last_fp {
@@ -213,7 +212,7 @@ pub fn diff(
                         "exists but was not applied by this engine; it is taken over".into(),
                     ),
                 };
-                c.desired = Some(d.content.clone());
+                c.desired = d.content.clone();
                 c
             }
         }
@@ -231,7 +230,6 @@ pub fn diff(
 fn diff_secret(
     address: &Address,
     spec: &SecretSpec,
-    desired: &Resource,
     live: Option<&LiveResource>,
     last: Option<&Record>,
     now: Timestamp,
@@ -267,7 +265,7 @@ fn diff_secret(
             drift,
             risk,
             reason,
-            desired: (action != Action::Delete).then(|| desired.content.clone()),
+            desired: (action != Action::Delete).then(|| Content::Secret(spec.clone())),
             live_fingerprint: live_fp.clone(),
             last_fingerprint: last_fp.clone(),
             before: live.and_then(|l| l.content.clone()),
@@ -517,15 +515,11 @@ mod tests {
     fn addr(s: &str) -> Address {
         Address::parse(s).unwrap()
     }
-    fn res(a: &str, v: Value) -> Resource {
-        Resource { address: addr(a), content: Content::Json(v) }
+    fn res(a: &str, v: Value) -> DesiredEntry {
+        DesiredEntry::rendered(crate::model::Resource { address: addr(a), content: Content::Json(v) })
     }
-    fn live(r: &Resource) -> LiveResource {
-        LiveResource {
-            address: r.address.clone(),
-            fingerprint: fingerprint::of(&r.content),
-            content: Some(r.content.clone()),
-        }
+    fn live(r: &DesiredEntry) -> LiveResource {
+        LiveResource { address: r.address.clone(), fingerprint: r.fingerprint.clone(), content: r.content.clone() }
     }
     fn record(l: &LiveResource) -> Record {
         Record {
@@ -587,7 +581,10 @@ mod tests {
             rotation_days: Some(30),
             auto_rotation: true,
         };
-        let d = Resource { address: a.clone(), content: Content::Secret(spec.clone()) };
+        let d = DesiredEntry::rendered(crate::model::Resource {
+            address: a.clone(),
+            content: Content::Secret(spec.clone()),
+        });
         let meta = |updated: &str| LiveResource {
             address: a.clone(),
             fingerprint: "v2".into(),
@@ -608,10 +605,10 @@ mod tests {
         assert_eq!((c.action, c.risk), (Action::Rotate, Risk::High));
         assert!(c.diff.contains("(sensitive)"));
         // an external secret that is missing is an error violation naming it
-        let ext = Resource {
+        let ext = DesiredEntry::rendered(crate::model::Resource {
             address: a.clone(),
             content: Content::Secret(SecretSpec { source: SecretSource::External, ..spec }),
-        };
+        });
         let (c, v) = diff(&a, Some(&ext), None, None, now(), &o);
         assert!(c.is_none());
         let v = v.unwrap();

@@ -2,17 +2,22 @@
 //! repository uses, reading live state from all providers at once, and making a plan. The
 //! CLI and the daemon both go through here.
 
-use crate::diff;
+use crate::cache::{CachedResource, CachedTenant, RenderCache, UnitEntry};
+use crate::diag::Diagnostic;
+use crate::diff::{self, Action};
 use crate::fingerprint;
-use crate::load::Loaded;
 use crate::load::settings::Settings;
-use crate::model::{Desired, ProviderId, Resource};
+use crate::load::source::{Scope, tenant_unit};
+use crate::load::{self, Loaded};
+use crate::model::{Address, Content, Coordination, DesiredEntry, ProviderId};
 use crate::plan::{self, Plan};
-use crate::providers::{LiveResource, Providers, TenantScope};
+use crate::providers::{LiveResource, ProviderError, Providers, Session, TenantScope};
+use crate::render::Renderer;
 use crate::state::{StateStore, sqlite::SqliteStore};
+use crate::validate;
 use anyhow::{Context, Result};
 use jiff::Timestamp;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Where live stores and the state live: `$DOTMAC_STATE_DIR`, else `[state] dir`, else
@@ -46,8 +51,16 @@ pub fn disabled(settings: &Settings) -> Vec<ProviderId> {
     v
 }
 
+/// Live state as read: the resources, and the tenants some provider could not read (a dead
+/// target), with why. Those tenants are reported and left out; the others go on.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub resources: Vec<LiveResource>,
+    pub unreadable: BTreeMap<String, String>,
+}
+
 /// Reads every provider's live resources for the scope, the providers in parallel.
-pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]) -> Result<Vec<LiveResource>> {
+pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]) -> Result<Live> {
     let results: Vec<(ProviderId, crate::providers::Result<Vec<LiveResource>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = ProviderId::ALL
             .iter()
@@ -56,12 +69,54 @@ pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]
             .collect();
         handles.into_iter().map(|(p, h)| (p, h.join().unwrap_or_else(|_| Ok(Vec::new())))).collect()
     });
-    let mut out = Vec::new();
+    let mut out = Live::default();
     for (p, r) in results {
+        let r = match r {
+            Err(ProviderError::Partial { found, failed }) => {
+                for (t, why) in failed {
+                    tracing::warn!(provider = %p, tenant = %t, "cannot read live state: {why}");
+                    let e = out.unreadable.entry(t).or_default();
+                    if !e.is_empty() {
+                        e.push_str("; ");
+                    }
+                    e.push_str(&format!("{p}: {why}"));
+                }
+                Ok(found)
+            }
+            other => other,
+        };
         if let Ok(v) = &r {
             tracing::debug!(provider = %p, resources = v.len(), "read live state");
         }
-        out.extend(r.with_context(|| format!("reading live state from {}", providers.get(p).describe()))?);
+        out.resources.extend(r.with_context(|| format!("reading live state from {}", providers.get(p).describe()))?);
+    }
+    Ok(out)
+}
+
+/// Tells the providers the correlation id, the tenants known (the repository's and the
+/// state's: what `All` means to a system that cannot list its tenants) and the coordination.
+pub fn begin_session(
+    providers: &Providers,
+    correlation_id: String,
+    tenants: impl IntoIterator<Item = String>,
+    coordination: BTreeMap<String, crate::model::Coordination>,
+) {
+    providers.begin(&Session { correlation_id, tenants: tenants.into_iter().collect(), coordination });
+}
+
+/// The full content of these addresses, read from their providers.
+pub fn fetch_all<'a>(
+    providers: &Providers,
+    addresses: impl Iterator<Item = &'a Address>,
+) -> Result<HashMap<Address, LiveResource>> {
+    let mut by: BTreeMap<ProviderId, Vec<Address>> = BTreeMap::new();
+    for a in addresses {
+        by.entry(a.provider()).or_default().push(a.clone());
+    }
+    let mut out = HashMap::new();
+    for (p, addrs) in by {
+        let got = providers.get(p).fetch(&addrs).with_context(|| format!("reading {}", providers.get(p).describe()))?;
+        out.extend(got.into_iter().map(|l| (l.address.clone(), l)));
     }
     Ok(out)
 }
@@ -93,61 +148,318 @@ pub fn external_hint(settings: &Settings) -> fn(&str, &str) -> String {
     }
 }
 
-/// Everything needed to plan one repository.
-pub struct PlanRequest<'a> {
-    pub loaded: &'a Loaded,
-    pub desired: &'a Desired,
-    pub rendered: &'a BTreeMap<String, Vec<Resource>>,
-    pub scope: TenantScope,
+/// A repository ready to plan: validated, and rendered where the render cache could not
+/// answer. `tenants` holds every tenant's desired resources — with content for tenants
+/// rendered in this run, fingerprints (and secret declarations) for cached ones.
+pub struct Workspace {
+    pub loaded: Loaded,
+    pub settings: Settings,
+    pub state_dir: PathBuf,
+    pub tenants: BTreeMap<String, DesiredTenant>,
+    /// Problems found (only in what was parsed: cached folders had none).
+    pub diagnostics: Vec<Diagnostic>,
     pub now: Timestamp,
-    pub revision: Option<String>,
+    /// Tenant folders served from the render cache.
+    pub cached_units: usize,
 }
 
-/// Reads live state and the state store, and builds the plan.
-pub fn make_plan(req: PlanRequest<'_>, providers: &Providers, state: &dyn StateStore) -> Result<Plan> {
-    let settings = &req.desired.settings;
-    let skip = disabled(settings);
-    let live = read_live(providers, &req.scope, &skip)?;
-    let records = state.records(&req.scope)?;
-    let journal = state.journal()?;
-    let meta = state.meta()?;
-    let rendered: BTreeMap<String, Vec<Resource>> = req
-        .rendered
-        .iter()
-        .map(|(t, rs)| (t.clone(), rs.iter().filter(|r| !skip.contains(&r.provider())).cloned().collect()))
-        .collect();
-    let coordination = req.desired.tenants.values().map(|t| (t.id.clone(), t.spec.coordination.clone())).collect();
-    let options = diff::Options {
-        dev_placeholders: settings.providers.secrets.kind == "local"
-            && settings.providers.secrets.options.get("dev_placeholders").and_then(|v| v.as_bool()).unwrap_or(false),
-        external_hint: Some(external_hint(settings)),
-    };
-    let tenants = match &req.scope {
-        TenantScope::All => None,
-        TenantScope::Only(s) => Some(s.iter().cloned().collect()),
-    };
-    let plan = plan::build(
-        plan::Inputs {
-            desired: &rendered,
-            coordination,
-            live: &live,
-            records: &records,
-            journal: &journal,
-            scope: &req.scope,
-            now: req.now,
-            options,
-        },
-        plan::Meta {
-            plan_id: plan::new_id("plan"),
+pub struct DesiredTenant {
+    pub unit: String,
+    pub coordination: Coordination,
+    pub entries: Vec<DesiredEntry>,
+}
+
+impl DesiredTenant {
+    pub fn has_content(&self) -> bool {
+        self.entries.iter().all(|e| e.content.is_some())
+    }
+}
+
+/// The settings file read quickly, before validation, for the state folder; an invalid
+/// one yields the defaults (validation reports it, and nothing is planned then).
+fn quick_settings(raw: &load::Raw) -> Settings {
+    raw.text("dotmac.toml")
+        .and_then(|t| toml::from_str::<toml::Table>(t).ok())
+        .and_then(|t| serde_json::to_value(t).ok())
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
+}
+
+/// What every tenant's render depends on besides its own folder: this binary, the
+/// settings, catalogs, environments and templates.
+fn shared_digest(raw: &load::Raw) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"dotmac-gitops render cache 1\0");
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    if let Ok(m) = std::env::current_exe().and_then(std::fs::metadata) {
+        use std::os::unix::fs::MetadataExt;
+        h.update(m.mtime().to_le_bytes());
+        h.update(m.mtime_nsec().to_le_bytes());
+        h.update(m.size().to_le_bytes());
+        h.update(m.ino().to_le_bytes());
+    }
+    for f in raw.files.iter().filter(|f| crate::load::source::tenant_unit(&f.path).is_none()) {
+        h.update((f.path.len() as u64).to_le_bytes());
+        h.update(f.path.as_bytes());
+        h.update((f.text.len() as u64).to_le_bytes());
+        h.update(f.text.as_bytes());
+    }
+    crate::providers::local::hex(&h.finalize())
+}
+
+impl Workspace {
+    /// Reads, validates and renders the repository at `root` (or `rev`), using and updating
+    /// the render cache unless `DOTMAC_NO_CACHE` is set.
+    pub fn open(root: &Path, rev: Option<&str>, now: Timestamp) -> Result<Workspace> {
+        let t = std::time::Instant::now();
+        let raw = load::read(root, rev, &Scope::All)?;
+        let quick = quick_settings(&raw);
+        let state_dir = state_dir(root, &quick);
+        let use_cache = std::env::var_os("DOTMAC_NO_CACHE").is_none();
+        let mut cache =
+            if use_cache { RenderCache::open(&state_dir, &shared_digest(&raw)) } else { RenderCache::default() };
+        let now_s = now.as_second();
+        let loaded = raw.parse(&|u, d| cache.hit(u, d, now_s).is_none());
+        tracing::debug!(files = loaded.files.len(), cached = loaded.skipped_units.len(), elapsed = ?t.elapsed(), "read");
+        let mut known: BTreeMap<String, String> = BTreeMap::new();
+        for u in &loaded.skipped_units {
+            if let Some(e) = cache.units.get(u) {
+                known.extend(e.tenants.iter().map(|t| (t.id.clone(), u.clone())));
+            }
+        }
+        let (desired, mut diagnostics) = validate::validate_with(&loaded, now, &known);
+        let renderer = Renderer::new(&desired);
+        let (rendered, render_diags) = renderer.render_all(&desired, None);
+        diagnostics.extend(render_diags);
+        tracing::debug!(rendered = rendered.len(), elapsed = ?t.elapsed(), "validated and rendered");
+
+        let mut tenants: BTreeMap<String, DesiredTenant> = BTreeMap::new();
+        for (id, resources) in rendered {
+            let t = &desired.tenants[&id];
+            let entries = resources.into_iter().map(DesiredEntry::rendered).collect();
+            tenants
+                .insert(id, DesiredTenant { unit: t.unit.clone(), coordination: t.spec.coordination.clone(), entries });
+        }
+        for u in &loaded.skipped_units {
+            let Some(e) = cache.units.get(u) else { continue };
+            for ct in &e.tenants {
+                let entries = ct
+                    .resources
+                    .iter()
+                    .map(|r| DesiredEntry {
+                        address: r.address.clone(),
+                        fingerprint: r.fingerprint.clone(),
+                        content: r.secret.clone().map(Content::Secret),
+                    })
+                    .collect();
+                tenants.insert(
+                    ct.id.clone(),
+                    DesiredTenant { unit: u.clone(), coordination: ct.coordination.clone(), entries },
+                );
+            }
+        }
+
+        if use_cache && !diagnostics.iter().any(|d| d.rule == "settings" || d.rule == "toml") {
+            // Folders that validated and rendered without a single diagnostic are cached.
+            let mut troubled: BTreeSet<String> =
+                diagnostics.iter().filter_map(|d| d.file.as_deref().and_then(tenant_unit)).map(str::to_owned).collect();
+            troubled.extend(
+                diagnostics
+                    .iter()
+                    .filter_map(|d| d.tenant.as_ref())
+                    .filter_map(|t| desired.tenants.get(t).map(|t| t.unit.clone()).or_else(|| known.get(t).cloned())),
+            );
+            let mut per_unit: BTreeMap<&str, Vec<&crate::model::Tenant>> = BTreeMap::new();
+            for t in desired.tenants.values() {
+                per_unit.entry(t.unit.as_str()).or_default().push(t);
+            }
+            for (u, digest) in &loaded.unit_digests {
+                if loaded.skipped_units.contains(u) || troubled.contains(u) {
+                    continue;
+                }
+                let ts = per_unit.get(u.as_str()).cloned().unwrap_or_default();
+                let entry = UnitEntry {
+                    digest: digest.clone(),
+                    not_before: ts.iter().map(|t| t.window.0).max().unwrap_or(i64::MIN),
+                    not_after: ts.iter().map(|t| t.window.1).min().unwrap_or(i64::MAX),
+                    tenants: ts
+                        .iter()
+                        .map(|t| CachedTenant {
+                            id: t.id.clone(),
+                            coordination: t.spec.coordination.clone(),
+                            resources: tenants[&t.id]
+                                .entries
+                                .iter()
+                                .map(|e| CachedResource {
+                                    address: e.address.clone(),
+                                    fingerprint: e.fingerprint.clone(),
+                                    secret: match &e.content {
+                                        Some(Content::Secret(s)) => Some(s.clone()),
+                                        _ => None,
+                                    },
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                };
+                cache.put(u.clone(), entry);
+            }
+            cache.retain(|u| loaded.unit_digests.contains_key(u));
+            if let Err(e) = cache.save() {
+                tracing::warn!(error = %e, "could not save the render cache");
+            }
+        }
+        tracing::info!(tenants = tenants.len(), cached_units = loaded.skipped_units.len(), elapsed = ?t.elapsed(), "desired state ready");
+        let cached_units = loaded.skipped_units.len();
+        Ok(Workspace { loaded, settings: desired.settings, state_dir, tenants, diagnostics, now, cached_units })
+    }
+
+    /// Renders these tenants again, so that their entries carry content.
+    pub fn materialize(&mut self, ids: &BTreeSet<String>) -> Result<()> {
+        let units: BTreeSet<String> = ids.iter().filter_map(|t| self.tenants.get(t)).map(|t| t.unit.clone()).collect();
+        if units.is_empty() {
+            return Ok(());
+        }
+        let sub = self.loaded.subset(&units);
+        let known: BTreeMap<String, String> = self
+            .tenants
+            .iter()
+            .filter(|(_, t)| !units.contains(&t.unit))
+            .map(|(id, t)| (id.clone(), t.unit.clone()))
+            .collect();
+        let (desired, mut diags) = validate::validate_with(&sub, self.now, &known);
+        let (rendered, render_diags) = Renderer::new(&desired).render_all(&desired, None);
+        diags.extend(render_diags);
+        if let Some(d) = diags.iter().find(|d| d.is_error()) {
+            anyhow::bail!(
+                "rendering {} again failed: {}",
+                units.iter().cloned().collect::<Vec<_>>().join(", "),
+                d.message
+            );
+        }
+        for (id, resources) in rendered {
+            if let Some(t) = self.tenants.get_mut(&id) {
+                t.entries = resources.into_iter().map(DesiredEntry::rendered).collect();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn errors(&self) -> usize {
+        self.diagnostics.iter().filter(|d| d.is_error()).count()
+    }
+
+    /// The tenants' desired resources, without providers of kind `none`.
+    fn entries(&self) -> BTreeMap<String, Vec<DesiredEntry>> {
+        let skip = disabled(&self.settings);
+        self.tenants
+            .iter()
+            .map(|(t, d)| {
+                (t.clone(), d.entries.iter().filter(|e| !skip.contains(&e.address.provider())).cloned().collect())
+            })
+            .collect()
+    }
+
+    /// Reads live state and the state store, and builds the plan for `scope`. Tenants served
+    /// from the cache that turn out to change are rendered again, so every change carries
+    /// the content apply writes.
+    pub fn plan(
+        &mut self,
+        providers: &Providers,
+        state: &dyn StateStore,
+        scope: &TenantScope,
+        revision: Option<String>,
+        record_live: bool,
+    ) -> Result<Plan> {
+        let t = std::time::Instant::now();
+        let skip = disabled(&self.settings);
+        let records = state.records(scope)?;
+        let plan_id = plan::new_id("plan");
+        let coordination: BTreeMap<String, Coordination> =
+            self.tenants.iter().map(|(id, t)| (id.clone(), t.coordination.clone())).collect();
+        let known = self.tenants.keys().cloned().chain(records.iter().map(|r| r.address.tenant.clone()));
+        begin_session(
+            providers,
+            format!("{plan_id}@{}", revision.as_deref().unwrap_or("worktree")),
+            known,
+            coordination.clone(),
+        );
+        let Live { resources: mut live, unreadable } = read_live(providers, scope, &skip)?;
+        let journal = state.journal()?;
+        let meta = state.meta()?;
+        tracing::debug!(live = live.len(), records = records.len(), elapsed = ?t.elapsed(), "read live state and records");
+        let options = diff::Options {
+            dev_placeholders: self.settings.providers.secrets.kind == "local"
+                && self
+                    .settings
+                    .providers
+                    .secrets
+                    .options
+                    .get("dev_placeholders")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
+            external_hint: Some(external_hint(&self.settings)),
+        };
+        let meta = plan::Meta {
+            record_live,
+            plan_id,
             created_at: Timestamp::now().to_string(),
-            revision: req.revision,
-            inputs_digest: inputs_digest(req.loaded),
+            revision,
+            inputs_digest: inputs_digest(&self.loaded),
             lineage: meta.lineage,
             serial: meta.serial,
-            tenants,
-        },
-    );
-    tracing::info!(plan = %plan.plan_id, create = plan.summary.create, update = plan.summary.update,
-        rotate = plan.summary.rotate, delete = plan.summary.delete, drift = plan.summary.drift, "planned");
-    Ok(plan)
+            tenants: match scope {
+                TenantScope::All => None,
+                TenantScope::Only(s) => Some(s.iter().cloned().collect()),
+            },
+        };
+        let now = self.now;
+        let build = |entries: &BTreeMap<String, Vec<DesiredEntry>>, live: &[LiveResource], meta: plan::Meta| {
+            plan::build(
+                plan::Inputs {
+                    desired: entries,
+                    coordination: coordination.clone(),
+                    live,
+                    unreadable: &unreadable,
+                    records: &records,
+                    journal: &journal,
+                    scope,
+                    now,
+                    options: options.clone(),
+                },
+                meta,
+            )
+        };
+        let mut entries = self.entries();
+        let mut plan = build(&entries, &live, meta.clone());
+        // What changes needs its content: desired (render again if cached) and live (read).
+        let need_render: BTreeSet<String> = plan
+            .changes
+            .iter()
+            .filter(|c| c.desired.is_none() && c.action != Action::Delete)
+            .filter(|c| self.tenants.get(&c.address.tenant).is_some_and(|t| !t.has_content()))
+            .map(|c| c.address.tenant.clone())
+            .collect();
+        let need_live: Vec<&Address> = plan
+            .changes
+            .iter()
+            .filter(|c| c.live_fingerprint.is_some() && c.before.is_none())
+            .map(|c| &c.address)
+            .collect();
+        if !need_render.is_empty() || !need_live.is_empty() {
+            if !need_render.is_empty() {
+                self.materialize(&need_render)?;
+                entries = self.entries();
+            }
+            let fetched = fetch_all(providers, need_live.into_iter())?;
+            if !fetched.is_empty() {
+                live = live.into_iter().map(|l| fetched.get(&l.address).cloned().unwrap_or(l)).collect();
+            }
+            plan = build(&entries, &live, meta);
+        }
+        tracing::info!(plan = %plan.plan_id, create = plan.summary.create, update = plan.summary.update,
+            rotate = plan.summary.rotate, delete = plan.summary.delete, drift = plan.summary.drift, elapsed = ?t.elapsed(), "planned");
+        Ok(plan)
+    }
 }

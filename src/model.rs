@@ -41,7 +41,7 @@ pub enum Strategy {
     Synchronized,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Coordination {
     #[serde(default)]
     pub strategy: Strategy,
@@ -193,6 +193,9 @@ pub struct Tenant {
     pub valid_licenses: Vec<Value>,
     /// Declared secrets in declaration order.
     pub secrets: Vec<SecretSpec>,
+    /// The time (unix seconds, from inclusive, to exclusive) in which the licenses valid now
+    /// stay valid and the expired ones stay expired: what was resolved holds within it.
+    pub window: (i64, i64),
 }
 
 /// The catalogs, as written (templates see the entries) and keyed by name.
@@ -420,6 +423,22 @@ pub struct Resource {
 impl Resource {
     pub fn provider(&self) -> ProviderId {
         self.address.provider()
+    }
+}
+
+/// A desired resource as the planner sees it: always its fingerprint; its content when it
+/// was rendered in this run (a tenant served from the render cache has fingerprints only,
+/// and secret declarations).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredEntry {
+    pub address: Address,
+    pub fingerprint: String,
+    pub content: Option<Content>,
+}
+
+impl DesiredEntry {
+    pub fn rendered(r: Resource) -> DesiredEntry {
+        DesiredEntry { fingerprint: crate::fingerprint::of(&r.content), address: r.address, content: Some(r.content) }
     }
 }
 

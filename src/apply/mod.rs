@@ -12,10 +12,10 @@ use crate::diff::{Action, Change, Risk, Severity};
 use crate::model::{Address, Charset, Content, Coordination, ProviderId, Resource, SecretSource, Strategy};
 use crate::plan::Plan;
 use crate::providers::secret_value::SecretValue;
-use crate::providers::{Expect, LiveResource, Providers};
+use crate::providers::{Expect, LiveResource, Providers, Session};
 use crate::state::{AuditEntry, Commit, JournalEntry, StateStore};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::mpsc;
 
@@ -127,6 +127,11 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     let serial = state.begin_apply()?;
     report.serial = serial;
     let ctx = Ctx { plan, providers, state, opts, correlation: plan.correlation_id() };
+    providers.begin(&Session {
+        correlation_id: ctx.correlation.clone(),
+        tenants: by_tenant.keys().map(|t| (*t).to_owned()).collect(),
+        coordination: plan.coordination.clone(),
+    });
 
     let bar = progress_bar(opts.progress, by_tenant.len() as u64);
     let queue = Mutex::new(by_tenant.into_iter());
@@ -202,6 +207,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         return Err(e.context("the changes were applied but could not be recorded in the state store; the next plan re-reads live state and records them"));
     }
     report.verification = verify(providers, &written_all);
+    report.verification.extend(consistency(providers, &written_all));
     report.outcomes.sort_by(|a, b| a.tenant.cmp(&b.tenant));
     Ok(report)
 }
@@ -308,7 +314,7 @@ fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &
         None => {
             for d in &done {
                 record_done(&mut commit, d);
-                commit.audit.push(audit(ctx, &now, d.change, "applied", None));
+                commit.audit.push(applied(ctx, &now, d.change));
                 written.push((d.change.address.clone(), d.after.as_ref().map(|a| a.fingerprint.clone())));
             }
             for c in refreshes {
@@ -345,12 +351,23 @@ fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &
                 // No rollback asked: what was written stays, and is recorded.
                 for d in &done {
                     record_done(&mut commit, d);
-                    commit.audit.push(audit(ctx, &now, d.change, "applied", None));
+                    commit.audit.push(applied(ctx, &now, d.change));
                 }
             }
         }
     }
     TenantResult { outcome, commit, written }
+}
+
+/// The audit entry of an applied change, also handed to the management provider (the
+/// platform's cross-platform audit); a failure to hand it over is a warning: the change is
+/// applied and recorded here.
+fn applied(ctx: &Ctx<'_>, now: &str, c: &Change) -> AuditEntry {
+    let entry = audit(ctx, now, c, "applied", None);
+    if let Err(e) = ctx.providers.management.audit_event(&entry) {
+        tracing::warn!(address = %c.address, "the audit event could not be sent to the management platform: {e}");
+    }
+    entry
 }
 
 /// The fingerprint a desired content will have once written (secrets: unknown until then).
@@ -501,7 +518,7 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<S
             let ok = match (fp, now) {
                 (Some(f), Some(n)) => f == n || (a.kind == crate::model::ResourceKind::OpenbaoSecret),
                 (None, None) => true,
-                (None, Some(n)) => n.ends_with("-deleted"),
+                (None, Some(n)) => n.ends_with("-deleted") || providers.get(p).deletes_with_tenant(),
                 _ => false,
             };
             if !ok {
@@ -509,6 +526,47 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<S
                     "{a}: read back {} after writing {}",
                     now.map(String::as_str).unwrap_or("nothing"),
                     fp.as_deref().unwrap_or("nothing")
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Consistency validation: for every tenant whose management record or ISP configuration
+/// was written, both sides are read again and compared (plan, features, billing gateway).
+fn consistency(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<String> {
+    use crate::model::ResourceKind;
+    let tenants: BTreeSet<&str> = written
+        .iter()
+        .filter(|(a, _)| matches!(a.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig))
+        .map(|(a, _)| a.tenant.as_str())
+        .collect();
+    if tenants.is_empty() {
+        return Vec::new();
+    }
+    let read = |kind: ResourceKind| {
+        let addrs: Vec<Address> = tenants.iter().map(|t| Address::new(t, kind.clone(), None)).collect();
+        providers.get(kind.provider()).fetch(&addrs)
+    };
+    let (mgmt, isp) = match (read(ResourceKind::ManagementTenant), read(ResourceKind::IspConfig)) {
+        (Ok(m), Ok(i)) => (m, i),
+        (Err(e), _) | (_, Err(e)) => return vec![format!("consistency validation could not read both sides: {e}")],
+    };
+    let isp: HashMap<&str, &str> = isp
+        .iter()
+        .filter_map(|l| match &l.content {
+            Some(Content::Text(t)) => Some((l.address.tenant.as_str(), t.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut problems = Vec::new();
+    for m in &mgmt {
+        if let (Some(Content::Json(record)), Some(text)) = (&m.content, isp.get(m.address.tenant.as_str())) {
+            for d in crate::drift::consistency(&m.address.tenant, record, text) {
+                problems.push(format!(
+                    "tenant {}: management and ISP framework disagree on {}: {} vs {} (impact {}): {}",
+                    d.tenant, d.path, d.management_value, d.isp_framework_value, d.impact, d.recommendation
                 ));
             }
         }

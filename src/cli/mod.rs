@@ -260,7 +260,7 @@ pub fn main() -> ExitCode {
     unsafe {
         let _ = git2::opts::set_cache_object_limit(git2::ObjectType::Tree, 64 << 20);
     }
-    // One TLS crypto provider for the whole process (reqwest is built without one).
+    // One TLS crypto provider for the process (ring); an error means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     init_logging(&cli.global);

@@ -48,15 +48,35 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
     let scope =
         if tenants.is_empty() { TenantScope::All } else { TenantScope::Only(tenants.iter().cloned().collect()) };
     let records = state.records(&scope)?;
-    let live = engine::read_live(&providers, &scope, &engine::disabled(&settings))?;
+    engine::begin_session(
+        &providers,
+        crate::plan::new_id("drift"),
+        records.iter().map(|r| r.address.tenant.clone()),
+        BTreeMap::new(),
+    );
+    let engine::Live { resources: mut live, unreadable } =
+        engine::read_live(&providers, &scope, &engine::disabled(&settings))?;
+    // The consistency check reads the records in full (listing gives fingerprints).
+    let wanted: Vec<Address> = live
+        .iter()
+        .filter(|l| {
+            l.content.is_none() && matches!(l.address.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig)
+        })
+        .map(|l| l.address.clone())
+        .collect();
+    let fetched = engine::fetch_all(&providers, wanted.iter())?;
+    for l in live.iter_mut() {
+        if let Some(f) = fetched.get(&l.address) {
+            *l = f.clone();
+        }
+    }
     let by_addr: HashMap<&Address, &LiveResource> = live.iter().map(|l| (&l.address, l)).collect();
     let mut drifted = Vec::new();
-    for r in &records {
+    for r in records.iter().filter(|r| !unreadable.contains_key(&r.address.tenant)) {
         let l = by_addr.get(&r.address);
-        let deleted = match l.and_then(|l| l.content.as_ref()) {
+        let deleted = match l {
             None => true,
-            Some(Content::SecretMeta(m)) => m.deleted,
-            _ => false,
+            Some(l) => matches!(&l.content, Some(Content::SecretMeta(m)) if m.deleted),
         };
         if !deleted && l.map(|l| l.fingerprint.as_str()) == Some(r.fingerprint.as_str()) {
             continue;
@@ -115,6 +135,7 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
                 "resources": drifted,
                 "consistency": consistency,
                 "checked": {"resources": records.len(), "tenants": mgmt.len()},
+                "unreadable": unreadable,
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
@@ -131,6 +152,9 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
                     d.impact,
                     d.recommendation
                 );
+            }
+            for (t, why) in &unreadable {
+                println!("{} tenant {t}: live state could not be read: {why}", paint("1;31", "!"));
             }
             for c in &consistency {
                 println!(
@@ -160,6 +184,13 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
                 );
             }
         }
+    }
+    if !unreadable.is_empty() {
+        eprintln!(
+            "error: the live state of {} tenant(s) could not be read; drift is unknown for them",
+            unreadable.len()
+        );
+        return Ok(1);
     }
     Ok(if detailed && any { 2 } else { 0 })
 }

@@ -1,13 +1,13 @@
 //! `plan`, `apply` and `rotate`.
 
-use super::commands::{color, load_valid, parse_now, render_desired};
+use super::commands::{color, parse_now, print_diagnostics};
 use super::{Format, Global, LockArgs, PlanArgs, ReportArgs};
 use crate::apply;
 use crate::diff::{Action, Change, Risk};
-use crate::engine::{self, PlanRequest};
+use crate::engine::{self, Workspace};
 use crate::load::settings::parse_duration;
 use crate::load::{self, Loaded, Origin, source};
-use crate::model::{Address, Content, Desired, Resource, ResourceKind, SecretSource};
+use crate::model::{Address, Content, ResourceKind, SecretSource};
 use crate::plan::{self, Plan};
 use crate::providers::{Providers, TenantScope};
 use crate::state::{StateStore, lock};
@@ -15,14 +15,12 @@ use anyhow::{Context, Result, bail};
 use jiff::Timestamp;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// A repository loaded, validated and rendered, with its state and providers open.
+/// A repository validated and rendered (through the render cache), with its state and
+/// providers open.
 pub struct Prepared {
-    pub loaded: Loaded,
-    pub desired: Desired,
-    pub rendered: BTreeMap<String, Vec<Resource>>,
-    pub state_dir: PathBuf,
+    pub ws: Workspace,
     pub providers: Providers,
     pub state: Box<dyn StateStore>,
     pub scope: TenantScope,
@@ -40,46 +38,48 @@ fn scope_of(tenants: &[String]) -> TenantScope {
     if tenants.is_empty() { TenantScope::All } else { TenantScope::Only(tenants.iter().cloned().collect()) }
 }
 
-pub fn prepare(g: &Global, tenants: &[String], now: Timestamp) -> Result<Prepared> {
-    let (loaded, desired, diags) = load_valid(g, &source::Scope::All, now)?;
-    let state_dir = engine::state_dir(&loaded.root, &desired.settings);
-    let state = engine::open_state(&desired.settings, &state_dir)?;
-    // A tenant named with --tenant may be one that is only in the state (to delete it).
-    let (known, only): (Vec<String>, Vec<String>) = {
-        let recorded: BTreeSet<String> = if tenants.is_empty() {
-            BTreeSet::new()
-        } else {
-            state.records(&scope_of(tenants))?.into_iter().map(|r| r.address.tenant).collect()
-        };
-        tenants.iter().cloned().partition(|t| recorded.contains(t) && !desired.tenants.contains_key(t))
-    };
-    let _ = known;
-    let rendered = render_desired(&loaded, &desired, diags, &only, color(g))?;
-    let providers = Providers::from_settings(&desired.settings, &state_dir)?;
-    let revision = revision_of(&loaded);
-    Ok(Prepared { loaded, desired, rendered, state_dir, providers, state, scope: scope_of(tenants), revision })
+/// Opens the repository; with `strict`, any error in it stops here (after printing them).
+pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> Result<Prepared> {
+    let root = load::find_root(g.repo.as_deref())?;
+    let ws = Workspace::open(&root, g.rev.as_deref(), now)?;
+    if strict && !ws.diagnostics.is_empty() {
+        let mut diags = ws.diagnostics.clone();
+        crate::diag::resolve_positions(&mut diags, |p| ws.loaded.text_of(p));
+        crate::diag::sort(&mut diags);
+        print_diagnostics(&ws.loaded, &diags, color(g));
+        let errors = ws.errors();
+        if errors > 0 {
+            bail!("the repository has {errors} error{}; nothing was done", if errors == 1 { "" } else { "s" });
+        }
+    }
+    let state = engine::open_state(&ws.settings, &ws.state_dir)?;
+    if !tenants.is_empty() {
+        let recorded: BTreeSet<String> =
+            state.records(&scope_of(tenants))?.into_iter().map(|r| r.address.tenant).collect();
+        let missing: Vec<&String> =
+            tenants.iter().filter(|t| !ws.tenants.contains_key(*t) && !recorded.contains(*t)).collect();
+        if !missing.is_empty() {
+            bail!(
+                "no tenant {} in the repository or the state",
+                missing.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    let providers = Providers::from_settings(&ws.settings, &ws.state_dir)?;
+    let revision = revision_of(&ws.loaded);
+    Ok(Prepared { ws, providers, state, scope: scope_of(tenants), revision })
 }
 
 impl Prepared {
-    pub fn plan(&self, now: Timestamp) -> Result<Plan> {
-        engine::make_plan(
-            PlanRequest {
-                loaded: &self.loaded,
-                desired: &self.desired,
-                rendered: &self.rendered,
-                scope: self.scope.clone(),
-                now,
-                revision: self.revision.clone(),
-            },
-            &self.providers,
-            self.state.as_ref(),
-        )
+    /// The plan; `record_live` keeps every live fingerprint (for a saved plan).
+    pub fn plan(&mut self, record_live: bool) -> Result<Plan> {
+        self.ws.plan(&self.providers, self.state.as_ref(), &self.scope, self.revision.clone(), record_live)
     }
 
     pub fn lock(&self, what: &str, l: &LockArgs) -> Result<lock::LockGuard> {
         let timeout = parse_duration(&l.lock_timeout)
             .with_context(|| format!("--lock-timeout `{}` is not a duration such as 30s or 5m", l.lock_timeout))?;
-        lock::acquire(&engine::lock_path(&self.state_dir), &lock::holder_description(what), timeout)
+        lock::acquire(&engine::lock_path(&self.ws.state_dir), &lock::holder_description(what), timeout)
     }
 }
 
@@ -127,8 +127,8 @@ pub fn cmd_plan(
 ) -> Result<u8> {
     super::pr::check_report_args(report, format)?;
     let now = parse_now(args.now.as_deref())?;
-    let p = prepare(g, &args.tenants, now)?;
-    let plan = p.plan(now)?;
+    let mut p = prepare(g, &args.tenants, now, true)?;
+    let plan = p.plan(out.is_some())?;
     if let Some(path) = out {
         save_plan(&plan, path)?;
     }
@@ -207,36 +207,26 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
                 bail!("--tenant cannot narrow a saved plan; plan again with --tenant");
             }
             // The repository as it is now: only to check it did not move.
-            let root = load::find_root(g.repo.as_deref())?;
-            let loaded = load::load(&root, g.rev.as_deref(), &source::Scope::All)?;
-            let settings = crate::validate::validate(&loaded, now).0.settings;
-            let state_dir = engine::state_dir(&root, &settings);
-            let state = engine::open_state(&settings, &state_dir)?;
-            let providers = Providers::from_settings(&settings, &state_dir)?;
-            let scope = match &plan.tenants {
+            let mut prepared = prepare(g, &[], now, false)?;
+            prepared.scope = match &plan.tenants {
                 None => TenantScope::All,
                 Some(t) => TenantScope::Only(t.iter().cloned().collect()),
             };
-            let revision = revision_of(&loaded);
-            let prepared = Prepared {
-                loaded,
-                desired: Desired { settings, ..Desired::default() },
-                rendered: BTreeMap::new(),
-                state_dir,
-                providers,
-                state,
-                scope,
-                revision,
-            };
             let guard = prepared.lock("apply", a.lock)?;
+            let mut known: BTreeSet<String> =
+                prepared.state.records(&prepared.scope)?.into_iter().map(|r| r.address.tenant).collect();
+            known.extend(plan.live.keys().filter_map(|a| a.split_once('/')).map(|(t, _)| t.to_owned()));
+            known.extend(plan.changes.iter().map(|c| c.address.tenant.clone()));
+            engine::begin_session(&prepared.providers, plan.correlation_id(), known, plan.coordination.clone());
             let live =
-                engine::read_live(&prepared.providers, &prepared.scope, &engine::disabled(&prepared.desired.settings))?;
+                engine::read_live(&prepared.providers, &prepared.scope, &engine::disabled(&prepared.ws.settings))?;
             let why = plan::staleness(
                 &plan,
                 prepared.revision.as_deref(),
-                &engine::inputs_digest(&prepared.loaded),
+                &engine::inputs_digest(&prepared.ws.loaded),
                 &prepared.state.meta()?,
-                &live,
+                &live.resources,
+                &live.unreadable,
             );
             if !why.is_empty() {
                 bail!("stale plan, not applied: {}", why.join("; "));
@@ -244,9 +234,9 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             (prepared, plan, guard)
         }
         None => {
-            let prepared = prepare(g, &a.args.tenants, now)?;
+            let mut prepared = prepare(g, &a.args.tenants, now, true)?;
             let guard = prepared.lock("apply", a.lock)?;
-            let plan = prepared.plan(now)?;
+            let plan = prepared.plan(false)?;
             print_plan(&plan, Format::Text, color, &ReportArgs::default())?;
             (prepared, plan, guard)
         }
@@ -257,7 +247,7 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
     let opts = apply::Options {
         allow_delete: a.allow_delete,
         destroy_secrets: a.destroy_secrets,
-        parallelism: a.parallelism.or(prepared.desired.settings.apply.parallelism).unwrap_or(8),
+        parallelism: a.parallelism.or(prepared.ws.settings.apply.parallelism).unwrap_or(8),
         actor: actor(a.lock),
         progress: std::io::stderr().is_terminal(),
     };
@@ -300,9 +290,9 @@ fn print_report(report: &apply::Report) -> u8 {
 
 pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency: bool, l: &LockArgs) -> Result<u8> {
     let now = Timestamp::now();
-    let p = prepare(g, tenants, now)?;
+    let p = prepare(g, tenants, now, true)?;
     for t in tenants {
-        if !p.desired.tenants.contains_key(t) {
+        if !p.ws.tenants.contains_key(t) {
             bail!("no tenant `{t}` in the repository");
         }
     }
@@ -311,9 +301,16 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
     let records = p.state.records(&p.scope)?;
     let mut changes = Vec::new();
     for t in tenants {
-        let tenant = &p.desired.tenants[t];
+        let declared: Vec<&crate::model::SecretSpec> = p.ws.tenants[t]
+            .entries
+            .iter()
+            .filter_map(|e| match &e.content {
+                Some(Content::Secret(s)) => Some(s),
+                _ => None,
+            })
+            .collect();
         for name in secrets {
-            match tenant.secrets.iter().find(|s| &s.name == name) {
+            match declared.iter().find(|s| &s.name == name) {
                 None => bail!("tenant {t} declares no secret `{name}`"),
                 Some(s) if matches!(s.source, SecretSource::External) => {
                     bail!(
@@ -323,7 +320,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
                 Some(_) => {}
             }
         }
-        for s in tenant.secrets.iter().filter(|s| matches!(s.source, SecretSource::Generated { .. })) {
+        for s in declared.iter().filter(|s| matches!(s.source, SecretSource::Generated { .. })) {
             if !secrets.is_empty() && !secrets.contains(&s.name) {
                 continue;
             }
@@ -336,7 +333,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
                 drift: false,
                 risk: if emergency { Risk::Critical } else { Risk::High },
                 reason: if emergency { "emergency rotation".into() } else { "rotation requested".into() },
-                desired: Some(Content::Secret(s.clone())),
+                desired: Some(Content::Secret((*s).clone())),
                 live_fingerprint: l.map(|l| l.fingerprint.clone()),
                 last_fingerprint: records.iter().find(|r| r.address == address).map(|r| r.fingerprint.clone()),
                 before: l.and_then(|l| l.content.clone()),
@@ -357,7 +354,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
         created_at: now.to_string(),
         now: now.to_string(),
         revision: p.revision.clone(),
-        inputs_digest: engine::inputs_digest(&p.loaded),
+        inputs_digest: engine::inputs_digest(&p.ws.loaded),
         lineage: meta.lineage,
         serial: meta.serial,
         tenants: Some(tenants.to_vec()),

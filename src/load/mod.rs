@@ -12,7 +12,7 @@ use crate::model::DocRef;
 use rayon::prelude::*;
 use serde_json::Value;
 use source::{FileRole, RawFile, Scope};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -54,6 +54,18 @@ pub struct Loaded {
     /// The repository's own templates, by name relative to `templates/`.
     pub templates: BTreeMap<String, Arc<str>>,
     pub diagnostics: Vec<Diagnostic>,
+    /// A digest of each tenant folder's files (`tenants/<unit>/…`), by unit.
+    pub unit_digests: BTreeMap<String, String>,
+    /// Tenant folders that were read but, by the caller's choice, not parsed.
+    pub skipped_units: BTreeSet<String>,
+}
+
+/// Which tenant folders to parse, given their name and digest (the rest are only hashed).
+pub type ParseFilter<'a> = &'a (dyn Fn(&str, &str) -> bool + Sync);
+
+/// Parse every folder.
+pub fn parse_all(_: &str, _: &str) -> bool {
+    true
 }
 
 /// A failure to read the repository at all (as opposed to a problem in one of its files).
@@ -76,6 +88,40 @@ pub fn find_root(repo: Option<&Path>) -> Result<PathBuf, LoadError> {
 
 /// Reads the repository at `root`: the work tree, or the commit `rev` names.
 pub fn load(root: &Path, rev: Option<&str>, scope: &Scope) -> Result<Loaded, LoadError> {
+    load_filtered(root, rev, scope, &parse_all)
+}
+
+/// Like `load`, parsing only the tenant folders `parse` chooses.
+pub fn load_filtered(
+    root: &Path,
+    rev: Option<&str>,
+    scope: &Scope,
+    parse: ParseFilter<'_>,
+) -> Result<Loaded, LoadError> {
+    Ok(read(root, rev, scope)?.parse(parse))
+}
+
+/// A repository's files as read, before parsing.
+pub struct Raw {
+    pub root: PathBuf,
+    pub origin: Origin,
+    pub files: Vec<RawFile>,
+    pub problems: Vec<source::FileProblem>,
+}
+
+impl Raw {
+    pub fn text(&self, path: &str) -> Option<&str> {
+        self.files.iter().find(|f| f.path == path).map(|f| f.text.as_str())
+    }
+
+    /// Parses the files; tenant folders that `parse` declines are only hashed.
+    pub fn parse(self, parse: ParseFilter<'_>) -> Loaded {
+        parse_files(&self.root, self.origin, self.files, self.problems, parse)
+    }
+}
+
+/// Reads the repository's files (work tree or commit) without parsing them.
+pub fn read(root: &Path, rev: Option<&str>, scope: &Scope) -> Result<Raw, LoadError> {
     let (raw, problems, origin) = match rev {
         None => {
             let (raw, problems) = source::read_worktree(root, scope);
@@ -89,18 +135,54 @@ pub fn load(root: &Path, rev: Option<&str>, scope: &Scope) -> Result<Loaded, Loa
             (raw, problems, Origin::Commit(commit.to_string()))
         }
     };
-    Ok(parse_files(root, origin, raw, problems))
+    Ok(Raw { root: root.to_path_buf(), origin, files: raw, problems })
 }
 
 /// Reads the repository at a commit of an already open git repository.
 pub fn load_commit(root: &Path, repo: &git2::Repository, prefix: &str, commit: git2::Oid, scope: &Scope) -> Loaded {
     let tree = source::GitTree { repo, commit, prefix: prefix.to_owned() };
     let (raw, problems) = tree.read(scope);
-    parse_files(root, Origin::Commit(commit.to_string()), raw, problems)
+    parse_files(root, Origin::Commit(commit.to_string()), raw, problems, &parse_all)
 }
 
-/// Parses raw files into documents (in parallel), collecting every problem.
-pub fn parse_files(root: &Path, origin: Origin, raw: Vec<RawFile>, problems: Vec<source::FileProblem>) -> Loaded {
+/// A digest of each tenant folder's files: sha256 over every (path, text), in path order.
+fn unit_digests(raw: &[RawFile]) -> BTreeMap<String, String> {
+    let mut units: BTreeMap<&str, Vec<&RawFile>> = BTreeMap::new();
+    for f in raw {
+        if let Some(u) = source::tenant_unit(&f.path) {
+            units.entry(u).or_default().push(f);
+        }
+    }
+    let units: Vec<(&str, Vec<&RawFile>)> = units.into_iter().collect();
+    units
+        .par_iter()
+        .map(|(u, files)| {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for f in files {
+                h.update((f.path.len() as u64).to_le_bytes());
+                h.update(f.path.as_bytes());
+                h.update((f.text.len() as u64).to_le_bytes());
+                h.update(f.text.as_bytes());
+            }
+            let d = h.finalize();
+            ((*u).to_owned(), crate::providers::local::hex(&d))
+        })
+        .collect()
+}
+
+/// Parses raw files into documents (in parallel), collecting every problem. Tenant folders
+/// that `parse` declines are hashed but not parsed.
+pub fn parse_files(
+    root: &Path,
+    origin: Origin,
+    raw: Vec<RawFile>,
+    problems: Vec<source::FileProblem>,
+    parse: ParseFilter<'_>,
+) -> Loaded {
+    let unit_digests = unit_digests(&raw);
+    let skipped_units: BTreeSet<String> =
+        unit_digests.iter().filter(|(u, d)| !parse(u, d)).map(|(u, _)| u.clone()).collect();
     let mut diagnostics: Vec<Diagnostic> = problems
         .into_iter()
         .map(|p| {
@@ -113,6 +195,7 @@ pub fn parse_files(root: &Path, origin: Origin, raw: Vec<RawFile>, problems: Vec
         .collect();
     let mut templates = BTreeMap::new();
     let mut yaml_files = Vec::new();
+    let mut skipped = Vec::new();
     let mut settings_file = None;
     for f in raw {
         match source::role_of(&f.path) {
@@ -121,6 +204,9 @@ pub fn parse_files(root: &Path, origin: Origin, raw: Vec<RawFile>, problems: Vec
                 templates.insert(name, Arc::from(f.text));
             }
             Some(FileRole::Settings) => settings_file = Some(f),
+            Some(FileRole::Tenant) if source::tenant_unit(&f.path).is_some_and(|u| skipped_units.contains(u)) => {
+                skipped.push(f)
+            }
             Some(role) => yaml_files.push((role, f)),
             None => {}
         }
@@ -150,7 +236,8 @@ pub fn parse_files(root: &Path, origin: Origin, raw: Vec<RawFile>, problems: Vec
         })
         .collect();
 
-    let mut files = Vec::with_capacity(parsed.len() + 1);
+    let mut files = Vec::with_capacity(parsed.len() + skipped.len() + 1);
+    files.extend(skipped.into_iter().map(|f| SourceFile { path: Arc::from(f.path.as_str()), text: f.text }));
     let mut docs = Vec::new();
     for (file, result) in parsed {
         match result {
@@ -187,7 +274,17 @@ pub fn parse_files(root: &Path, origin: Origin, raw: Vec<RawFile>, problems: Vec
         }
     };
 
-    Loaded { root: root.to_path_buf(), origin, files, docs, settings, templates, diagnostics }
+    Loaded {
+        root: root.to_path_buf(),
+        origin,
+        files,
+        docs,
+        settings,
+        templates,
+        diagnostics,
+        unit_digests,
+        skipped_units,
+    }
 }
 
 /// 1-based line and column of a byte offset.
@@ -210,9 +307,21 @@ impl Loaded {
         self.files.iter().find(|f| &*f.path == path).map(|f| f.text.as_str())
     }
 
+    /// The same repository with only these tenant folders parsed (from the texts in memory).
+    pub fn subset(&self, units: &BTreeSet<String>) -> Loaded {
+        let mut raw: Vec<RawFile> = self
+            .files
+            .iter()
+            .filter(|f| source::tenant_unit(&f.path).is_none_or(|u| units.contains(u)))
+            .map(|f| RawFile { path: f.path.to_string(), text: f.text.clone() })
+            .collect();
+        raw.extend(self.templates.iter().map(|(n, t)| RawFile { path: format!("templates/{n}"), text: t.to_string() }));
+        parse_files(&self.root, self.origin.clone(), raw, Vec::new(), &parse_all)
+    }
+
     /// Keeps the shared files (settings, catalogs, environments, templates) and the tenant
     /// units in `units`; drops every other tenant folder's files, documents and problems.
-    pub fn retain_units(&mut self, units: &std::collections::BTreeSet<String>) {
+    pub fn retain_units(&mut self, units: &BTreeSet<String>) {
         let keep = |p: &str| source::tenant_unit(p).is_none_or(|u| units.contains(u));
         self.files.retain(|f| keep(&f.path));
         self.docs.retain(|d| keep(&d.at.file));

@@ -130,12 +130,13 @@ pub fn read_worktree(root: &Path, scope: &Scope) -> (Vec<RawFile>, Vec<FileProbl
             );
         }
     };
-    // Collect paths first (cheap, mostly sequential), then read them in parallel.
-    let mut paths: Vec<String> = Vec::new();
+    // Shared files first (few), then each tenant folder walked and read in parallel.
+    let mut paths: Vec<(String, bool)> = Vec::new();
     let mut problems = Vec::new();
     if root.join("dotmac.toml").exists() {
-        paths.push("dotmac.toml".to_owned());
+        paths.push(("dotmac.toml".to_owned(), false));
     }
+    let mut units: Vec<(String, PathBuf, std::fs::FileType)> = Vec::new();
     for top in TOP_DIRS {
         let dir = root.join(top);
         if !dir.is_dir() {
@@ -145,31 +146,42 @@ pub fn read_worktree(root: &Path, scope: &Scope) -> (Vec<RawFile>, Vec<FileProbl
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
-            let mut units: Vec<(String, PathBuf)> = entries
+            units = entries
                 .filter_map(Result::ok)
-                .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
-                .filter(|(name, _)| scope.wants_unit(name) && !name.starts_with('.'))
+                .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path(), e.file_type().ok()?)))
+                .filter(|(name, _, _)| scope.wants_unit(name) && !name.starts_with('.'))
                 .collect();
-            units.sort();
-            let found: Vec<(Vec<String>, Vec<FileProblem>)> = units
-                .par_iter()
-                .map(|(name, path)| {
-                    let mut out = Vec::new();
-                    let mut probs = Vec::new();
-                    walk(path, &format!("tenants/{name}"), &mut out, &mut probs, 0);
-                    (out, probs)
-                })
-                .collect();
-            for (p, q) in found {
-                paths.extend(p);
-                problems.extend(q);
-            }
+            units.sort_by(|a, b| a.0.cmp(&b.0));
         } else {
             walk(&dir, top, &mut paths, &mut problems, 0);
         }
     }
-    paths.retain(|p| role_of(p).is_some());
-    let results: Vec<Result<RawFile, FileProblem>> = paths.par_iter().map(|rel| read_one(&root, rel)).collect();
+    paths.retain(|(p, _)| role_of(p).is_some());
+    let mut results: Vec<Result<RawFile, FileProblem>> =
+        paths.par_iter().map(|(rel, link)| read_one(&root, rel, *link)).collect();
+    let per_unit: Vec<(Vec<Result<RawFile, FileProblem>>, Vec<FileProblem>)> = units
+        .par_iter()
+        .map(|(name, path, ft)| {
+            let rel = format!("tenants/{name}");
+            let mut found = Vec::new();
+            let mut probs = Vec::new();
+            if ft.is_dir() {
+                walk(path, &rel, &mut found, &mut probs, 0);
+            } else {
+                entry(path, rel, ft, &mut found, &mut probs);
+            }
+            let read = found
+                .iter()
+                .filter(|(p, _)| role_of(p).is_some())
+                .map(|(rel, link)| read_one(&root, rel, *link))
+                .collect();
+            (read, probs)
+        })
+        .collect();
+    for (r, p) in per_unit {
+        results.extend(r);
+        problems.extend(p);
+    }
     let mut files = Vec::with_capacity(results.len());
     for r in results {
         match r {
@@ -181,22 +193,36 @@ pub fn read_worktree(root: &Path, scope: &Scope) -> (Vec<RawFile>, Vec<FileProbl
     (files, problems)
 }
 
-fn walk(dir: &Path, rel: &str, out: &mut Vec<String>, problems: &mut Vec<FileProblem>, depth: usize) {
+/// Adds a directory entry that is not a folder: a file, or a link to one.
+fn entry(
+    path: &Path,
+    rel: String,
+    ft: &std::fs::FileType,
+    out: &mut Vec<(String, bool)>,
+    problems: &mut Vec<FileProblem>,
+) {
+    if ft.is_symlink() {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => problems.push(FileProblem {
+                path: rel,
+                message: "is a symbolic link to a folder; such links are not followed".into(),
+                line: None,
+            }),
+            _ => out.push((rel, true)),
+        }
+    } else {
+        out.push((rel, false));
+    }
+}
+
+/// Every file under the folder `dir` (`rel` in the repository), with whether it is a link.
+fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, bool)>, problems: &mut Vec<FileProblem>, depth: usize) {
     if depth > 32 {
         problems.push(FileProblem {
             path: rel.to_owned(),
             message: "is nested more than 32 folders deep".into(),
             line: None,
         });
-        return;
-    }
-    let meta = match std::fs::symlink_metadata(dir) {
-        Ok(m) => m,
-        Err(_) => return,
-    };
-    if meta.is_file() || meta.file_type().is_symlink() {
-        // `tenants/<unit>.yaml` or a link: the caller passes files through the same path.
-        out.push(rel.to_owned());
         return;
     }
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -220,44 +246,32 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<String>, problems: &mut Vec<FilePro
         let Ok(ft) = e.file_type() else { continue };
         if ft.is_dir() {
             walk(&e.path(), &child, out, problems, depth + 1);
-        } else if ft.is_symlink() {
-            match std::fs::metadata(e.path()) {
-                Ok(m) if m.is_dir() => problems.push(FileProblem {
-                    path: child,
-                    message: "is a symbolic link to a folder; such links are not followed".into(),
-                    line: None,
-                }),
-                _ => out.push(child),
-            }
         } else {
-            out.push(child);
+            entry(&e.path(), child, &ft, out, problems);
         }
     }
 }
 
-fn read_one(root: &Path, rel: &str) -> Result<RawFile, FileProblem> {
+/// Reads one file: a regular one directly (open, read, close), a link only if it stays
+/// inside the repository. At most the size limit is read.
+fn read_one(root: &Path, rel: &str, link: bool) -> Result<RawFile, FileProblem> {
+    use std::io::Read;
     let path = root.join(rel);
     let problem = |message: String| FileProblem { path: rel.to_owned(), message, line: None };
-    let meta = std::fs::symlink_metadata(&path).map_err(|e| problem(format!("cannot be read: {e}")))?;
-    let target = if meta.file_type().is_symlink() {
+    let target = if link {
         let real = path.canonicalize().map_err(|_| problem("is a symbolic link that points nowhere".into()))?;
         if !real.starts_with(root) {
             return Err(problem("is a symbolic link to a file outside the repository; it is not followed".into()));
+        }
+        let meta = std::fs::metadata(&real).map_err(|e| problem(format!("cannot be read: {e}")))?;
+        if !meta.is_file() {
+            return Err(problem("is not a regular file".into()));
         }
         real
     } else {
         path
     };
-    let meta = std::fs::metadata(&target).map_err(|e| problem(format!("cannot be read: {e}")))?;
-    if !meta.is_file() {
-        return Err(problem("is not a regular file".into()));
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(too_big(rel, meta.len()));
-    }
-    // Read at most the limit (the file may grow between stat and read).
-    use std::io::Read;
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    let mut bytes = Vec::with_capacity(8192);
     std::fs::File::open(&target)
         .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
         .map_err(|e| problem(format!("cannot be read: {e}")))?;

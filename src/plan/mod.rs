@@ -9,10 +9,12 @@ pub mod markdown;
 pub mod text;
 
 use crate::diff::{self, Action, Change, Risk, Severity, Violation};
-use crate::model::{Address, Content, Coordination, Resource};
+use crate::model::{Address, Content, Coordination, DesiredEntry};
 use crate::providers::{LiveResource, TenantScope};
 use crate::state::{JournalEntry, Record};
 use jiff::Timestamp;
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -57,9 +59,11 @@ pub struct Plan {
 
 /// What a plan is built from.
 pub struct Inputs<'a> {
-    pub desired: &'a BTreeMap<String, Vec<Resource>>,
+    pub desired: &'a BTreeMap<String, Vec<DesiredEntry>>,
     pub coordination: BTreeMap<String, Coordination>,
     pub live: &'a [LiveResource],
+    /// Tenants whose live state could not be read, with why: not planned, reported as errors.
+    pub unreadable: &'a BTreeMap<String, String>,
     pub records: &'a [Record],
     pub journal: &'a [JournalEntry],
     pub scope: &'a TenantScope,
@@ -68,7 +72,10 @@ pub struct Inputs<'a> {
 }
 
 /// Identity of a plan, from the edges (clock, random id, repository, state).
+#[derive(Clone)]
 pub struct Meta {
+    /// Keep every live fingerprint seen (for a plan file's staleness check).
+    pub record_live: bool,
     pub plan_id: String,
     pub created_at: String,
     pub revision: Option<String>,
@@ -79,54 +86,74 @@ pub struct Meta {
 }
 
 /// Builds the plan: the three-way diff of every address desired, recorded or (if recorded)
-/// live, in apply order.
+/// live, in apply order. Tenants are independent: each is merged on its own (sorted lists,
+/// no global maps keyed by address), in parallel.
 pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
-    let live: HashMap<&Address, &LiveResource> =
-        inputs.live.iter().filter(|l| inputs.scope.contains(&l.address.tenant)).map(|l| (&l.address, l)).collect();
-    let records: HashMap<&Address, &Record> =
-        inputs.records.iter().filter(|r| inputs.scope.contains(&r.address.tenant)).map(|r| (&r.address, r)).collect();
-    let desired: HashMap<&Address, &Resource> = inputs
-        .desired
-        .iter()
-        .filter(|(t, _)| inputs.scope.contains(t))
-        .flat_map(|(_, rs)| rs)
-        .map(|r| (&r.address, r))
-        .collect();
+    let scope = inputs.scope;
+    let wanted = |t: &str| scope.contains(t) && !inputs.unreadable.contains_key(t);
+    let mut live_by: FxHashMap<&str, Vec<&LiveResource>> = FxHashMap::default();
+    for l in inputs.live.iter().filter(|l| wanted(&l.address.tenant)) {
+        live_by.entry(l.address.tenant.as_str()).or_default().push(l);
+    }
+    let mut rec_by: FxHashMap<&str, Vec<&Record>> = FxHashMap::default();
+    for r in inputs.records.iter().filter(|r| wanted(&r.address.tenant)) {
+        rec_by.entry(r.address.tenant.as_str()).or_default().push(r);
+    }
     // A write that was in flight when an apply stopped: if live now holds what it intended,
     // it happened — treat it as recorded rather than as drift.
-    let journal: HashMap<String, &JournalEntry> = inputs.journal.iter().map(|j| (j.address.clone(), j)).collect();
-
-    let mut addresses: BTreeSet<&Address> = desired.keys().copied().collect();
-    addresses.extend(records.keys().copied());
+    let journal: FxHashMap<&str, &JournalEntry> = inputs.journal.iter().map(|j| (j.address.as_str(), j)).collect();
+    let mut tenants: BTreeSet<&str> = inputs.desired.keys().map(String::as_str).filter(|t| wanted(t)).collect();
+    tenants.extend(rec_by.keys().copied());
+    let tenants: Vec<&str> = tenants.into_iter().collect();
+    let empty_d: Vec<DesiredEntry> = Vec::new();
+    let per_tenant: Vec<(Vec<Change>, Vec<Violation>, Summary)> = tenants
+        .par_iter()
+        .map(|t| {
+            plan_tenant(
+                inputs.desired.get(*t).unwrap_or(&empty_d),
+                live_by.get(t).map(Vec::as_slice).unwrap_or(&[]),
+                rec_by.get(t).map(Vec::as_slice).unwrap_or(&[]),
+                &journal,
+                inputs.now,
+                &inputs.options,
+            )
+        })
+        .collect();
     let mut changes = Vec::new();
     let mut violations = Vec::new();
     let mut summary = Summary::default();
-    for a in addresses {
-        let l = live.get(a).copied();
-        let mut adopted;
-        let mut r = records.get(a).copied();
-        if let (Some(j), Some(l)) = (journal.get(&a.to_string()), l)
-            && j.intended.as_deref() == Some(l.fingerprint.as_str())
-        {
-            adopted = r.cloned().unwrap_or(Record {
-                address: a.clone(),
-                fingerprint: String::new(),
-                content: None,
-                applied_at: String::new(),
-                serial: 0,
-            });
-            adopted.fingerprint = l.fingerprint.clone();
-            r = Some(&adopted);
-            let (c, v) = diff::diff(a, desired.get(a).copied(), Some(l), r, inputs.now, &inputs.options);
-            push(&mut changes, &mut violations, &mut summary, c, v, true);
-            continue;
-        }
-        let (c, v) = diff::diff(a, desired.get(a).copied(), l, r, inputs.now, &inputs.options);
-        push(&mut changes, &mut violations, &mut summary, c, v, false);
+    for (c, v, s) in per_tenant {
+        changes.extend(c);
+        violations.extend(v);
+        summary.create += s.create;
+        summary.update += s.update;
+        summary.rotate += s.rotate;
+        summary.delete += s.delete;
+        summary.noop += s.noop;
+        summary.drift += s.drift;
+    }
+    for (tenant, why) in inputs.unreadable.iter().filter(|(t, _)| scope.contains(t)) {
+        violations.push(Violation {
+            tenant: tenant.clone(),
+            rule: "live-unreadable".into(),
+            severity: Severity::Error,
+            message: format!("tenant {tenant}: its live state could not be read, so it is not planned: {why}"),
+            address: None,
+        });
     }
     let violations = merge_placeholder_warnings(violations);
     let changed: BTreeSet<&str> = changes.iter().map(|c| c.address.tenant.as_str()).collect();
     let coordination = inputs.coordination.into_iter().filter(|(t, _)| changed.contains(t.as_str())).collect();
+    let live = if meta.record_live {
+        inputs
+            .live
+            .iter()
+            .filter(|l| scope.contains(&l.address.tenant))
+            .map(|l| (l.address.to_string(), l.fingerprint.clone()))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
     Plan {
         format_version: FORMAT_VERSION,
         plan_id: meta.plan_id,
@@ -141,8 +168,65 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
         changes,
         violations,
         coordination,
-        live: live.iter().map(|(a, l)| (a.to_string(), l.fingerprint.clone())).collect(),
+        live,
     }
+}
+
+/// Order within a tenant: apply order (the tenant is the same for all).
+fn local_cmp(a: &Address, b: &Address) -> std::cmp::Ordering {
+    (a.kind.rank(), &a.kind, &a.name).cmp(&(b.kind.rank(), &b.kind, &b.name))
+}
+
+fn plan_tenant(
+    desired: &[DesiredEntry],
+    live: &[&LiveResource],
+    records: &[&Record],
+    journal: &FxHashMap<&str, &JournalEntry>,
+    now: Timestamp,
+    options: &diff::Options,
+) -> (Vec<Change>, Vec<Violation>, Summary) {
+    let mut d: Vec<&DesiredEntry> = desired.iter().collect();
+    d.sort_by(|a, b| local_cmp(&a.address, &b.address));
+    let mut l: Vec<&LiveResource> = live.to_vec();
+    l.sort_by(|a, b| local_cmp(&a.address, &b.address));
+    let mut r: Vec<&Record> = records.to_vec();
+    r.sort_by(|a, b| local_cmp(&a.address, &b.address));
+    // Every address desired or recorded, in order.
+    let mut keys: Vec<&Address> = d.iter().map(|x| &x.address).chain(r.iter().map(|x| &x.address)).collect();
+    keys.sort_by(|a, b| local_cmp(a, b));
+    keys.dedup_by(|a, b| local_cmp(a, b).is_eq());
+    let find = |a: &Address| {
+        (
+            d.binary_search_by(|x| local_cmp(&x.address, a)).ok().map(|i| d[i]),
+            l.binary_search_by(|x| local_cmp(&x.address, a)).ok().map(|i| l[i]),
+            r.binary_search_by(|x| local_cmp(&x.address, a)).ok().map(|i| r[i]),
+        )
+    };
+    let mut changes = Vec::new();
+    let mut violations = Vec::new();
+    let mut summary = Summary::default();
+    for a in keys {
+        let (dl, ll, rl) = find(a);
+        let journaled = if journal.is_empty() { None } else { journal.get(a.to_string().as_str()).copied() };
+        if let (Some(j), Some(l)) = (journaled, ll)
+            && j.intended.as_deref() == Some(l.fingerprint.as_str())
+        {
+            let mut adopted = rl.cloned().unwrap_or(Record {
+                address: a.clone(),
+                fingerprint: String::new(),
+                content: None,
+                applied_at: String::new(),
+                serial: 0,
+            });
+            adopted.fingerprint = l.fingerprint.clone();
+            let (c, v) = diff::diff(a, dl, Some(l), Some(&adopted), now, options);
+            push(&mut changes, &mut violations, &mut summary, c, v, true);
+            continue;
+        }
+        let (c, v) = diff::diff(a, dl, ll, rl, now, options);
+        push(&mut changes, &mut violations, &mut summary, c, v, false);
+    }
+    (changes, violations, summary)
 }
 
 /// One warning per tenant for its development placeholders, rather than one per secret.
@@ -302,6 +386,7 @@ pub fn staleness(
     inputs_digest: &str,
     state: &crate::state::StateMeta,
     live: &[LiveResource],
+    unreadable: &BTreeMap<String, String>,
 ) -> Vec<String> {
     let mut why = Vec::new();
     if plan.format_version != FORMAT_VERSION {
@@ -319,7 +404,10 @@ pub fn staleness(
     }
     let now: HashMap<String, &str> = live.iter().map(|l| (l.address.to_string(), l.fingerprint.as_str())).collect();
     let mut moved: Vec<String> = Vec::new();
-    for (a, fp) in &plan.live {
+    // A tenant that cannot be read now is not judged here: apply re-reads each tenant before
+    // writing and fails that one alone.
+    let readable = |a: &str| !unreadable.contains_key(a.split_once('/').map(|(t, _)| t).unwrap_or(a));
+    for (a, fp) in plan.live.iter().filter(|(a, _)| readable(a)) {
         match now.get(a) {
             Some(f) if f == fp => {}
             Some(_) => moved.push(format!("{a} changed")),

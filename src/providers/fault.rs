@@ -6,7 +6,7 @@
 //! is set; the wrapper is not installed at all then.
 
 use super::secret_value::SecretValue;
-use super::{Expect, LiveResource, Provider, ProviderError, Result, TenantScope};
+use super::{Expect, LiveResource, Provider, ProviderError, Result, Session, TenantScope};
 use crate::model::{Address, ProviderId, Resource};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,11 +88,20 @@ impl Provider for Faulty {
         self.check("delete", &self.deletes, &a.to_string())?;
         self.inner.delete(a, expect, destroy)
     }
+    fn deletes_with_tenant(&self) -> bool {
+        self.inner.deletes_with_tenant()
+    }
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
     fn restore_secret(&self, a: &Address, version: u64) -> Result<LiveResource> {
         self.inner.restore_secret(a, version)
+    }
+    fn begin(&self, session: &Session) {
+        self.inner.begin(session)
+    }
+    fn audit_event(&self, entry: &crate::state::AuditEntry) -> Result<()> {
+        self.inner.audit_event(entry)
     }
 }
 

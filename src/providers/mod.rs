@@ -5,13 +5,15 @@
 //! embedded default for every slot is `local`, a real store under `.dotmac/live/`.
 
 pub mod fault;
+pub mod http;
+pub mod kubernetes;
 pub mod local;
 pub mod secret_value;
 
 use crate::load::settings::Settings;
-use crate::model::{Address, Content, ProviderId, Resource};
+use crate::model::{Address, Content, Coordination, ProviderId, Resource};
 use secret_value::SecretValue;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -75,6 +77,34 @@ pub enum ProviderError {
     Unavailable(String),
     #[error("{0}")]
     Other(String),
+    /// Some tenants could not be read (their target failed); the others were. The engine
+    /// plans and applies the others and reports these.
+    #[error("{}", describe_partial(.failed))]
+    Partial { found: Vec<LiveResource>, failed: BTreeMap<String, String> },
+}
+
+fn describe_partial(failed: &BTreeMap<String, String>) -> String {
+    let shown: Vec<String> = failed.iter().take(5).map(|(t, e)| format!("tenant {t}: {e}")).collect();
+    let more = if failed.len() > 5 { format!("; and {} more", failed.len() - 5) } else { String::new() };
+    format!(
+        "could not read {} tenant{}: {}{more}",
+        failed.len(),
+        if failed.len() == 1 { "" } else { "s" },
+        shown.join("; ")
+    )
+}
+
+/// What the engine tells the providers before it reads or writes (see [`Provider::begin`]).
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    /// The plan's correlation id (plan id and revision), sent with every call to a platform
+    /// so that its audit can join ours.
+    pub correlation_id: String,
+    /// The tenants the repository and the state know: what `TenantScope::All` means to a
+    /// system that cannot list its tenants itself (ISP instances, one per tenant).
+    pub tenants: BTreeSet<String>,
+    /// How each tenant is coordinated, for systems that take it with a write.
+    pub coordination: BTreeMap<String, Coordination>,
 }
 
 impl ProviderError {
@@ -118,6 +148,25 @@ pub trait Provider: Send + Sync {
         let _ = version;
         Err(ProviderError::Other(format!("{address}: {} cannot restore secret versions", self.describe())))
     }
+
+    /// True when a delete leaves the resource to go away with the tenant's instance (the ISP
+    /// API has no delete): the engine stops managing it rather than expecting it gone.
+    fn deletes_with_tenant(&self) -> bool {
+        false
+    }
+
+    /// Called before a plan reads and before an apply writes.
+    fn begin(&self, session: &Session) {
+        let _ = session;
+    }
+
+    /// Called by apply on the management provider after each applied change, with the audit
+    /// entry as the state store keeps it (masked: fields, fingerprints or versions, never a
+    /// secret value). The management platform keeps the cross-platform audit trail.
+    fn audit_event(&self, entry: &crate::state::AuditEntry) -> Result<()> {
+        let _ = entry;
+        Ok(())
+    }
 }
 
 /// The four providers of a repository.
@@ -139,6 +188,12 @@ impl Providers {
         }
     }
 
+    pub fn begin(&self, session: &Session) {
+        for p in ProviderId::ALL {
+            self.get(p).begin(session);
+        }
+    }
+
     /// Builds the providers `dotmac.toml` asks for, with live stores under `state_dir`.
     pub fn from_settings(settings: &Settings, state_dir: &Path) -> anyhow::Result<Providers> {
         let p = &settings.providers;
@@ -149,6 +204,23 @@ impl Providers {
             match kind {
                 "local" => local(id),
                 "none" if id == ProviderId::Kubernetes => Ok(Arc::new(Nothing(id))),
+                "kubernetes" if id == ProviderId::Kubernetes => {
+                    Ok(Arc::new(kubernetes::KubeProvider::connect(&p.kubernetes)?))
+                }
+                "kubernetes" if id == ProviderId::Isp => {
+                    let isp = kubernetes::isp::KubeIspProvider::connect(&p.isp)?;
+                    let k8s_manager = p.kubernetes.str("field_manager").unwrap_or(crate::render::MANAGED_BY.1);
+                    if p.kubernetes.kind == "kubernetes" && isp.field_manager() == k8s_manager {
+                        anyhow::bail!(
+                            "[providers.isp] field_manager must differ from [providers.kubernetes] field_manager (both are \"{k8s_manager}\"): each provider owns its own fields"
+                        );
+                    }
+                    Ok(Arc::new(isp))
+                }
+                "http" if id == ProviderId::Management => {
+                    Ok(Arc::new(http::management::Management::new(&settings.providers.management)?))
+                }
+                "http" if id == ProviderId::Isp => Ok(Arc::new(http::isp::Isp::new(&settings.providers.isp)?)),
                 other => {
                     anyhow::bail!("[providers.{id}] kind = \"{other}\" is not available in this build; use \"local\"")
                 }

@@ -21,6 +21,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Validates a loaded repository at time `now` (licenses expire, secrets age).
 pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
+    validate_with(loaded, now, &BTreeMap::new())
+}
+
+/// Like `validate`, for a repository read with some tenant folders left unparsed: `known`
+/// maps the tenant ids those folders define to their folder, so that a parsed folder
+/// reusing one of them, or naming one, is judged as with everything parsed.
+pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, String>) -> (Desired, Vec<Diagnostic>) {
     let mut diags = loaded.diagnostics.clone();
     let settings = validate_settings(loaded.settings.as_ref(), &mut diags);
 
@@ -95,6 +102,16 @@ pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
     let mut tenant_docs: BTreeMap<String, &LoadedDoc> = BTreeMap::new();
     for d in docs_of(Kind::Tenant) {
         let id = d.value["id"].as_str().unwrap_or_default().to_owned();
+        if let Some(unit) = known.get(&id) {
+            diags.push(
+                Diagnostic::error("duplicate", format!("tenant id `{id}` is used twice"))
+                    .file(&*d.at.file)
+                    .at(d.at.doc, "/id", Target::Value)
+                    .tenant(&id)
+                    .help(format!("it is also used in tenants/{unit}")),
+            );
+            continue;
+        }
         if let Some(first) = tenant_docs.get(&id) {
             diags.push(
                 Diagnostic::error("duplicate", format!("tenant id `{id}` is used twice"))
@@ -113,6 +130,23 @@ pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
         for d in docs_of(kind) {
             let id = d.value["tenant"].as_str().unwrap_or_default().to_owned();
             let Some(owner) = tenant_docs.get(&id) else {
+                if let Some(unit) = known.get(&id) {
+                    diags.push(
+                        Diagnostic::error(
+                            "tenant-layout",
+                            format!(
+                                "{} for tenant `{id}` is in `tenants/{}`, but the tenant is defined in `tenants/{unit}`",
+                                kind.name(),
+                                tenant_unit(&d.at.file).unwrap_or("?"),
+                            ),
+                        )
+                        .file(&*d.at.file)
+                        .at(d.at.doc, "/tenant", Target::Value)
+                        .tenant(&id)
+                        .help("keep all of a tenant's documents in one folder under tenants/"),
+                    );
+                    continue;
+                }
                 if broken_tenants.contains(&id) || tenant_unit(&d.at.file).is_some_and(|u| broken_units.contains(u)) {
                     continue;
                 }
@@ -421,6 +455,7 @@ impl TenantCtx<'_> {
 
         // Licenses: known plugins, no duplicates, which are valid now.
         let mut valid_licenses: Vec<Value> = Vec::new();
+        let mut window = (i64::MIN, i64::MAX);
         let mut expired: HashMap<String, String> = HashMap::new();
         if let Some(l) = lic {
             let lerr = |rule: &'static str, msg: String, ptr: String| {
@@ -467,6 +502,14 @@ impl TenantCtx<'_> {
                     valid_licenses.push(l.value["licenses"][i].clone());
                 } else if let Some(e) = &license.expires {
                     expired.insert(license.plugin.clone(), e.clone());
+                }
+                // How long what is valid stays valid, and what expired stays expired.
+                if let Some(t) = license.expires.as_deref().and_then(expiry) {
+                    if valid {
+                        window.1 = window.1.min(t.as_second());
+                    } else {
+                        window.0 = window.0.max(t.as_second() + 1);
+                    }
                 }
             }
             valid_licenses.sort_by(|a, b| a["plugin"].as_str().cmp(&b["plugin"].as_str()));
@@ -611,6 +654,7 @@ impl TenantCtx<'_> {
             features,
             valid_licenses,
             secrets,
+            window,
         });
         (tenant, out)
     }

@@ -6,8 +6,12 @@ mod util;
 
 mod action;
 
+mod http;
+mod kube_fake;
+mod kubernetes;
 mod parity;
 mod plan_apply;
+mod platform;
 mod pr_comment;
 mod prdiff;
 mod render;

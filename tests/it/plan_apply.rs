@@ -84,7 +84,7 @@ fn the_whole_sequence_on_the_example_repository() {
     edit(&r.join("tenants/tenant-123/tenant.yaml"), "sync_interval_minutes: 20", "sync_interval_minutes: 25");
     let out = dm(r, &["plan", "--out", plan_file.to_str().unwrap(), "--now", NOW]);
     assert_eq!(out.code, 0);
-    let live_isp = r.join(".dotmac/live/isp/tenant-123/isp_config.yaml");
+    let live_isp = r.join(".dotmac/live/isp/tenant-123.isp_config.yaml");
     edit(&live_isp, "level: info", "level: debug");
     let out = dm(r, &["apply", plan_file.to_str().unwrap()]);
     assert_eq!(out.code, 1);
@@ -114,10 +114,10 @@ fn the_whole_sequence_on_the_example_repository() {
     let out = dm(r, &["apply", "--auto-approve", "--now", NOW]);
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("pass --allow-delete"), "{}", out.stderr);
-    assert!(r.join(".dotmac/live/management/bluesky-net/tenant.yaml").exists(), "nothing was deleted");
+    assert!(r.join(".dotmac/live/management/bluesky-net.tenant.yaml").exists(), "nothing was deleted");
     let out = dm(r, &["apply", "--auto-approve", "--allow-delete", "--now", NOW]);
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-    assert!(!r.join(".dotmac/live/management/bluesky-net/tenant.yaml").exists());
+    assert!(!r.join(".dotmac/live/management/bluesky-net.tenant.yaml").exists());
     assert_eq!(dm(r, &["plan", "--detailed-exitcode", "--now", NOW]).code, 0);
 
     // The audit log holds every change applied.
@@ -151,14 +151,14 @@ fn a_failure_mid_apply_rolls_the_tenant_back_and_leaves_state_consistent() {
     assert_eq!(dm(r, &["apply", "--auto-approve", "--now", NOW]).code, 0);
     edit(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
     edit(&r.join("tenants/northwind-isp/tenant.yaml"), "name: Northwind Broadband", "name: Northwind Two");
-    let before_mgmt = std::fs::read_to_string(r.join(".dotmac/live/management/tenant-123/tenant.yaml")).unwrap();
+    let before_mgmt = std::fs::read_to_string(r.join(".dotmac/live/management/tenant-123.tenant.yaml")).unwrap();
     // tenant-123 is applied management first: its management write succeeds, then the ISP
     // write fails. Every ISP write fails, so both tenants fail and are rolled back.
     let out = run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "isp:put:*")]);
     assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
     assert!(out.stderr.contains("failed: northwind-isp (rolled back)"), "{}", out.stderr);
     assert!(out.stderr.contains("failed: tenant-123 (rolled back)"), "{}", out.stderr);
-    assert_eq!(std::fs::read_to_string(r.join(".dotmac/live/management/tenant-123/tenant.yaml")).unwrap(), before_mgmt);
+    assert_eq!(std::fs::read_to_string(r.join(".dotmac/live/management/tenant-123.tenant.yaml")).unwrap(), before_mgmt);
     // State matches live: the next plan shows the same changes again, and no drift.
     let p = plan_json(r);
     assert_eq!(p["summary"]["drift"], 0, "{p}");

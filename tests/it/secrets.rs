@@ -105,7 +105,7 @@ fn planted_secret_values_never_appear_in_anything_the_engine_writes() {
     }
     assert!(leaks.is_empty(), "{leaks:#?}");
     // The search would have found them: the store does hold the values, encrypted.
-    assert!(files.iter().any(|(p, _)| p.ends_with("secret/stripe/secret_key.json")));
+    assert!(files.iter().any(|(p, _)| p.ends_with("secrets/tenant-123.secrets.json")));
     // Trace logs were on, so they were searched too.
     let apply_out = &outputs.iter().find(|(w, _)| w == "apply").unwrap().1;
     assert!(apply_out.contains("TRACE") && apply_out.contains("put"), "no trace logs to search:\n{apply_out}");

@@ -1,0 +1,252 @@
+//! The render cache: what each tenant folder rendered to, keyed by the digest of its files.
+//!
+//! Planning 10,000 tenants whose files did not change should not parse, validate and render
+//! them again. A tenant folder (`tenants/<unit>/`) whose files hash to the digest recorded
+//! here, under the same shared inputs (catalogs, environments, templates, settings, this
+//! very binary), renders to the same resources — except that licenses expire: each entry
+//! also records the window of time in which its licenses' validity stays as it was. Only
+//! folders that validated without a single diagnostic are cached.
+//!
+//! Entries hold fingerprints (and secret declarations, which the diff reads), not content:
+//! a tenant that turns out to need a change is rendered again. The cache lives in
+//! `.dotmac/cache/render.bin`; losing it costs time, never correctness.
+
+use crate::model::{Address, Coordination, SecretSpec, Strategy};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"DMRC0001";
+
+/// One resource a cached tenant renders.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedResource {
+    pub address: Address,
+    pub fingerprint: String,
+    /// The declaration, for `openbao.secret` resources (the diff reads it every time).
+    pub secret: Option<SecretSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedTenant {
+    pub id: String,
+    pub coordination: Coordination,
+    pub resources: Vec<CachedResource>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitEntry {
+    /// The digest of the folder's files.
+    pub digest: String,
+    /// The entry holds from this time (unix seconds) ...
+    pub not_before: i64,
+    /// ... until just before this one.
+    pub not_after: i64,
+    pub tenants: Vec<CachedTenant>,
+}
+
+#[derive(Debug, Default)]
+pub struct RenderCache {
+    path: PathBuf,
+    shared: String,
+    pub units: HashMap<String, UnitEntry>,
+    dirty: bool,
+}
+
+impl RenderCache {
+    pub fn file(state_dir: &Path) -> PathBuf {
+        state_dir.join("cache").join("render.bin")
+    }
+
+    /// Opens the cache of `state_dir`; entries made under other shared inputs are dropped.
+    pub fn open(state_dir: &Path, shared: &str) -> RenderCache {
+        let path = Self::file(state_dir);
+        let units = match std::fs::read(&path) {
+            Ok(bytes) => decode(&bytes, shared).unwrap_or_default(),
+            Err(_) => HashMap::new(),
+        };
+        RenderCache { path, shared: shared.to_owned(), units, dirty: false }
+    }
+
+    /// The entry of `unit` if it holds for these files at time `now` (unix seconds).
+    pub fn hit(&self, unit: &str, digest: &str, now: i64) -> Option<&UnitEntry> {
+        self.units.get(unit).filter(|e| e.digest == digest && e.not_before <= now && now < e.not_after)
+    }
+
+    pub fn put(&mut self, unit: String, entry: UnitEntry) {
+        if self.units.get(&unit) != Some(&entry) {
+            self.units.insert(unit, entry);
+            self.dirty = true;
+        }
+    }
+
+    /// Forgets folders that no longer exist.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        let before = self.units.len();
+        self.units.retain(|u, _| keep(u));
+        self.dirty |= self.units.len() != before;
+    }
+
+    pub fn save(&mut self) -> std::io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".render.{}.tmp", std::process::id()));
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&encode(&self.units, &self.shared))?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(units.len() * 1500);
+    out.extend_from_slice(MAGIC);
+    put_str(&mut out, shared);
+    out.extend_from_slice(&(units.len() as u32).to_le_bytes());
+    for (unit, e) in units {
+        put_str(&mut out, unit);
+        put_str(&mut out, &e.digest);
+        out.extend_from_slice(&e.not_before.to_le_bytes());
+        out.extend_from_slice(&e.not_after.to_le_bytes());
+        out.extend_from_slice(&(e.tenants.len() as u32).to_le_bytes());
+        for t in &e.tenants {
+            put_str(&mut out, &t.id);
+            out.push(match t.coordination.strategy {
+                Strategy::ManagementFirst => 0,
+                Strategy::Synchronized => 1,
+            });
+            out.push(u8::from(t.coordination.rollback_on_failure));
+            out.extend_from_slice(&(t.resources.len() as u32).to_le_bytes());
+            for r in &t.resources {
+                // The address without the tenant, which every resource of the entry shares.
+                let whole = r.address.to_string();
+                put_str(&mut out, &whole[t.id.len() + 1..]);
+                put_str(&mut out, &r.fingerprint);
+                match &r.secret {
+                    None => put_str(&mut out, ""),
+                    Some(s) => put_str(&mut out, &serde_json::to_string(s).unwrap_or_default()),
+                }
+            }
+        }
+    }
+    out
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn str(&mut self) -> Option<&str> {
+        let n = self.u32()? as usize;
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+}
+
+fn decode(b: &[u8], shared: &str) -> Option<HashMap<String, UnitEntry>> {
+    let mut r = Reader { b, at: 0 };
+    if r.take(8)? != MAGIC || r.str()? != shared {
+        return None;
+    }
+    let n = r.u32()? as usize;
+    let mut units = HashMap::with_capacity(n.min(1 << 22));
+    for _ in 0..n {
+        let unit = r.str()?.to_owned();
+        let digest = r.str()?.to_owned();
+        let not_before = r.i64()?;
+        let not_after = r.i64()?;
+        let k = r.u32()? as usize;
+        let mut tenants = Vec::with_capacity(k.min(1 << 16));
+        for _ in 0..k {
+            let id = r.str()?.to_owned();
+            let strategy = if r.u8()? == 1 { Strategy::Synchronized } else { Strategy::ManagementFirst };
+            let rollback_on_failure = r.u8()? != 0;
+            let m = r.u32()? as usize;
+            let mut resources = Vec::with_capacity(m.min(1 << 16));
+            for _ in 0..m {
+                let local = r.str()?;
+                let address = Address::parse(&format!("{id}/{local}"))?;
+                let fingerprint = r.str()?.to_owned();
+                let secret = match r.str()? {
+                    "" => None,
+                    json => Some(serde_json::from_str(json).ok()?),
+                };
+                resources.push(CachedResource { address, fingerprint, secret });
+            }
+            tenants.push(CachedTenant { id, coordination: Coordination { strategy, rollback_on_failure }, resources });
+        }
+        units.insert(unit, UnitEntry { digest, not_before, not_after, tenants });
+    }
+    (r.at == b.len()).then_some(units)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Charset, SecretSource};
+
+    #[test]
+    fn entries_round_trip_and_hold_only_in_their_window() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = RenderCache::open(d.path(), "shared-1");
+        let entry = UnitEntry {
+            digest: "abc".into(),
+            not_before: 100,
+            not_after: 200,
+            tenants: vec![CachedTenant {
+                id: "t1".into(),
+                coordination: Coordination::default(),
+                resources: vec![
+                    CachedResource {
+                        address: Address::parse("t1/isp.config").unwrap(),
+                        fingerprint: "sha256:00".into(),
+                        secret: None,
+                    },
+                    CachedResource {
+                        address: Address::parse("t1/openbao.secret[db/password]").unwrap(),
+                        fingerprint: "spec:1".into(),
+                        secret: Some(SecretSpec {
+                            name: "db/password".into(),
+                            source: SecretSource::Generated { length: 32, charset: Charset::Hex },
+                            rotation_days: Some(30),
+                            auto_rotation: true,
+                        }),
+                    },
+                ],
+            }],
+        };
+        c.put("t1".into(), entry.clone());
+        c.save().unwrap();
+        let c = RenderCache::open(d.path(), "shared-1");
+        assert_eq!(c.hit("t1", "abc", 150), Some(&entry));
+        assert!(c.hit("t1", "abc", 200).is_none(), "a license expired: render again");
+        assert!(c.hit("t1", "abd", 150).is_none(), "the files changed");
+        assert!(RenderCache::open(d.path(), "shared-2").units.is_empty(), "other templates or settings");
+    }
+}
