@@ -1,7 +1,7 @@
 //! `plan`, `apply` and `rotate`.
 
 use super::commands::{color, parse_now, print_diagnostics};
-use super::{Format, Global, LockArgs, PlanArgs};
+use super::{Format, Global, LockArgs, PlanArgs, ReportArgs};
 use crate::apply;
 use crate::diff::{Action, Change, Risk};
 use crate::engine::{self, Workspace};
@@ -83,7 +83,7 @@ impl Prepared {
     }
 }
 
-fn print_plan(plan: &Plan, format: Format, color: bool) -> Result<()> {
+fn print_plan(plan: &Plan, format: Format, color: bool, report: &ReportArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
@@ -91,23 +91,7 @@ fn print_plan(plan: &Plan, format: Format, color: bool) -> Result<()> {
             writeln!(out)?;
         }
         Format::Markdown => {
-            let subtitle = format!(
-                "Revision `{}` · plan `{}` · state serial {}",
-                plan.revision.as_deref().map(plan::short).unwrap_or("work tree"),
-                plan.plan_id,
-                plan.serial
-            );
-            let md = plan::markdown::render(
-                &plan.changes,
-                &plan.violations,
-                &plan::markdown::Options {
-                    title: "dotmac-gitops plan",
-                    subtitle: Some(&subtitle),
-                    max_chars: None,
-                    full_report: None,
-                    marker: None,
-                },
-            );
+            let md = super::pr::markdown(&plan_report(plan), report, report.max_chars, None);
             out.write_all(md.as_bytes())?;
         }
         Format::Text => {
@@ -117,14 +101,39 @@ fn print_plan(plan: &Plan, format: Format, color: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn cmd_plan(g: &Global, args: &PlanArgs, out: Option<&Path>, format: Format, detailed: bool) -> Result<u8> {
+fn plan_report(plan: &Plan) -> super::pr::Report<'_> {
+    super::pr::Report {
+        title: "dotmac-gitops plan".into(),
+        subtitle: format!(
+            "Revision `{}` · plan `{}` · state serial {}",
+            plan.revision.as_deref().map(plan::short).unwrap_or("work tree"),
+            plan.plan_id,
+            plan.serial
+        ),
+        changes: &plan.changes,
+        violations: plan.violations.clone(),
+        errors: plan.errors().count(),
+        again: "`dotmac-gitops plan --format json`".into(),
+    }
+}
+
+pub fn cmd_plan(
+    g: &Global,
+    args: &PlanArgs,
+    out: Option<&Path>,
+    format: Format,
+    detailed: bool,
+    report: &ReportArgs,
+) -> Result<u8> {
+    super::pr::check_report_args(report, format)?;
     let now = parse_now(args.now.as_deref())?;
     let mut p = prepare(g, &args.tenants, now, true)?;
     let plan = p.plan(out.is_some())?;
     if let Some(path) = out {
         save_plan(&plan, path)?;
     }
-    print_plan(&plan, format, color(g))?;
+    print_plan(&plan, format, color(g), report)?;
+    super::pr::write_ci_files(&plan_report(&plan), report)?;
     if let Some(path) = out
         && format == Format::Text
     {
@@ -228,7 +237,7 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             let mut prepared = prepare(g, &a.args.tenants, now, true)?;
             let guard = prepared.lock("apply", a.lock)?;
             let plan = prepared.plan(false)?;
-            print_plan(&plan, Format::Text, color)?;
+            print_plan(&plan, Format::Text, color, &ReportArgs::default())?;
             (prepared, plan, guard)
         }
     };

@@ -325,25 +325,7 @@ impl Plan {
     /// The JSON people and tools read (`plan --format json`): the stable shape of the CLI
     /// contract, without the apply-only fields.
     pub fn to_json(&self) -> Value {
-        let changes: Vec<Value> = self
-            .changes
-            .iter()
-            .map(|c| {
-                json!({
-                    "address": c.address.to_string(),
-                    "tenant": c.address.tenant,
-                    "provider": c.address.provider(),
-                    "action": c.action,
-                    "drift": c.drift,
-                    "risk": c.risk,
-                    "reason": c.reason,
-                    "diff": c.diff,
-                    "before": c.before.as_ref().map(masked).unwrap_or(Value::Null),
-                    "after": c.desired.as_ref().filter(|_| c.action != Action::Delete).map(masked).unwrap_or(Value::Null),
-                    "fields": c.fields,
-                })
-            })
-            .collect();
+        let changes: Vec<Value> = self.changes.iter().map(change_json).collect();
         json!({
             "format_version": self.format_version,
             "plan_id": self.plan_id,
@@ -358,6 +340,23 @@ impl Plan {
             "violations": self.violations,
         })
     }
+}
+
+/// One change as `plan --format json` (and `diff --format json`) shows it; secrets masked.
+pub fn change_json(c: &Change) -> Value {
+    json!({
+        "address": c.address.to_string(),
+        "tenant": c.address.tenant,
+        "provider": c.address.provider(),
+        "action": c.action,
+        "drift": c.drift,
+        "risk": c.risk,
+        "reason": c.reason,
+        "diff": c.diff,
+        "before": c.before.as_ref().map(masked).unwrap_or(Value::Null),
+        "after": c.desired.as_ref().filter(|_| c.action != Action::Delete).map(masked).unwrap_or(Value::Null),
+        "fields": c.fields,
+    })
 }
 
 /// A content as JSON for output: structures as they are, text as a string, secrets as

@@ -2,7 +2,10 @@
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
 mod bao;
+mod fake_github;
 mod util;
+
+mod action;
 
 mod http;
 mod kube_fake;
@@ -11,6 +14,8 @@ mod openbao;
 mod parity;
 mod plan_apply;
 mod platform;
+mod pr_comment;
+mod prdiff;
 mod render;
 mod sandbox;
 mod secrets;
