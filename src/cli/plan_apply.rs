@@ -71,6 +71,17 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> 
 }
 
 impl Prepared {
+    /// Ends the command: providers close (a local store saves its index) and the state store
+    /// closes; the rest — hundreds of thousands of small allocations for a big repository — is
+    /// left to the process exit, which frees it at once.
+    pub fn finish(self) {
+        let Prepared { ws, providers, state, .. } = self;
+        providers.close();
+        drop(state);
+        std::mem::forget(providers);
+        std::mem::forget(ws);
+    }
+
     /// The plan; `record_live` keeps every live fingerprint (for a saved plan).
     pub fn plan(&mut self, record_live: bool) -> Result<Plan> {
         self.ws.plan(&self.providers, self.state.as_ref(), &self.scope, self.revision.clone(), record_live)
@@ -139,10 +150,16 @@ pub fn cmd_plan(
     {
         println!("\nSaved the plan to {}; apply it with `dotmac-gitops apply {}`.", path.display(), path.display());
     }
-    if plan.errors().next().is_some() {
-        return Ok(1);
-    }
-    Ok(if detailed && plan.has_changes_or_drift() { 2 } else { 0 })
+    let code = if plan.errors().next().is_some() {
+        1
+    } else if detailed && plan.has_changes_or_drift() {
+        2
+    } else {
+        0
+    };
+    p.finish();
+    std::mem::forget(plan);
+    Ok(code)
 }
 
 fn save_plan(plan: &Plan, path: &Path) -> Result<()> {
@@ -259,7 +276,10 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
         confirm(a.auto_approve)?;
     }
     let report = apply::apply(&plan, &prepared.providers, prepared.state.as_ref(), &opts)?;
-    Ok(print_report(&report))
+    let code = print_report(&report);
+    prepared.finish();
+    std::mem::forget(plan);
+    Ok(code)
 }
 
 fn print_report(report: &apply::Report) -> u8 {

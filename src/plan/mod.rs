@@ -58,8 +58,24 @@ pub struct Plan {
 }
 
 /// What a plan is built from.
+/// Where the desired resources of each tenant come from (a plain map, or the engine's
+/// workspace, without copying it).
+pub trait DesiredSource: Sync {
+    fn tenant_ids(&self) -> Vec<&str>;
+    fn entries_of(&self, tenant: &str) -> Option<&[DesiredEntry]>;
+}
+
+impl DesiredSource for BTreeMap<String, Vec<DesiredEntry>> {
+    fn tenant_ids(&self) -> Vec<&str> {
+        self.keys().map(String::as_str).collect()
+    }
+    fn entries_of(&self, tenant: &str) -> Option<&[DesiredEntry]> {
+        self.get(tenant).map(Vec::as_slice)
+    }
+}
+
 pub struct Inputs<'a> {
-    pub desired: &'a BTreeMap<String, Vec<DesiredEntry>>,
+    pub desired: &'a dyn DesiredSource,
     pub coordination: BTreeMap<String, Coordination>,
     pub live: &'a [LiveResource],
     /// Tenants whose live state could not be read, with why: not planned, reported as errors.
@@ -102,7 +118,7 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
     // A write that was in flight when an apply stopped: if live now holds what it intended,
     // it happened — treat it as recorded rather than as drift.
     let journal: FxHashMap<&str, &JournalEntry> = inputs.journal.iter().map(|j| (j.address.as_str(), j)).collect();
-    let mut tenants: BTreeSet<&str> = inputs.desired.keys().map(String::as_str).filter(|t| wanted(t)).collect();
+    let mut tenants: BTreeSet<&str> = inputs.desired.tenant_ids().into_iter().filter(|t| wanted(t)).collect();
     tenants.extend(rec_by.keys().copied());
     let tenants: Vec<&str> = tenants.into_iter().collect();
     let empty_d: Vec<DesiredEntry> = Vec::new();
@@ -110,7 +126,7 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
         .par_iter()
         .map(|t| {
             plan_tenant(
-                inputs.desired.get(*t).unwrap_or(&empty_d),
+                inputs.desired.entries_of(t).unwrap_or(&empty_d),
                 live_by.get(t).map(Vec::as_slice).unwrap_or(&[]),
                 rec_by.get(t).map(Vec::as_slice).unwrap_or(&[]),
                 &journal,

@@ -164,7 +164,7 @@ impl LocalStore {
             }
             FileKind::One(local) => local,
         };
-        let Some(address) = Address::parse(&format!("{tenant}/{local}")) else { return Ok(Some(Vec::new())) };
+        let Some(address) = Address::from_local(&tenant, &local) else { return Ok(Some(Vec::new())) };
         let content = match &address.kind {
             ResourceKind::IspConfig | ResourceKind::OpenbaoPolicy => Content::Text(text),
             _ => match yaml::parse_documents(&text) {
@@ -338,7 +338,7 @@ impl LocalStore {
         held.iter()
             .filter_map(|h| {
                 Some(LiveResource {
-                    address: Address::parse(&format!("{tenant}/{}", h.local))?,
+                    address: Address::from_local(tenant, &h.local)?,
                     fingerprint: h.fingerprint.clone(),
                     content: h.meta.clone().map(Content::SecretMeta),
                 })
@@ -490,6 +490,10 @@ impl Provider for LocalStore {
         self.remove_file(&self.file_of(a)?)
     }
 
+    fn close(&self) {
+        self.save_index();
+    }
+
     fn flush(&self) -> Result<()> {
         if !self.dir.exists() {
             return Ok(());
@@ -508,15 +512,21 @@ impl Provider for LocalStore {
     }
 }
 
-impl Drop for LocalStore {
+impl LocalStore {
     /// Keeps the index of what this process wrote (a cache: losing it costs only time).
-    fn drop(&mut self) {
+    fn save_index(&self) {
         if let Some(lock) = self.index.get() {
             let mut idx = lock.write().unwrap_or_else(|p| p.into_inner());
             if idx.dirty && self.dir.exists() {
                 let _ = idx.save(&self.dir);
             }
         }
+    }
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        self.save_index();
     }
 }
 
@@ -654,10 +664,11 @@ fn load_key(state_dir: &Path, key_env: Option<&str>) -> anyhow::Result<Vec<u8>> 
 }
 
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
     }
     s
 }
