@@ -405,7 +405,9 @@ impl Workspace {
         let plan_id = plan::new_id("plan");
         let coordination: BTreeMap<String, Coordination> =
             self.tenants.iter().map(|(id, t)| (id.clone(), t.coordination.clone())).collect();
-        let known = self.tenants.keys().cloned().chain(records.iter().map(|r| r.address.tenant.clone()));
+        let known: BTreeSet<&str> =
+            self.tenants.keys().map(String::as_str).chain(records.iter().map(|r| r.address.tenant.as_str())).collect();
+        let known = known.into_iter().map(str::to_owned);
         begin_session(
             providers,
             format!("{plan_id}@{}", revision.as_deref().unwrap_or("worktree")),

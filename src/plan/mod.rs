@@ -201,16 +201,49 @@ fn plan_tenant(
     now: Timestamp,
     options: &diff::Options,
 ) -> (Vec<Change>, Vec<Violation>, Summary) {
-    let mut d: Vec<&DesiredEntry> = desired.iter().collect();
-    d.sort_by(|a, b| local_cmp(&a.address, &b.address));
-    let mut l: Vec<&LiveResource> = live.to_vec();
-    l.sort_by(|a, b| local_cmp(&a.address, &b.address));
-    let mut r: Vec<&Record> = records.to_vec();
-    r.sort_by(|a, b| local_cmp(&a.address, &b.address));
-    // Every address desired or recorded, in order.
-    let mut keys: Vec<&Address> = d.iter().map(|x| &x.address).chain(r.iter().map(|x| &x.address)).collect();
-    keys.sort_by(|a, b| local_cmp(a, b));
-    keys.dedup_by(|a, b| local_cmp(a, b).is_eq());
+    fn sorted<T>(items: Vec<T>, addr: impl Fn(&T) -> &Address) -> Vec<T> {
+        let mut items = items;
+        // Rendered resources come sorted already; stores usually list in a stable order.
+        if !items.is_sorted_by(|a, b| local_cmp(addr(a), addr(b)).is_le()) {
+            items.sort_by(|a, b| local_cmp(addr(a), addr(b)));
+        }
+        items
+    }
+    let d = sorted(desired.iter().collect::<Vec<&DesiredEntry>>(), |x| &x.address);
+    let l = sorted(live.to_vec(), |x| &x.address);
+    let r = sorted(records.to_vec(), |x| &x.address);
+    // Every address desired or recorded, in order: a merge of two sorted lists.
+    let mut keys: Vec<&Address> = Vec::with_capacity(d.len().max(r.len()));
+    let (mut i, mut j) = (0, 0);
+    while i < d.len() || j < r.len() {
+        let next = match (d.get(i), r.get(j)) {
+            (Some(x), Some(y)) => match local_cmp(&x.address, &y.address) {
+                std::cmp::Ordering::Less => {
+                    i += 1;
+                    &x.address
+                }
+                std::cmp::Ordering::Greater => {
+                    j += 1;
+                    &y.address
+                }
+                std::cmp::Ordering::Equal => {
+                    i += 1;
+                    j += 1;
+                    &x.address
+                }
+            },
+            (Some(x), None) => {
+                i += 1;
+                &x.address
+            }
+            (None, Some(y)) => {
+                j += 1;
+                &y.address
+            }
+            (None, None) => break,
+        };
+        keys.push(next);
+    }
     let find = |a: &Address| {
         (
             d.binary_search_by(|x| local_cmp(&x.address, a)).ok().map(|i| d[i]),

@@ -367,45 +367,59 @@ impl Provider for LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(ProviderError::Other(format!("{}: {e}", self.dir.display()))),
         };
-        type Found = (Vec<LiveResource>, Option<(String, Option<Entry>)>);
-        let found: Vec<Result<Found>> = {
+        // One directory handle: each file is then a `stat` of one path component.
+        let dir = match std::fs::File::open(&self.dir) {
+            Ok(d) => Some(d),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ProviderError::Other(format!("{}: {e}", self.dir.display()))),
+        };
+        type Acc = (Vec<LiveResource>, Vec<(String, Option<Entry>)>);
+        let (out, updates): Acc = {
             let idx = self.index().read().unwrap_or_else(|p| p.into_inner());
             names
                 .par_iter()
-                .map(|name| {
-                    let Some((tenant, _)) = self.parse_name(name) else { return Ok((Vec::new(), None)) };
-                    let meta = match std::fs::symlink_metadata(self.path(name)) {
-                        Ok(m) if m.is_file() => m,
-                        Ok(_) => return Ok((Vec::new(), None)),
-                        Err(_) => return Ok((Vec::new(), Some((name.clone(), None)))),
-                    };
-                    let stamp = Stamp::of(&meta);
-                    if let Some(e) = idx.valid(name, &stamp) {
-                        return Ok((self.resources_of(&tenant, &e.held), None));
-                    }
-                    let Some(rs) = self.read_file(name)? else { return Ok((Vec::new(), Some((name.clone(), None)))) };
-                    let held = rs
-                        .iter()
-                        .map(|r| Held {
-                            local: r.address.to_string()[tenant.len() + 1..].to_owned(),
-                            fingerprint: r.fingerprint.clone(),
-                            meta: match &r.content {
-                                Some(Content::SecretMeta(m)) => Some(m.clone()),
-                                _ => None,
-                            },
-                        })
-                        .collect();
-                    Ok((rs, Some((name.clone(), Some(Entry { stamp, held })))))
-                })
-                .collect()
+                .try_fold(
+                    || (Vec::new(), Vec::new()),
+                    |(mut out, mut updates): Acc, name| -> Result<Acc> {
+                        let Some((tenant, _)) = name.split_once('.') else { return Ok((out, updates)) };
+                        let Some(stamp) = dir.as_ref().and_then(|d| stat_at(d, name)) else {
+                            updates.push((name.clone(), None));
+                            return Ok((out, updates));
+                        };
+                        let Some(stamp) = stamp else { return Ok((out, updates)) };
+                        if let Some(e) = idx.valid(name, &stamp) {
+                            out.extend(self.resources_of(tenant, &e.held));
+                            return Ok((out, updates));
+                        }
+                        let Some(rs) = self.read_file(name)? else {
+                            updates.push((name.clone(), None));
+                            return Ok((out, updates));
+                        };
+                        let held = rs
+                            .iter()
+                            .map(|r| Held {
+                                local: r.address.to_string()[tenant.len() + 1..].to_owned(),
+                                fingerprint: r.fingerprint.clone(),
+                                meta: match &r.content {
+                                    Some(Content::SecretMeta(m)) => Some(m.clone()),
+                                    _ => None,
+                                },
+                            })
+                            .collect();
+                        out.extend(rs);
+                        updates.push((name.clone(), Some(Entry { stamp, held })));
+                        Ok((out, updates))
+                    },
+                )
+                .try_reduce(
+                    || (Vec::new(), Vec::new()),
+                    |(mut a, mut b), (c, d)| {
+                        a.extend(c);
+                        b.extend(d);
+                        Ok((a, b))
+                    },
+                )?
         };
-        let mut out = Vec::new();
-        let mut updates = Vec::new();
-        for f in found {
-            let (rs, update) = f?;
-            out.extend(rs);
-            updates.extend(update);
-        }
         let present: HashSet<&str> = names.iter().map(String::as_str).collect();
         let mut idx = self.index().write().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<String> = idx
@@ -572,6 +586,25 @@ impl SecretRecord {
             placeholder: self.placeholder,
         }
     }
+}
+
+/// The `stat` of `name` in the folder `dir` (`None` if absent; `Some(None)` if not a regular
+/// file), without following links and without walking the folder's path again.
+fn stat_at(dir: &std::fs::File, name: &str) -> Option<Option<Stamp>> {
+    use std::os::fd::AsRawFd;
+    let c = std::ffi::CString::new(name).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: a valid directory descriptor, a NUL-terminated name, and a buffer for the result.
+    let rc = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstatat returned 0, so the buffer is filled.
+    let st = unsafe { st.assume_init() };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Some(None);
+    }
+    Some(Some(Stamp { mtime: st.st_mtime, mtime_ns: st.st_mtime_nsec, size: st.st_size as u64, ino: st.st_ino }))
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
