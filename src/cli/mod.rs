@@ -191,6 +191,10 @@ pub enum Command {
     /// Manage values in the local secret store.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// The benchmark's parse-only floor: read and parse every file of the repository once,
+    /// nothing else.
+    #[command(hide = true, name = "bench-parse")]
+    BenchParse,
 }
 
 #[derive(Debug, Clone, Args)]
