@@ -2,6 +2,7 @@
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
 mod bao;
+mod pg;
 mod util;
 
 mod http;
@@ -9,6 +10,7 @@ mod kube_fake;
 mod kubernetes;
 mod openbao;
 mod parity;
+mod pgstate;
 mod plan_apply;
 mod platform;
 mod render;
