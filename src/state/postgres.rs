@@ -510,6 +510,19 @@ fn migrate(client: &mut Client, url: &PgUrl) -> Result<()> {
     Ok(())
 }
 
+/// Journals these entries in one statement (an entry for an address already there replaces it).
+fn journal_rows(c: &mut impl GenericClient, rows: &[&JournalEntry]) -> std::result::Result<u64, postgres::Error> {
+    let col = |f: fn(&JournalEntry) -> &str| rows.iter().map(|j| f(j)).collect::<Vec<&str>>();
+    let intended: Vec<Option<&str>> = rows.iter().map(|j| j.intended.as_deref()).collect();
+    c.execute(
+        "INSERT INTO dotmac_journal(address, plan_id, action, intended, started_at)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+         ON CONFLICT (address) DO UPDATE SET plan_id = excluded.plan_id, action = excluded.action,
+            intended = excluded.intended, started_at = excluded.started_at",
+        &[&col(|j| &j.address), &col(|j| &j.plan_id), &col(|j| &j.action), &intended, &col(|j| &j.started_at)],
+    )
+}
+
 /// How many migrations the database has (0: none, or no table yet).
 fn schema_version(c: &mut impl GenericClient) -> std::result::Result<i32, postgres::Error> {
     let exists: bool = c.query_one("SELECT to_regclass('dotmac_schema_migrations') IS NOT NULL", &[])?.get(0);
@@ -774,18 +787,14 @@ impl StateStore for PgStore {
             .collect();
         let mut c = self.conn()?;
         let e = self.err("journaling the writes");
+        // One statement needs no transaction of its own (one tenant's writes: the usual case).
+        if keep.len() <= CHUNK {
+            journal_rows(&mut *c, &keep).map_err(&e)?;
+            return Ok(());
+        }
         let mut tx = c.transaction().map_err(&e)?;
         for chunk in keep.chunks(CHUNK) {
-            let col = |f: fn(&JournalEntry) -> &str| chunk.iter().map(|j| f(j)).collect::<Vec<&str>>();
-            let intended: Vec<Option<&str>> = chunk.iter().map(|j| j.intended.as_deref()).collect();
-            tx.execute(
-                "INSERT INTO dotmac_journal(address, plan_id, action, intended, started_at)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-                 ON CONFLICT (address) DO UPDATE SET plan_id = excluded.plan_id, action = excluded.action,
-                    intended = excluded.intended, started_at = excluded.started_at",
-                &[&col(|j| &j.address), &col(|j| &j.plan_id), &col(|j| &j.action), &intended, &col(|j| &j.started_at)],
-            )
-            .map_err(&e)?;
+            journal_rows(&mut tx, chunk).map_err(&e)?;
         }
         tx.commit().map_err(&e)?;
         Ok(())
