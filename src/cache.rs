@@ -11,12 +11,12 @@
 //! a tenant that turns out to need a change is rendered again. The cache lives in
 //! `.dotmac/cache/render.bin`; losing it costs time, never correctness.
 
-use crate::model::{Address, Coordination, SecretSpec, Strategy};
+use crate::model::{Address, Charset, Coordination, SecretSource, SecretSpec, Strategy};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"DMRC0001";
+const MAGIC: &[u8; 8] = b"DMRC0002";
 
 /// One resource a cached tenant renders.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,13 +134,37 @@ fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
                 put_str(&mut out, &whole[t.id.len() + 1..]);
                 put_str(&mut out, &r.fingerprint);
                 match &r.secret {
-                    None => put_str(&mut out, ""),
-                    Some(s) => put_str(&mut out, &serde_json::to_string(s).unwrap_or_default()),
+                    None => out.push(0),
+                    Some(s) => {
+                        out.push(1);
+                        put_str(&mut out, &s.name);
+                        match s.source {
+                            SecretSource::Generated { length, charset } => {
+                                out.push(1);
+                                out.extend_from_slice(&length.to_le_bytes());
+                                out.push(charset_code(charset));
+                            }
+                            SecretSource::External => out.push(2),
+                        }
+                        out.extend_from_slice(&s.rotation_days.unwrap_or(u32::MAX).to_le_bytes());
+                        out.push(u8::from(s.auto_rotation));
+                    }
                 }
             }
         }
     }
     out
+}
+
+const CHARSETS: [Charset; 6] =
+    [Charset::Alphanumeric, Charset::Alpha, Charset::Numeric, Charset::Hex, Charset::Base64url, Charset::Ascii];
+
+fn charset_code(c: Charset) -> u8 {
+    CHARSETS.iter().position(|x| *x == c).unwrap_or(0) as u8
+}
+
+fn charset_of(code: u8) -> Option<Charset> {
+    CHARSETS.get(usize::from(code)).copied()
 }
 
 struct Reader<'a> {
@@ -191,11 +215,28 @@ fn decode(b: &[u8], shared: &str) -> Option<HashMap<String, UnitEntry>> {
             let mut resources = Vec::with_capacity(m.min(1 << 16));
             for _ in 0..m {
                 let local = r.str()?;
-                let address = Address::parse(&format!("{id}/{local}"))?;
+                let address = Address::from_local(&id, local)?;
                 let fingerprint = r.str()?.to_owned();
-                let secret = match r.str()? {
-                    "" => None,
-                    json => Some(serde_json::from_str(json).ok()?),
+                let secret = match r.u8()? {
+                    0 => None,
+                    _ => {
+                        let name = r.str()?.to_owned();
+                        let source = match r.u8()? {
+                            1 => {
+                                let length = r.u32()?;
+                                SecretSource::Generated { length, charset: charset_of(r.u8()?)? }
+                            }
+                            _ => SecretSource::External,
+                        };
+                        let days = r.u32()?;
+                        let auto_rotation = r.u8()? != 0;
+                        Some(SecretSpec {
+                            name,
+                            source,
+                            rotation_days: (days != u32::MAX).then_some(days),
+                            auto_rotation,
+                        })
+                    }
                 };
                 resources.push(CachedResource { address, fingerprint, secret });
             }

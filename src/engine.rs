@@ -5,7 +5,6 @@
 use crate::cache::{CachedResource, CachedTenant, RenderCache, UnitEntry};
 use crate::diag::Diagnostic;
 use crate::diff::{self, Action};
-use crate::fingerprint;
 use crate::load::settings::Settings;
 use crate::load::source::{Scope, tenant_unit};
 use crate::load::{self, Loaded};
@@ -120,20 +119,30 @@ pub fn fetch_all<'a>(
 }
 
 /// A digest of every file the repository was read from.
+/// Tenant folders count by the digests `load` already made of them; the other files by
+/// their text.
 pub fn inputs_digest(loaded: &Loaded) -> String {
-    let mut parts: Vec<(&str, &str)> = loaded.files.iter().map(|f| (&*f.path, f.text.as_str())).collect();
+    use sha2::{Digest, Sha256};
+    let mut parts: Vec<(&str, &str)> =
+        loaded.files.iter().filter(|f| tenant_unit(&f.path).is_none()).map(|f| (&*f.path, f.text.as_str())).collect();
     for (name, text) in &loaded.templates {
         parts.push((name.as_str(), text));
     }
     parts.sort();
-    let mut all = Vec::new();
+    let mut h = Sha256::new();
+    let mut put = |a: &str, b: &str| {
+        h.update((a.len() as u64).to_le_bytes());
+        h.update(a.as_bytes());
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(b.as_bytes());
+    };
     for (p, t) in parts {
-        all.extend_from_slice(p.as_bytes());
-        all.push(0);
-        all.extend_from_slice(t.as_bytes());
-        all.push(0);
+        put(p, t);
     }
-    format!("sha256:{}", fingerprint::sha256_hex(&all))
+    for (unit, digest) in &loaded.unit_digests {
+        put(&format!("tenants/{unit}"), digest);
+    }
+    format!("sha256:{}", crate::providers::local::hex(&h.finalize()))
 }
 
 /// How to tell a person to create a missing external secret in the configured store: for
@@ -174,6 +183,15 @@ pub struct DesiredTenant {
     pub unit: String,
     pub coordination: Coordination,
     pub entries: Vec<DesiredEntry>,
+}
+
+impl plan::DesiredSource for BTreeMap<String, DesiredTenant> {
+    fn tenant_ids(&self) -> Vec<&str> {
+        self.keys().map(String::as_str).collect()
+    }
+    fn entries_of(&self, tenant: &str) -> Option<&[DesiredEntry]> {
+        self.get(tenant).map(|t| t.entries.as_slice())
+    }
 }
 
 impl DesiredTenant {
@@ -319,7 +337,10 @@ impl Workspace {
         }
         tracing::info!(tenants = tenants.len(), cached_units = loaded.skipped_units.len(), elapsed = ?t.elapsed(), "desired state ready");
         let cached_units = loaded.skipped_units.len();
-        Ok(Workspace { loaded, settings: desired.settings, state_dir, tenants, diagnostics, now, cached_units })
+        let mut ws =
+            Workspace { loaded, settings: desired.settings, state_dir, tenants, diagnostics, now, cached_units };
+        ws.drop_disabled();
+        Ok(ws)
     }
 
     /// Renders these tenants again, so that their entries carry content.
@@ -350,6 +371,7 @@ impl Workspace {
                 t.entries = resources.into_iter().map(DesiredEntry::rendered).collect();
             }
         }
+        self.drop_disabled();
         Ok(())
     }
 
@@ -357,15 +379,15 @@ impl Workspace {
         self.diagnostics.iter().filter(|d| d.is_error()).count()
     }
 
-    /// The tenants' desired resources, without providers of kind `none`.
-    fn entries(&self) -> BTreeMap<String, Vec<DesiredEntry>> {
+    /// Drops the resources of providers of kind `none`: nothing manages them.
+    fn drop_disabled(&mut self) {
         let skip = disabled(&self.settings);
-        self.tenants
-            .iter()
-            .map(|(t, d)| {
-                (t.clone(), d.entries.iter().filter(|e| !skip.contains(&e.address.provider())).cloned().collect())
-            })
-            .collect()
+        if skip.is_empty() {
+            return;
+        }
+        for t in self.tenants.values_mut() {
+            t.entries.retain(|e| !skip.contains(&e.address.provider()));
+        }
     }
 
     /// Reads live state and the state store, and builds the plan for `scope`. Tenants served
@@ -386,7 +408,9 @@ impl Workspace {
         let plan_id = plan::new_id("plan");
         let coordination: BTreeMap<String, Coordination> =
             self.tenants.iter().map(|(id, t)| (id.clone(), t.coordination.clone())).collect();
-        let known = self.tenants.keys().cloned().chain(records.iter().map(|r| r.address.tenant.clone()));
+        let known: BTreeSet<&str> =
+            self.tenants.keys().map(String::as_str).chain(records.iter().map(|r| r.address.tenant.as_str())).collect();
+        let known = known.into_iter().map(str::to_owned);
         begin_session(
             providers,
             format!("{plan_id}@{}", revision.as_deref().unwrap_or("worktree")),
@@ -424,7 +448,7 @@ impl Workspace {
             },
         };
         let now = self.now;
-        let build = |entries: &BTreeMap<String, Vec<DesiredEntry>>, live: &[LiveResource], meta: plan::Meta| {
+        let build = |entries: &dyn plan::DesiredSource, live: &[LiveResource], meta: plan::Meta| {
             plan::build(
                 plan::Inputs {
                     desired: entries,
@@ -440,8 +464,7 @@ impl Workspace {
                 meta,
             )
         };
-        let mut entries = self.entries();
-        let mut plan = build(&entries, &live, meta.clone());
+        let mut plan = build(&self.tenants, &live, meta.clone());
         // What changes needs its content: desired (render again if cached) and live (read).
         let need_render: BTreeSet<String> = plan
             .changes
@@ -459,13 +482,12 @@ impl Workspace {
         if !need_render.is_empty() || !need_live.is_empty() {
             if !need_render.is_empty() {
                 self.materialize(&need_render)?;
-                entries = self.entries();
             }
             let fetched = fetch_all(providers, need_live.into_iter())?;
             if !fetched.is_empty() {
                 live = live.into_iter().map(|l| fetched.get(&l.address).cloned().unwrap_or(l)).collect();
             }
-            plan = build(&entries, &live, meta);
+            plan = build(&self.tenants, &live, meta);
         }
         tracing::info!(plan = %plan.plan_id, create = plan.summary.create, update = plan.summary.update,
             rotate = plan.summary.rotate, delete = plan.summary.delete, drift = plan.summary.drift, elapsed = ?t.elapsed(), "planned");

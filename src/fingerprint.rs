@@ -5,15 +5,9 @@
 use crate::model::{Content, SecretMeta, SecretSpec};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::fmt::Write;
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    let mut s = String::with_capacity(64);
-    for b in digest {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    crate::providers::local::hex(&Sha256::digest(bytes))
 }
 
 /// JSON with object keys sorted, no insignificant whitespace.

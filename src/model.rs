@@ -316,6 +316,11 @@ impl Address {
     /// Parses the textual form back.
     pub fn parse(s: &str) -> Option<Address> {
         let (tenant, rest) = s.split_once('/')?;
+        Address::from_local(tenant, rest)
+    }
+
+    /// The address of `local` (`isp.config`, `kubernetes.Deployment[x]`) in `tenant`.
+    pub fn from_local(tenant: &str, rest: &str) -> Option<Address> {
         let (what, name) = match rest.split_once('[') {
             Some((w, n)) => (w, Some(n.strip_suffix(']')?.to_owned())),
             None => (rest, None),

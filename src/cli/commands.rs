@@ -20,9 +20,21 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Render { tenants, out, format, now } => {
             cmd_render(&g, &tenants, out.as_deref(), format, parse_now(now.as_deref())?)
         }
-        Command::Plan { args, out, format, detailed_exitcode } => {
-            super::plan_apply::cmd_plan(&g, &args, out.as_deref(), format, detailed_exitcode)
+        Command::Plan { args, out, format, detailed_exitcode, report } => {
+            super::plan_apply::cmd_plan(&g, &args, out.as_deref(), format, detailed_exitcode, &report)
         }
+        Command::Diff { base, head, format, now, detailed_exitcode, report } => super::pr::cmd_diff(
+            &g,
+            super::pr::DiffArgs {
+                base: &base,
+                head: &head,
+                format,
+                now: now.as_deref(),
+                detailed_exitcode,
+                report: &report,
+            },
+        ),
+        Command::PrComment { pr, body_file, marker } => super::pr::cmd_pr_comment(pr, &body_file, &marker),
         Command::Apply { plan_file, args, auto_approve, allow_delete, destroy_secrets, parallelism, lock } => {
             super::plan_apply::cmd_apply(
                 &g,

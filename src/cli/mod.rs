@@ -4,6 +4,7 @@
 mod commands;
 mod ops;
 mod plan_apply;
+mod pr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
@@ -93,6 +94,42 @@ pub enum Command {
         /// Exit 2 when there are changes or drift (0: none, 1: error).
         #[arg(long)]
         detailed_exitcode: bool,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// What a pull request changes in the rendered resources: the repository at --base
+    /// against --head, desired against desired, with no access to live systems (safe for
+    /// pull requests from forks). Only the tenants the change reaches are read.
+    Diff {
+        /// The revision the change starts from (any git revision: a commit, branch, tag).
+        #[arg(long, value_name = "REV")]
+        base: String,
+        /// The revision with the change.
+        #[arg(long, value_name = "REV")]
+        head: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+        /// The time licenses and secrets are judged at (RFC 3339; default: now).
+        #[arg(long, value_name = "RFC3339")]
+        now: Option<String>,
+        /// Exit 2 when there are changes (0: none, 1: errors at the head revision).
+        #[arg(long)]
+        detailed_exitcode: bool,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// Create or update one sticky comment on a GitHub pull request (found again by a hidden
+    /// marker), from GITHUB_TOKEN, GITHUB_REPOSITORY and GITHUB_API_URL.
+    PrComment {
+        /// The pull request's number.
+        #[arg(long, value_name = "N")]
+        pr: u64,
+        /// The comment's Markdown (`-`: standard input).
+        #[arg(long, value_name = "FILE")]
+        body_file: PathBuf,
+        /// The hidden marker (`<!-- TEXT -->`) that names the comment; one comment per marker.
+        #[arg(long, value_name = "TEXT", default_value = "dotmac-gitops")]
+        marker: String,
     },
     /// Apply a saved plan, or plan and apply.
     Apply {
@@ -166,6 +203,29 @@ pub struct PlanArgs {
     pub now: Option<String>,
 }
 
+/// Reports for CI: a capped Markdown comment, the job summary, step outputs.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ReportArgs {
+    /// With --format markdown: stay within N characters, summarising and then truncating
+    /// with a notice (a GitHub comment holds 65536).
+    #[arg(long, value_name = "N")]
+    pub max_chars: Option<usize>,
+    /// Append the full Markdown report to FILE (for $GITHUB_STEP_SUMMARY; capped at 1 MiB).
+    #[arg(long, value_name = "FILE")]
+    pub summary_file: Option<PathBuf>,
+    /// With --format markdown: start with the hidden marker `<!-- TEXT -->` that
+    /// `pr-comment --marker TEXT` looks for.
+    #[arg(long, value_name = "TEXT")]
+    pub marker: Option<String>,
+    /// Where the full report is, named in the truncation notice (e.g. the workflow run's URL).
+    #[arg(long, value_name = "TEXT")]
+    pub full_report: Option<String>,
+    /// Append `changed-tenants`, `has-changes`, `highest-risk` and `errors` as name=value
+    /// lines to FILE (for $GITHUB_OUTPUT).
+    #[arg(long, value_name = "FILE")]
+    pub github_output: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct LockArgs {
     /// Wait this long for the state lock (e.g. 30s, 5m; default: fail at once).
@@ -193,6 +253,12 @@ pub fn main() -> ExitCode {
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    // Keep large git trees parsed in memory (libgit2 caches trees up to 4 KiB by default): a
+    // `tenants/` tree of thousands of folders is then inflated once per run, not on every
+    // lookup. SAFETY: libgit2's global options are set before any thread starts.
+    unsafe {
+        let _ = git2::opts::set_cache_object_limit(git2::ObjectType::Tree, 64 << 20);
     }
     // One TLS crypto provider for the process (ring); an error means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();

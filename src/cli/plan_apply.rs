@@ -1,7 +1,7 @@
 //! `plan`, `apply` and `rotate`.
 
 use super::commands::{color, parse_now, print_diagnostics};
-use super::{Format, Global, LockArgs, PlanArgs};
+use super::{Format, Global, LockArgs, PlanArgs, ReportArgs};
 use crate::apply;
 use crate::diff::{Action, Change, Risk};
 use crate::engine::{self, Workspace};
@@ -71,6 +71,17 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> 
 }
 
 impl Prepared {
+    /// Ends the command: providers close (a local store saves its index) and the state store
+    /// closes; the rest — hundreds of thousands of small allocations for a big repository — is
+    /// left to the process exit, which frees it at once.
+    pub fn finish(self) {
+        let Prepared { ws, providers, state, .. } = self;
+        providers.close();
+        drop(state);
+        std::mem::forget(providers);
+        std::mem::forget(ws);
+    }
+
     /// The plan; `record_live` keeps every live fingerprint (for a saved plan).
     pub fn plan(&mut self, record_live: bool) -> Result<Plan> {
         self.ws.plan(&self.providers, self.state.as_ref(), &self.scope, self.revision.clone(), record_live)
@@ -83,7 +94,7 @@ impl Prepared {
     }
 }
 
-fn print_plan(plan: &Plan, format: Format, color: bool) -> Result<()> {
+fn print_plan(plan: &Plan, format: Format, color: bool, report: &ReportArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {
@@ -91,23 +102,7 @@ fn print_plan(plan: &Plan, format: Format, color: bool) -> Result<()> {
             writeln!(out)?;
         }
         Format::Markdown => {
-            let subtitle = format!(
-                "Revision `{}` · plan `{}` · state serial {}",
-                plan.revision.as_deref().map(plan::short).unwrap_or("work tree"),
-                plan.plan_id,
-                plan.serial
-            );
-            let md = plan::markdown::render(
-                &plan.changes,
-                &plan.violations,
-                &plan::markdown::Options {
-                    title: "dotmac-gitops plan",
-                    subtitle: Some(&subtitle),
-                    max_chars: None,
-                    full_report: None,
-                    marker: None,
-                },
-            );
+            let md = super::pr::markdown(&plan_report(plan), report, report.max_chars, None);
             out.write_all(md.as_bytes())?;
         }
         Format::Text => {
@@ -117,23 +112,54 @@ fn print_plan(plan: &Plan, format: Format, color: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn cmd_plan(g: &Global, args: &PlanArgs, out: Option<&Path>, format: Format, detailed: bool) -> Result<u8> {
+fn plan_report(plan: &Plan) -> super::pr::Report<'_> {
+    super::pr::Report {
+        title: "dotmac-gitops plan".into(),
+        subtitle: format!(
+            "Revision `{}` · plan `{}` · state serial {}",
+            plan.revision.as_deref().map(plan::short).unwrap_or("work tree"),
+            plan.plan_id,
+            plan.serial
+        ),
+        changes: &plan.changes,
+        violations: plan.violations.clone(),
+        errors: plan.errors().count(),
+        again: "`dotmac-gitops plan --format json`".into(),
+    }
+}
+
+pub fn cmd_plan(
+    g: &Global,
+    args: &PlanArgs,
+    out: Option<&Path>,
+    format: Format,
+    detailed: bool,
+    report: &ReportArgs,
+) -> Result<u8> {
+    super::pr::check_report_args(report, format)?;
     let now = parse_now(args.now.as_deref())?;
     let mut p = prepare(g, &args.tenants, now, true)?;
     let plan = p.plan(out.is_some())?;
     if let Some(path) = out {
         save_plan(&plan, path)?;
     }
-    print_plan(&plan, format, color(g))?;
+    print_plan(&plan, format, color(g), report)?;
+    super::pr::write_ci_files(&plan_report(&plan), report)?;
     if let Some(path) = out
         && format == Format::Text
     {
         println!("\nSaved the plan to {}; apply it with `dotmac-gitops apply {}`.", path.display(), path.display());
     }
-    if plan.errors().next().is_some() {
-        return Ok(1);
-    }
-    Ok(if detailed && plan.has_changes_or_drift() { 2 } else { 0 })
+    let code = if plan.errors().next().is_some() {
+        1
+    } else if detailed && plan.has_changes_or_drift() {
+        2
+    } else {
+        0
+    };
+    p.finish();
+    std::mem::forget(plan);
+    Ok(code)
 }
 
 fn save_plan(plan: &Plan, path: &Path) -> Result<()> {
@@ -228,7 +254,7 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             let mut prepared = prepare(g, &a.args.tenants, now, true)?;
             let guard = prepared.lock("apply", a.lock)?;
             let plan = prepared.plan(false)?;
-            print_plan(&plan, Format::Text, color)?;
+            print_plan(&plan, Format::Text, color, &ReportArgs::default())?;
             (prepared, plan, guard)
         }
     };
@@ -250,7 +276,10 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
         confirm(a.auto_approve)?;
     }
     let report = apply::apply(&plan, &prepared.providers, prepared.state.as_ref(), &opts)?;
-    Ok(print_report(&report))
+    let code = print_report(&report);
+    prepared.finish();
+    std::mem::forget(plan);
+    Ok(code)
 }
 
 fn print_report(report: &apply::Report) -> u8 {

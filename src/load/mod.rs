@@ -319,6 +319,15 @@ impl Loaded {
         parse_files(&self.root, self.origin.clone(), raw, Vec::new(), &parse_all)
     }
 
+    /// Keeps the shared files (settings, catalogs, environments, templates) and the tenant
+    /// units in `units`; drops every other tenant folder's files, documents and problems.
+    pub fn retain_units(&mut self, units: &BTreeSet<String>) {
+        let keep = |p: &str| source::tenant_unit(p).is_none_or(|u| units.contains(u));
+        self.files.retain(|f| keep(&f.path));
+        self.docs.retain(|d| keep(&d.at.file));
+        self.diagnostics.retain(|d| d.file.as_deref().is_none_or(keep));
+    }
+
     pub fn revision(&self) -> Option<&str> {
         match &self.origin {
             Origin::Commit(c) => Some(c),

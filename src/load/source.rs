@@ -361,13 +361,24 @@ impl GitTree<'_> {
                 continue;
             };
             if top == "tenants" {
-                for unit in sub.iter() {
-                    let Ok(name) = unit.name() else { continue };
-                    if !scope.wants_unit(name) || name.starts_with('.') {
-                        continue;
+                match scope {
+                    // A few units of many: looked up by name, not by reading the whole list.
+                    Scope::Units(units) => {
+                        for name in units.iter().filter(|n| !n.starts_with('.')) {
+                            if let Some(unit) = sub.get_name(name) {
+                                self.collect(&unit, &format!("tenants/{name}"), &mut entries, 0);
+                            }
+                        }
                     }
-                    let rel = format!("tenants/{name}");
-                    self.collect(&unit, &rel, &mut entries, 0);
+                    Scope::All => {
+                        for unit in sub.iter() {
+                            let Ok(name) = unit.name() else { continue };
+                            if name.starts_with('.') {
+                                continue;
+                            }
+                            self.collect(&unit, &format!("tenants/{name}"), &mut entries, 0);
+                        }
+                    }
                 }
             } else {
                 self.collect(&e, top, &mut entries, 0);

@@ -58,8 +58,24 @@ pub struct Plan {
 }
 
 /// What a plan is built from.
+/// Where the desired resources of each tenant come from (a plain map, or the engine's
+/// workspace, without copying it).
+pub trait DesiredSource: Sync {
+    fn tenant_ids(&self) -> Vec<&str>;
+    fn entries_of(&self, tenant: &str) -> Option<&[DesiredEntry]>;
+}
+
+impl DesiredSource for BTreeMap<String, Vec<DesiredEntry>> {
+    fn tenant_ids(&self) -> Vec<&str> {
+        self.keys().map(String::as_str).collect()
+    }
+    fn entries_of(&self, tenant: &str) -> Option<&[DesiredEntry]> {
+        self.get(tenant).map(Vec::as_slice)
+    }
+}
+
 pub struct Inputs<'a> {
-    pub desired: &'a BTreeMap<String, Vec<DesiredEntry>>,
+    pub desired: &'a dyn DesiredSource,
     pub coordination: BTreeMap<String, Coordination>,
     pub live: &'a [LiveResource],
     /// Tenants whose live state could not be read, with why: not planned, reported as errors.
@@ -102,7 +118,7 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
     // A write that was in flight when an apply stopped: if live now holds what it intended,
     // it happened — treat it as recorded rather than as drift.
     let journal: FxHashMap<&str, &JournalEntry> = inputs.journal.iter().map(|j| (j.address.as_str(), j)).collect();
-    let mut tenants: BTreeSet<&str> = inputs.desired.keys().map(String::as_str).filter(|t| wanted(t)).collect();
+    let mut tenants: BTreeSet<&str> = inputs.desired.tenant_ids().into_iter().filter(|t| wanted(t)).collect();
     tenants.extend(rec_by.keys().copied());
     let tenants: Vec<&str> = tenants.into_iter().collect();
     let empty_d: Vec<DesiredEntry> = Vec::new();
@@ -110,7 +126,7 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
         .par_iter()
         .map(|t| {
             plan_tenant(
-                inputs.desired.get(*t).unwrap_or(&empty_d),
+                inputs.desired.entries_of(t).unwrap_or(&empty_d),
                 live_by.get(t).map(Vec::as_slice).unwrap_or(&[]),
                 rec_by.get(t).map(Vec::as_slice).unwrap_or(&[]),
                 &journal,
@@ -185,16 +201,49 @@ fn plan_tenant(
     now: Timestamp,
     options: &diff::Options,
 ) -> (Vec<Change>, Vec<Violation>, Summary) {
-    let mut d: Vec<&DesiredEntry> = desired.iter().collect();
-    d.sort_by(|a, b| local_cmp(&a.address, &b.address));
-    let mut l: Vec<&LiveResource> = live.to_vec();
-    l.sort_by(|a, b| local_cmp(&a.address, &b.address));
-    let mut r: Vec<&Record> = records.to_vec();
-    r.sort_by(|a, b| local_cmp(&a.address, &b.address));
-    // Every address desired or recorded, in order.
-    let mut keys: Vec<&Address> = d.iter().map(|x| &x.address).chain(r.iter().map(|x| &x.address)).collect();
-    keys.sort_by(|a, b| local_cmp(a, b));
-    keys.dedup_by(|a, b| local_cmp(a, b).is_eq());
+    fn sorted<T>(items: Vec<T>, addr: impl Fn(&T) -> &Address) -> Vec<T> {
+        let mut items = items;
+        // Rendered resources come sorted already; stores usually list in a stable order.
+        if !items.is_sorted_by(|a, b| local_cmp(addr(a), addr(b)).is_le()) {
+            items.sort_by(|a, b| local_cmp(addr(a), addr(b)));
+        }
+        items
+    }
+    let d = sorted(desired.iter().collect::<Vec<&DesiredEntry>>(), |x| &x.address);
+    let l = sorted(live.to_vec(), |x| &x.address);
+    let r = sorted(records.to_vec(), |x| &x.address);
+    // Every address desired or recorded, in order: a merge of two sorted lists.
+    let mut keys: Vec<&Address> = Vec::with_capacity(d.len().max(r.len()));
+    let (mut i, mut j) = (0, 0);
+    while i < d.len() || j < r.len() {
+        let next = match (d.get(i), r.get(j)) {
+            (Some(x), Some(y)) => match local_cmp(&x.address, &y.address) {
+                std::cmp::Ordering::Less => {
+                    i += 1;
+                    &x.address
+                }
+                std::cmp::Ordering::Greater => {
+                    j += 1;
+                    &y.address
+                }
+                std::cmp::Ordering::Equal => {
+                    i += 1;
+                    j += 1;
+                    &x.address
+                }
+            },
+            (Some(x), None) => {
+                i += 1;
+                &x.address
+            }
+            (None, Some(y)) => {
+                j += 1;
+                &y.address
+            }
+            (None, None) => break,
+        };
+        keys.push(next);
+    }
     let find = |a: &Address| {
         (
             d.binary_search_by(|x| local_cmp(&x.address, a)).ok().map(|i| d[i]),
@@ -325,25 +374,7 @@ impl Plan {
     /// The JSON people and tools read (`plan --format json`): the stable shape of the CLI
     /// contract, without the apply-only fields.
     pub fn to_json(&self) -> Value {
-        let changes: Vec<Value> = self
-            .changes
-            .iter()
-            .map(|c| {
-                json!({
-                    "address": c.address.to_string(),
-                    "tenant": c.address.tenant,
-                    "provider": c.address.provider(),
-                    "action": c.action,
-                    "drift": c.drift,
-                    "risk": c.risk,
-                    "reason": c.reason,
-                    "diff": c.diff,
-                    "before": c.before.as_ref().map(masked).unwrap_or(Value::Null),
-                    "after": c.desired.as_ref().filter(|_| c.action != Action::Delete).map(masked).unwrap_or(Value::Null),
-                    "fields": c.fields,
-                })
-            })
-            .collect();
+        let changes: Vec<Value> = self.changes.iter().map(change_json).collect();
         json!({
             "format_version": self.format_version,
             "plan_id": self.plan_id,
@@ -358,6 +389,23 @@ impl Plan {
             "violations": self.violations,
         })
     }
+}
+
+/// One change as `plan --format json` (and `diff --format json`) shows it; secrets masked.
+pub fn change_json(c: &Change) -> Value {
+    json!({
+        "address": c.address.to_string(),
+        "tenant": c.address.tenant,
+        "provider": c.address.provider(),
+        "action": c.action,
+        "drift": c.drift,
+        "risk": c.risk,
+        "reason": c.reason,
+        "diff": c.diff,
+        "before": c.before.as_ref().map(masked).unwrap_or(Value::Null),
+        "after": c.desired.as_ref().filter(|_| c.action != Action::Delete).map(masked).unwrap_or(Value::Null),
+        "fields": c.fields,
+    })
 }
 
 /// A content as JSON for output: structures as they are, text as a string, secrets as

@@ -2,7 +2,7 @@
 //! updates, then violations and a one-line summary.
 
 use super::Plan;
-use crate::diff::{Action, Change, Severity};
+use crate::diff::{Action, Change, Severity, Violation};
 use std::fmt::Write;
 
 struct Paint(bool);
@@ -26,9 +26,34 @@ fn symbol(c: &Change) -> (&'static str, &'static str) {
 /// The plan as text. `max_diff_lines` bounds each diff (0: no limit).
 pub fn render(plan: &Plan, color: bool, max_diff_lines: usize) -> String {
     let p = Paint(color);
+    let mut out = changes(&plan.changes, &plan.violations, color, max_diff_lines);
+    let s = &plan.summary;
+    let _ = writeln!(out);
+    if !plan.has_changes() && s.drift == 0 {
+        let _ =
+            writeln!(out, "{}", p.c("1;32", &format!("No changes. {} resources are as the repository says.", s.noop)));
+    } else {
+        let _ = writeln!(
+            out,
+            "{} {} to create, {} to update, {} to rotate, {} to delete; {} unchanged; {} drifted.",
+            p.c("1", "Plan:"),
+            s.create,
+            s.update,
+            s.rotate,
+            s.delete,
+            s.noop,
+            s.drift
+        );
+    }
+    out.trim_start_matches('\n').to_owned()
+}
+
+/// Per tenant, one line per change and the diff of updates and deletes; then violations.
+pub fn changes(changes: &[Change], violations: &[Violation], color: bool, max_diff_lines: usize) -> String {
+    let p = Paint(color);
     let mut out = String::new();
     let mut tenant = "";
-    for c in &plan.changes {
+    for c in changes {
         if c.address.tenant != tenant {
             tenant = &c.address.tenant;
             let _ = writeln!(out, "\n{}", p.c("1", tenant));
@@ -69,9 +94,9 @@ pub fn render(plan: &Plan, color: bool, max_diff_lines: usize) -> String {
             }
         }
     }
-    if !plan.violations.is_empty() {
+    if !violations.is_empty() {
         let _ = writeln!(out, "\n{}", p.c("1", "Violations"));
-        for v in &plan.violations {
+        for v in violations {
             let word = match v.severity {
                 Severity::Error => p.c("1;31", "error"),
                 Severity::Warning => p.c("1;33", "warning"),
@@ -79,23 +104,5 @@ pub fn render(plan: &Plan, color: bool, max_diff_lines: usize) -> String {
             let _ = writeln!(out, "  {word}[{}]: {}", v.rule, v.message);
         }
     }
-    let s = &plan.summary;
-    let _ = writeln!(out);
-    if !plan.has_changes() && s.drift == 0 {
-        let _ =
-            writeln!(out, "{}", p.c("1;32", &format!("No changes. {} resources are as the repository says.", s.noop)));
-    } else {
-        let _ = writeln!(
-            out,
-            "{} {} to create, {} to update, {} to rotate, {} to delete; {} unchanged; {} drifted.",
-            p.c("1", "Plan:"),
-            s.create,
-            s.update,
-            s.rotate,
-            s.delete,
-            s.noop,
-            s.drift
-        );
-    }
-    out.trim_start_matches('\n').to_owned()
+    out
 }

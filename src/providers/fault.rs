@@ -88,6 +88,9 @@ impl Provider for Faulty {
         self.check("delete", &self.deletes, &a.to_string())?;
         self.inner.delete(a, expect, destroy)
     }
+    fn close(&self) {
+        self.inner.close()
+    }
     fn deletes_with_tenant(&self) -> bool {
         self.inner.deletes_with_tenant()
     }

@@ -150,6 +150,9 @@ pub trait Provider: Send + Sync {
         Err(ProviderError::Other(format!("{address}: {} cannot restore secret versions", self.describe())))
     }
 
+    /// Called once when the engine is done with the provider (a local store keeps its index).
+    fn close(&self) {}
+
     /// True when a delete leaves the resource to go away with the tenant's instance (the ISP
     /// API has no delete): the engine stops managing it rather than expecting it gone.
     fn deletes_with_tenant(&self) -> bool {
@@ -186,6 +189,12 @@ impl Providers {
             ProviderId::Management => &self.management,
             ProviderId::Isp => &self.isp,
             ProviderId::Kubernetes => &self.kubernetes,
+        }
+    }
+
+    pub fn close(&self) {
+        for p in ProviderId::ALL {
+            self.get(p).close();
         }
     }
 

@@ -2,8 +2,11 @@
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
 mod bao;
+mod fake_github;
 mod pg;
 mod util;
+
+mod action;
 
 mod http;
 mod kube_fake;
@@ -13,6 +16,8 @@ mod parity;
 mod pgstate;
 mod plan_apply;
 mod platform;
+mod pr_comment;
+mod prdiff;
 mod render;
 mod sandbox;
 mod secrets;

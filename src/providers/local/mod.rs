@@ -164,7 +164,7 @@ impl LocalStore {
             }
             FileKind::One(local) => local,
         };
-        let Some(address) = Address::parse(&format!("{tenant}/{local}")) else { return Ok(Some(Vec::new())) };
+        let Some(address) = Address::from_local(&tenant, &local) else { return Ok(Some(Vec::new())) };
         let content = match &address.kind {
             ResourceKind::IspConfig | ResourceKind::OpenbaoPolicy => Content::Text(text),
             _ => match yaml::parse_documents(&text) {
@@ -338,7 +338,7 @@ impl LocalStore {
         held.iter()
             .filter_map(|h| {
                 Some(LiveResource {
-                    address: Address::parse(&format!("{tenant}/{}", h.local))?,
+                    address: Address::from_local(tenant, &h.local)?,
                     fingerprint: h.fingerprint.clone(),
                     content: h.meta.clone().map(Content::SecretMeta),
                 })
@@ -367,45 +367,59 @@ impl Provider for LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(ProviderError::Other(format!("{}: {e}", self.dir.display()))),
         };
-        type Found = (Vec<LiveResource>, Option<(String, Option<Entry>)>);
-        let found: Vec<Result<Found>> = {
+        // One directory handle: each file is then a `stat` of one path component.
+        let dir = match std::fs::File::open(&self.dir) {
+            Ok(d) => Some(d),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ProviderError::Other(format!("{}: {e}", self.dir.display()))),
+        };
+        type Acc = (Vec<LiveResource>, Vec<(String, Option<Entry>)>);
+        let (out, updates): Acc = {
             let idx = self.index().read().unwrap_or_else(|p| p.into_inner());
             names
                 .par_iter()
-                .map(|name| {
-                    let Some((tenant, _)) = self.parse_name(name) else { return Ok((Vec::new(), None)) };
-                    let meta = match std::fs::symlink_metadata(self.path(name)) {
-                        Ok(m) if m.is_file() => m,
-                        Ok(_) => return Ok((Vec::new(), None)),
-                        Err(_) => return Ok((Vec::new(), Some((name.clone(), None)))),
-                    };
-                    let stamp = Stamp::of(&meta);
-                    if let Some(e) = idx.valid(name, &stamp) {
-                        return Ok((self.resources_of(&tenant, &e.held), None));
-                    }
-                    let Some(rs) = self.read_file(name)? else { return Ok((Vec::new(), Some((name.clone(), None)))) };
-                    let held = rs
-                        .iter()
-                        .map(|r| Held {
-                            local: r.address.to_string()[tenant.len() + 1..].to_owned(),
-                            fingerprint: r.fingerprint.clone(),
-                            meta: match &r.content {
-                                Some(Content::SecretMeta(m)) => Some(m.clone()),
-                                _ => None,
-                            },
-                        })
-                        .collect();
-                    Ok((rs, Some((name.clone(), Some(Entry { stamp, held })))))
-                })
-                .collect()
+                .try_fold(
+                    || (Vec::new(), Vec::new()),
+                    |(mut out, mut updates): Acc, name| -> Result<Acc> {
+                        let Some((tenant, _)) = name.split_once('.') else { return Ok((out, updates)) };
+                        let Some(stamp) = dir.as_ref().and_then(|d| stat_at(d, name)) else {
+                            updates.push((name.clone(), None));
+                            return Ok((out, updates));
+                        };
+                        let Some(stamp) = stamp else { return Ok((out, updates)) };
+                        if let Some(e) = idx.valid(name, &stamp) {
+                            out.extend(self.resources_of(tenant, &e.held));
+                            return Ok((out, updates));
+                        }
+                        let Some(rs) = self.read_file(name)? else {
+                            updates.push((name.clone(), None));
+                            return Ok((out, updates));
+                        };
+                        let held = rs
+                            .iter()
+                            .map(|r| Held {
+                                local: r.address.to_string()[tenant.len() + 1..].to_owned(),
+                                fingerprint: r.fingerprint.clone(),
+                                meta: match &r.content {
+                                    Some(Content::SecretMeta(m)) => Some(m.clone()),
+                                    _ => None,
+                                },
+                            })
+                            .collect();
+                        out.extend(rs);
+                        updates.push((name.clone(), Some(Entry { stamp, held })));
+                        Ok((out, updates))
+                    },
+                )
+                .try_reduce(
+                    || (Vec::new(), Vec::new()),
+                    |(mut a, mut b), (c, d)| {
+                        a.extend(c);
+                        b.extend(d);
+                        Ok((a, b))
+                    },
+                )?
         };
-        let mut out = Vec::new();
-        let mut updates = Vec::new();
-        for f in found {
-            let (rs, update) = f?;
-            out.extend(rs);
-            updates.extend(update);
-        }
         let present: HashSet<&str> = names.iter().map(String::as_str).collect();
         let mut idx = self.index().write().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<String> = idx
@@ -490,6 +504,10 @@ impl Provider for LocalStore {
         self.remove_file(&self.file_of(a)?)
     }
 
+    fn close(&self) {
+        self.save_index();
+    }
+
     fn flush(&self) -> Result<()> {
         if !self.dir.exists() {
             return Ok(());
@@ -508,15 +526,21 @@ impl Provider for LocalStore {
     }
 }
 
-impl Drop for LocalStore {
+impl LocalStore {
     /// Keeps the index of what this process wrote (a cache: losing it costs only time).
-    fn drop(&mut self) {
+    fn save_index(&self) {
         if let Some(lock) = self.index.get() {
             let mut idx = lock.write().unwrap_or_else(|p| p.into_inner());
             if idx.dirty && self.dir.exists() {
                 let _ = idx.save(&self.dir);
             }
         }
+    }
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        self.save_index();
     }
 }
 
@@ -562,6 +586,25 @@ impl SecretRecord {
             placeholder: self.placeholder,
         }
     }
+}
+
+/// The `stat` of `name` in the folder `dir` (`None` if absent; `Some(None)` if not a regular
+/// file), without following links and without walking the folder's path again.
+fn stat_at(dir: &std::fs::File, name: &str) -> Option<Option<Stamp>> {
+    use std::os::fd::AsRawFd;
+    let c = std::ffi::CString::new(name).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: a valid directory descriptor, a NUL-terminated name, and a buffer for the result.
+    let rc = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstatat returned 0, so the buffer is filled.
+    let st = unsafe { st.assume_init() };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Some(None);
+    }
+    Some(Some(Stamp { mtime: st.st_mtime, mtime_ns: st.st_mtime_nsec, size: st.st_size as u64, ino: st.st_ino }))
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -654,10 +697,11 @@ fn load_key(state_dir: &Path, key_env: Option<&str>) -> anyhow::Result<Vec<u8>> 
 }
 
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
     }
     s
 }
