@@ -49,12 +49,16 @@ print(n, "documents")
 
 def run(cmd, cwd=None, env=None, ok=(0,)):
     """Runs `cmd`; returns (seconds, peak RSS in MiB, stdout)."""
-    start = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    elapsed = time.perf_counter() - start
-    out = p.stdout.read().decode()
-    err = p.stderr.read().decode()
+    # Output goes to files: a pipe nobody reads while waiting would block a chatty child.
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        start = time.perf_counter()
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fo, stderr=fe)
+        _, status, usage = os.wait4(p.pid, 0)
+        elapsed = time.perf_counter() - start
+        fo.seek(0)
+        fe.seek(0)
+        out = fo.read().decode()
+        err = fe.read().decode()
     code = os.waitstatus_to_exitcode(status)
     if code not in ok:
         sys.exit(f"{' '.join(cmd)} exited {code}:\n{out[-2000:]}\n{err[-2000:]}")

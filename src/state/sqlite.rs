@@ -1,6 +1,6 @@
 //! The embedded state store: one SQLite file (WAL, synchronous=FULL), versioned migrations.
 
-use super::{AuditEntry, AuditQuery, Commit, JournalEntry, Record, Result, StateMeta, StateStore};
+use super::{AuditEntry, AuditQuery, Commit, JournalEntry, Record, Result, StateMeta, StateStore, content_to_text};
 use crate::model::{Address, Content};
 use crate::providers::TenantScope;
 use anyhow::Context;
@@ -88,13 +88,6 @@ impl SqliteStore {
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn content_to_text(c: &Content) -> Option<String> {
-    match c {
-        Content::Secret(_) | Content::SecretMeta(_) => None,
-        other => serde_json::to_string(other).ok(),
     }
 }
 

@@ -229,7 +229,22 @@ fn validate_settings(value: Option<&Value>, diags: &mut Vec<Diagnostic>) -> Sett
     let problems = schema::check(Kind::Settings, value);
     if problems.is_empty() {
         match serde_json::from_value::<Settings>(value.clone()) {
-            Ok(s) => return s,
+            Ok(s) => {
+                // Not pointed at: the diagnostic's excerpt would print the password.
+                if s.state
+                    .url
+                    .as_deref()
+                    .and_then(|u| crate::state::postgres::PgUrl::parse(u).ok())
+                    .is_some_and(|u| u.has_password())
+                {
+                    diags.push(
+                        Diagnostic::error("settings", "[state] url holds a password; secrets never live in git")
+                            .file("dotmac.toml")
+                            .help("put the URL in an environment variable and name it in [state] url_env"),
+                    );
+                }
+                return s;
+            }
             Err(e) => diags.push(Diagnostic::error("settings", format!("invalid settings: {e}")).file("dotmac.toml")),
         }
     }

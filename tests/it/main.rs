@@ -3,6 +3,7 @@
 
 mod bao;
 mod fake_github;
+mod pg;
 mod util;
 
 mod action;
@@ -12,6 +13,7 @@ mod kube_fake;
 mod kubernetes;
 mod openbao;
 mod parity;
+mod pgstate;
 mod plan_apply;
 mod platform;
 mod pr_comment;
