@@ -126,6 +126,27 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     }
     let serial = state.begin_apply()?;
     report.serial = serial;
+    // The journal: every write this apply may do, recorded before the first one, and cleared
+    // only once all of them are durable. An apply that dies leaves it for the next plan,
+    // which treats those addresses as in flight (finished or not), not as drift.
+    let started = jiff::Timestamp::now().to_string();
+    let journal: Vec<JournalEntry> = by_tenant
+        .values()
+        .flatten()
+        .filter(|c| c.action != Action::Noop)
+        .map(|c| JournalEntry {
+            address: c.address.to_string(),
+            plan_id: plan.plan_id.clone(),
+            action: c.action.as_str().into(),
+            intended: c.desired.as_ref().filter(|_| c.action != Action::Delete).and_then(intended_fingerprint),
+            started_at: started.clone(),
+        })
+        .collect();
+    let stale: Vec<String> = state.journal()?.into_iter().map(|j| j.address).collect();
+    if !stale.is_empty() {
+        state.commit(serial, Commit { clear_journal: stale, ..Commit::default() })?;
+    }
+    state.journal_add(&journal)?;
     let ctx = Ctx { plan, providers, state, opts, correlation: plan.correlation_id() };
     providers.begin(&Session {
         correlation_id: ctx.correlation.clone(),
@@ -157,7 +178,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             });
         }
         drop(tx);
-        // The committer: batches of tenants, made durable on the providers, then recorded.
+        // The committer: records and audit entries, a batch of tenants at a time.
         let mut batch: Vec<TenantResult> = Vec::new();
         let mut flush = |batch: &mut Vec<TenantResult>, report: &mut Report| {
             if batch.is_empty() {
@@ -172,9 +193,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
                 written_all.extend(r.written);
                 report.outcomes.push(r.outcome);
             }
-            let durable = ProviderId::ALL.iter().try_for_each(|p| ctx.providers.get(*p).flush());
-            let result = durable.map_err(anyhow::Error::from).and_then(|_| ctx.state.commit(serial, commit));
-            if let Err(e) = result
+            if let Err(e) = ctx.state.commit(serial, commit)
                 && commit_error.is_none()
             {
                 commit_error = Some(e);
@@ -202,6 +221,20 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     });
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+    // Everything written is made durable once (a local store: one syncfs), then the journal
+    // is cleared: until then the next plan knows these writes were in flight.
+    let durable = ProviderId::ALL.iter().try_for_each(|p| providers.get(*p).flush());
+    let cleared = durable.map_err(anyhow::Error::from).and_then(|_| {
+        state.commit(
+            serial,
+            Commit { clear_journal: journal.into_iter().map(|j| j.address).collect(), ..Commit::default() },
+        )
+    });
+    if let Err(e) = cleared
+        && commit_error.is_none()
+    {
+        commit_error = Some(e);
     }
     if let Some(e) = commit_error {
         return Err(e.context("the changes were applied but could not be recorded in the state store; the next plan re-reads live state and records them"));
@@ -279,23 +312,7 @@ fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &
         }
     }
 
-    // 2. Journal, then write.
-    let journal: Vec<JournalEntry> = writes
-        .iter()
-        .chain(&deletes)
-        .map(|c| JournalEntry {
-            address: c.address.to_string(),
-            plan_id: ctx.plan.plan_id.clone(),
-            action: c.action.as_str().into(),
-            intended: c.desired.as_ref().filter(|_| c.action != Action::Delete).and_then(intended_fingerprint),
-            started_at: now.clone(),
-        })
-        .collect();
-    if let Err(e) = ctx.state.journal_add(&journal) {
-        return fail(format!("could not journal the writes: {e}"), commit);
-    }
-    commit.clear_journal = journal.iter().map(|j| j.address.clone()).collect();
-
+    // 2. Write (the whole plan was journaled before any tenant started).
     let result = match coord.strategy {
         Strategy::ManagementFirst => run_sequence(ctx, writes.iter().chain(&deletes).copied(), &live_now),
         Strategy::Synchronized => run_synchronized(ctx, &writes, &deletes, &live_now),

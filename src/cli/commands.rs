@@ -60,7 +60,12 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::BenchParse => {
             let root = load::find_root(g.repo.as_deref())?;
             let loaded = load::load(&root, g.rev.as_deref(), &Scope::All)?;
-            println!("{} files, {} documents, {} problems", loaded.files.len(), loaded.docs.len(), loaded.diagnostics.len());
+            println!(
+                "{} files, {} documents, {} problems",
+                loaded.files.len(),
+                loaded.docs.len(),
+                loaded.diagnostics.len()
+            );
             std::mem::forget(loaded);
             Ok(0)
         }

@@ -272,7 +272,16 @@ fn plan_tenant(
             push(&mut changes, &mut violations, &mut summary, c, v, true);
             continue;
         }
-        let (c, v) = diff::diff(a, dl, ll, rl, now, options);
+        let (mut c, v) = diff::diff(a, dl, ll, rl, now, options);
+        if journaled.is_some()
+            && let Some(c) = c.as_mut()
+            && c.drift
+        {
+            // An interrupted apply was writing this address: what differs from the record
+            // is its half-done work, not someone else's change.
+            c.drift = false;
+            c.reason = "an interrupted apply did not finish this; it is applied now".into();
+        }
         push(&mut changes, &mut violations, &mut summary, c, v, false);
     }
     (changes, violations, summary)

@@ -2,8 +2,10 @@
 //!
 //! `DOTMAC_FAULTS="isp:put:3,management:delete:1"` makes the 3rd `put` on the ISP provider
 //! and the 1st `delete` on the management provider fail (counted across the whole process,
-//! all threads). `*` as the count fails every call. Nothing is injected unless the variable
-//! is set; the wrapper is not installed at all then.
+//! all threads). `*` as the count fails every call. Two ops stand for the process dying
+//! instead of an error: `crash` (exit right after the nth `put` succeeded) and `crash-at-flush`
+//! (exit when the nth `flush` is asked for, before anything is made durable). Nothing is
+//! injected unless the variable is set; the wrapper is not installed at all then.
 
 use super::secret_value::SecretValue;
 use super::{Expect, LiveResource, Provider, ProviderError, Result, Session, TenantScope};
@@ -25,7 +27,11 @@ pub struct Faulty {
     deletes: AtomicUsize,
     lists: AtomicUsize,
     fetches: AtomicUsize,
+    flushes: AtomicUsize,
 }
+
+/// The exit status of a process killed by an injected crash.
+pub const CRASH_STATUS: i32 = 86;
 
 /// Parses the rules of `spec` that concern `provider`.
 fn rules_for(spec: &str, provider: ProviderId) -> Vec<Rule> {
@@ -52,6 +58,7 @@ pub fn wrap(inner: Arc<dyn Provider>) -> Arc<dyn Provider> {
         deletes: AtomicUsize::new(0),
         lists: AtomicUsize::new(0),
         fetches: AtomicUsize::new(0),
+        flushes: AtomicUsize::new(0),
     })
 }
 
@@ -62,6 +69,14 @@ impl Faulty {
             return Err(ProviderError::Unavailable(format!("injected fault: {} {op} #{n} ({what})", self.inner.id())));
         }
         Ok(())
+    }
+
+    /// Ends the process, as a `kill -9` would, if a `crash` rule names the `n`th call.
+    fn crash_if(&self, op: &str, n: usize) {
+        if self.rules.iter().any(|r| r.op == op && r.nth.is_none_or(|k| k == n)) {
+            eprintln!("injected crash: {} {op} #{n}", self.inner.id());
+            std::process::exit(CRASH_STATUS);
+        }
     }
 }
 
@@ -82,7 +97,9 @@ impl Provider for Faulty {
     }
     fn put(&self, r: &Resource, secret: Option<&SecretValue>, expect: &Expect) -> Result<LiveResource> {
         self.check("put", &self.puts, &r.address.to_string())?;
-        self.inner.put(r, secret, expect)
+        let written = self.inner.put(r, secret, expect)?;
+        self.crash_if("crash", self.puts.load(Ordering::SeqCst));
+        Ok(written)
     }
     fn delete(&self, a: &Address, expect: &Expect, destroy: bool) -> Result<()> {
         self.check("delete", &self.deletes, &a.to_string())?;
@@ -95,6 +112,7 @@ impl Provider for Faulty {
         self.inner.deletes_with_tenant()
     }
     fn flush(&self) -> Result<()> {
+        self.crash_if("crash-at-flush", self.flushes.fetch_add(1, Ordering::SeqCst) + 1);
         self.inner.flush()
     }
     fn restore_secret(&self, a: &Address, version: u64) -> Result<LiveResource> {

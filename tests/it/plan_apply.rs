@@ -174,6 +174,40 @@ fn a_failure_mid_apply_rolls_the_tenant_back_and_leaves_state_consistent() {
 }
 
 #[test]
+fn an_apply_killed_mid_way_or_before_its_writes_are_durable_heals_on_the_next_plan() {
+    let repo = example_repo();
+    let r = repo.path();
+    let live = r.join(".dotmac/live/management/tenant-123.tenant.yaml");
+    // Killed right after its first write: the journal stays, and the next plan adopts the
+    // write it finds done instead of calling it drift.
+    let out = run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "management:crash:1")]);
+    assert_eq!(out.code, dotmac_gitops::providers::fault::CRASH_STATUS, "{}{}", out.stdout, out.stderr);
+    let p = plan_json(r);
+    assert_eq!(p["summary"]["drift"], 0, "{p}");
+    assert_eq!(dm(r, &["apply", "--auto-approve", "--now", NOW]).code, 0);
+    assert_eq!(dm(r, &["plan", "--detailed-exitcode", "--now", NOW]).code, 0);
+
+    // Killed after recording but before the final flush, then a power loss takes the
+    // renamed file back to what it was: the record says "renamed", live says otherwise, and
+    // the journal says an apply was writing it, so it is applied again, not drift.
+    let before = std::fs::read_to_string(&live).unwrap();
+    edit(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
+    let out =
+        run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "management:crash-at-flush:1")]);
+    assert_eq!(out.code, dotmac_gitops::providers::fault::CRASH_STATUS, "{}{}", out.stdout, out.stderr);
+    assert_ne!(std::fs::read_to_string(&live).unwrap(), before, "the write happened");
+    std::fs::write(&live, &before).unwrap();
+    let p = plan_json(r);
+    assert_eq!(p["summary"]["drift"], 0, "{p}");
+    assert_eq!(changed_addresses(&p), vec!["tenant-123/management.tenant"], "{p}");
+    let reason = p["changes"].as_array().unwrap().iter().find(|c| c["action"] == "update").unwrap()["reason"].clone();
+    assert!(reason.as_str().unwrap().contains("interrupted apply"), "{reason}");
+    assert_eq!(dm(r, &["apply", "--auto-approve", "--now", NOW]).code, 0);
+    assert_eq!(dm(r, &["plan", "--detailed-exitcode", "--now", NOW]).code, 0);
+    assert!(std::fs::read_to_string(&live).unwrap().contains("Demo ISP Renamed"));
+}
+
+#[test]
 fn one_tenants_failure_does_not_stop_the_others() {
     let repo = example_repo();
     let r = repo.path();
