@@ -669,62 +669,66 @@ impl LocalStore {
         }
     }
 
-    /// Writes one dirty shard: temp file, fsync, rename.
+    /// Writes one dirty shard: temp file, fsync, rename. The file is streamed from the
+    /// entries (unchanged ones straight from the old file's bytes); the image then drops the
+    /// bytes and keeps the new ranges, and reads the file again if content is asked for.
     fn write_shard(&self, n: usize) -> Result<()> {
         let mut slot = self.lock(n);
         let Some(s) = slot.as_mut().filter(|s| s.dirty()) else { return Ok(()) };
         let path = self.path_of(n);
-        let mut conflict = None;
-        if self.stat(n)? != s.stamp {
-            conflict = self.merge(n, s)?;
-        }
-        let bytes = s.bytes.take().unwrap_or_default();
-        let mut out = Vec::with_capacity(bytes.len() + s.changed.len() * 4096);
-        out.extend_from_slice(shard::preamble(self.id, n).as_bytes());
-        for e in s.entries.values_mut() {
-            let start = out.len();
-            match &e.body {
-                Body::File(r) => out.extend_from_slice(&bytes[r.clone()]),
-                Body::New(framed) => out.extend_from_slice(framed),
-            }
-            if !out.ends_with(b"\n") {
-                // The last entry of a file whose final newline an editor removed.
-                out.push(b'\n');
-                e.hash = digest(&out[start..]);
-            }
-            e.body = Body::File(start..out.len());
+        let conflict = if self.stat(n)? != s.stamp { self.merge(n, s)? } else { None };
+        if !s.dirty() {
+            // Nothing of ours left to write (someone else's change won).
+            return conflict.map_or(Ok(()), Err);
         }
         if s.entries.is_empty() {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    s.bytes = Some(bytes);
-                    return Err(io_error(&path, e));
-                }
+                Err(e) => return Err(io_error(&path, e)),
             }
             *s = Shard::absent();
-        } else {
-            let stamp = match write_durably(&self.dir, &path, &out) {
-                Ok(stamp) => stamp,
-                Err(e) => {
-                    // The image keeps its changes: the next flush tries again. Ranges now
-                    // point into `out`, so keep that as the bytes.
-                    s.bytes = Some(out);
-                    s.stamp = None;
-                    return Err(e);
+            return conflict.map_or(Ok(()), Err);
+        }
+        let old = s.bytes.as_deref().unwrap_or_default();
+        let mut ranges: Vec<(Range<usize>, Option<[u8; 32]>)> = Vec::with_capacity(s.entries.len());
+        let write = |w: &mut dyn Write| -> std::io::Result<()> {
+            let preamble = shard::preamble(self.id, n);
+            w.write_all(preamble.as_bytes())?;
+            let mut pos = preamble.len();
+            for e in s.entries.values() {
+                let chunk = match &e.body {
+                    Body::File(r) => &old[r.clone()],
+                    Body::New(framed) => framed.as_slice(),
+                };
+                w.write_all(chunk)?;
+                let start = pos;
+                pos += chunk.len();
+                let mut rehash = None;
+                if !chunk.ends_with(b"\n") {
+                    // The last entry of a file whose final newline an editor removed.
+                    w.write_all(b"\n")?;
+                    pos += 1;
+                    rehash = Some(Sha256::new().chain_update(chunk).chain_update(b"\n").finalize().into());
                 }
-            };
-            s.stamp = Some(stamp);
-            s.bytes = Some(out);
-            s.split = true;
-            s.trusted = false;
-            s.changed.clear();
+                ranges.push((start..pos, rehash));
+            }
+            Ok(())
+        };
+        // On failure the image keeps its changes: the next flush tries again.
+        let stamp = write_durably(&self.dir, &path, write)?;
+        for (e, (range, rehash)) in s.entries.values_mut().zip(ranges) {
+            e.body = Body::File(range);
+            if let Some(h) = rehash {
+                e.hash = h;
+            }
         }
-        match conflict {
-            Some(c) => Err(c),
-            None => Ok(()),
-        }
+        s.stamp = Some(stamp);
+        s.bytes = None;
+        s.split = true;
+        s.trusted = false;
+        s.changed.clear();
+        conflict.map_or(Ok(()), Err)
     }
 
     /// The file of a dirty shard changed on disk: take its entries, with this store's
@@ -751,10 +755,6 @@ impl LocalStore {
             disk.changed.insert(key, base);
         }
         tracing::info!(file = %self.path_of(n).display(), "changed on disk while this process held writes for it: merged");
-        if disk.changed.is_empty() {
-            // Nothing of ours is left to write: keep the file as it is.
-            disk.changed.insert(String::new(), None);
-        }
         *s = disk;
         Ok(conflict)
     }
@@ -948,16 +948,21 @@ impl Drop for LocalStore {
     }
 }
 
-/// Writes `bytes` to `path` through a temp file in `dir`, synced before the rename; returns
-/// the new file's `stat`.
-fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<Stamp> {
+/// Writes a file at `path` through a temp file in `dir` (what `write` writes, buffered),
+/// synced before the rename; returns the new file's `stat`.
+fn write_durably(
+    dir: &Path,
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<Stamp> {
     static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard");
     let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 18, std::fs::File::create(&tmp)?);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         let stamp = Stamp::of(&f.metadata()?);
         std::fs::rename(&tmp, path)?;
