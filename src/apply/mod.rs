@@ -138,7 +138,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             address: c.address.to_string(),
             plan_id: plan.plan_id.clone(),
             action: c.action.as_str().into(),
-            intended: c.desired.as_ref().filter(|_| c.action != Action::Delete).and_then(intended_fingerprint),
+            intended: (c.action != Action::Delete).then(|| intended_fingerprint(c)).flatten(),
             started_at: started.clone(),
         })
         .collect();
@@ -387,11 +387,11 @@ fn applied(ctx: &Ctx<'_>, now: &str, c: &Change) -> AuditEntry {
     entry
 }
 
-/// The fingerprint a desired content will have once written (secrets: unknown until then).
-fn intended_fingerprint(c: &Content) -> Option<String> {
-    match c {
+/// The fingerprint a change's content will have once written (secrets: unknown until then).
+fn intended_fingerprint(c: &Change) -> Option<String> {
+    match c.desired.as_ref()? {
         Content::Secret(_) | Content::SecretMeta(_) => None,
-        other => Some(crate::fingerprint::of(other)),
+        other => c.desired_fingerprint.clone().or_else(|| Some(crate::fingerprint::of(other))),
     }
 }
 
@@ -577,18 +577,19 @@ fn consistency(providers: &Providers, written: &[(Address, Option<String>)]) -> 
             _ => None,
         })
         .collect();
-    let mut problems = Vec::new();
-    for m in &mgmt {
-        if let (Some(Content::Json(record)), Some(text)) = (&m.content, isp.get(m.address.tenant.as_str())) {
-            for d in crate::drift::consistency(&m.address.tenant, record, text) {
-                problems.push(format!(
-                    "tenant {}: management and ISP framework disagree on {}: {} vs {} (impact {}): {}",
-                    d.tenant, d.path, d.management_value, d.isp_framework_value, d.impact, d.recommendation
-                ));
-            }
-        }
-    }
-    problems
+    use rayon::prelude::*;
+    mgmt.par_iter()
+        .flat_map_iter(|m| match (&m.content, isp.get(m.address.tenant.as_str())) {
+            (Some(Content::Json(record)), Some(text)) => crate::drift::consistency(&m.address.tenant, record, text),
+            _ => Vec::new(),
+        })
+        .map(|d| {
+            format!(
+                "tenant {}: management and ISP framework disagree on {}: {} vs {} (impact {}): {}",
+                d.tenant, d.path, d.management_value, d.isp_framework_value, d.impact, d.recommendation
+            )
+        })
+        .collect()
 }
 
 /// An audit entry for a change, with before/after masked: fields for updates, fingerprints
@@ -616,10 +617,7 @@ fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &str, message: Option<S
     } else {
         (
             c.live_fingerprint.as_ref().map(|f| json!({"fingerprint": f})),
-            c.desired
-                .as_ref()
-                .filter(|_| c.action != Action::Delete)
-                .map(|d| json!({"fingerprint": crate::fingerprint::of(d)})),
+            (c.action != Action::Delete).then(|| intended_fingerprint(c)).flatten().map(|f| json!({"fingerprint": f})),
         )
     };
     AuditEntry {

@@ -354,6 +354,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
                 risk: if emergency { Risk::Critical } else { Risk::High },
                 reason: if emergency { "emergency rotation".into() } else { "rotation requested".into() },
                 desired: Some(Content::Secret((*s).clone())),
+                desired_fingerprint: None,
                 live_fingerprint: l.map(|l| l.fingerprint.clone()),
                 last_fingerprint: records.iter().find(|r| r.address == address).map(|r| r.fingerprint.clone()),
                 before: l.and_then(|l| l.content.clone()),
