@@ -27,6 +27,10 @@ pub struct Options {
     pub actor: String,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// The plan compared every resource of its tenants (a plan made by `plan::build`, not a
+    /// rotation): journal entries left by an interrupted apply for those tenants were taken
+    /// into account by it, and are cleared once the tenant is applied (or has nothing to do).
+    pub settle_journal: bool,
 }
 
 /// How one tenant's apply ended.
@@ -109,6 +113,27 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         .filter(|v| v.severity == Severity::Error)
         .map(|v| (v.tenant.as_str(), v.message.clone()))
         .collect();
+    // Journal entries of interrupted applies, by tenant, that this plan has settled.
+    let mut stale: HashMap<String, Vec<String>> = HashMap::new();
+    if opts.settle_journal {
+        for j in state.journal()?.into_iter().filter(|j| j.plan_id != plan.plan_id) {
+            let Some(tenant) = Address::parse(&j.address).map(|a| a.tenant) else { continue };
+            let in_scope = plan.tenants.as_ref().is_none_or(|ts| ts.contains(&tenant));
+            if in_scope && !blocked.contains_key(tenant.as_str()) {
+                stale.entry(tenant).or_default().push(j.address);
+            }
+        }
+    }
+    // Tenants with nothing to do: the plan found live, records and the repository agreeing,
+    // so what their old journal entries said no longer matters.
+    let settled = Commit {
+        clear_journal: stale
+            .iter()
+            .filter(|(t, _)| !by_tenant.contains_key(t.as_str()))
+            .flat_map(|(_, a)| a.iter().cloned())
+            .collect(),
+        ..Commit::default()
+    };
     let mut report = Report::default();
     for (t, why) in &blocked {
         by_tenant.remove(t);
@@ -122,6 +147,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     }
     if by_tenant.is_empty() {
         report.serial = state.meta()?.serial;
+        state.commit(report.serial, settled)?;
         return Ok(report);
     }
     let serial = state.begin_apply()?;
@@ -144,12 +170,14 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             let tx = tx.clone();
             let queue = &queue;
             let ctx = &ctx;
+            let stale = &stale;
             s.spawn(move || {
                 loop {
                     let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
                     let Some((tenant, changes)) = next else { break };
                     let coord = ctx.plan.coordination.get(tenant).cloned().unwrap_or_default();
-                    let r = apply_tenant(ctx, tenant, changes, &coord);
+                    let settles = stale.get(tenant).map(Vec::as_slice).unwrap_or_default();
+                    let r = apply_tenant(ctx, tenant, changes, &coord, settles);
                     if tx.send(r).is_err() {
                         break;
                     }
@@ -169,6 +197,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
                 commit.forget.extend(r.commit.forget);
                 commit.audit.extend(r.commit.audit);
                 commit.clear_journal.extend(r.commit.clear_journal);
+                commit.drop_journal.extend(r.commit.drop_journal);
                 written_all.extend(r.written);
                 report.outcomes.push(r.outcome);
             }
@@ -199,6 +228,11 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             }
         }
         flush(&mut batch, &mut report);
+        if commit_error.is_none()
+            && let Err(e) = ctx.state.commit(serial, settled)
+        {
+            commit_error = Some(e);
+        }
     });
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -225,7 +259,15 @@ fn progress_bar(enabled: bool, len: u64) -> Option<indicatif::ProgressBar> {
     Some(b)
 }
 
-fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &Coordination) -> TenantResult {
+/// Applies one tenant's changes. `settles`: journal entries of interrupted applies for this
+/// tenant, cleared if it applies (its plan took them into account).
+fn apply_tenant(
+    ctx: &Ctx<'_>,
+    tenant: &str,
+    mut changes: Vec<&Change>,
+    coord: &Coordination,
+    settles: &[String],
+) -> TenantResult {
     let _span = tracing::debug_span!("apply", tenant).entered();
     let now = jiff::Timestamp::now().to_string();
     let mut commit = Commit::default();
@@ -287,14 +329,13 @@ fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &
             address: c.address.to_string(),
             plan_id: ctx.plan.plan_id.clone(),
             action: c.action.as_str().into(),
-            intended: c.desired.as_ref().filter(|_| c.action != Action::Delete).and_then(intended_fingerprint),
+            intended: intended_fingerprint(c, live_now.get(&c.address), ctx.opts.destroy_secrets),
             started_at: now.clone(),
         })
         .collect();
     if let Err(e) = ctx.state.journal_add(&journal) {
         return fail(format!("could not journal the writes: {e}"), commit);
     }
-    commit.clear_journal = journal.iter().map(|j| j.address.clone()).collect();
 
     let result = match coord.strategy {
         Strategy::ManagementFirst => run_sequence(ctx, writes.iter().chain(&deletes).copied(), &live_now),
@@ -323,19 +364,28 @@ fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &
                     _ => commit.forget.push(c.address.clone()),
                 }
             }
+            commit.clear_journal.extend(journal.iter().map(|j| j.address.clone()));
+            commit.clear_journal.extend(settles.iter().cloned());
         }
         Some((failed, err)) => {
+            // This plan's entries did not happen or are undone; an interrupted apply's entries
+            // for the same addresses stay, unless the address is recorded below.
+            commit.drop_journal.extend(journal.iter().map(|j| (j.address.clone(), j.plan_id.clone())));
             commit.audit.push(audit(ctx, &now, failed, "failed", Some(err.clone())));
             outcome.error = Some(format!("{}: {err}", failed.address));
             if coord.rollback_on_failure && !done.is_empty() {
                 let mut rollback_failed = false;
                 for d in done.iter().rev() {
                     match undo(ctx, d) {
-                        Ok(()) => commit.audit.push(audit(ctx, &now, d.change, "rolled_back", None)),
+                        Ok(restored) => {
+                            commit.audit.push(audit(ctx, &now, d.change, "rolled_back", None));
+                            record_restored(&mut commit, d, restored);
+                        }
                         Err(e) => {
                             rollback_failed = true;
                             // What is live now is what this apply wrote: record it as such.
                             record_done(&mut commit, d);
+                            commit.clear_journal.push(d.change.address.to_string());
                             commit.audit.push(audit(ctx, &now, d.change, "rollback_failed", Some(e.clone())));
                             outcome.error = Some(format!(
                                 "{}; rolling back {} failed too: {e}",
@@ -351,6 +401,7 @@ fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &
                 // No rollback asked: what was written stays, and is recorded.
                 for d in &done {
                     record_done(&mut commit, d);
+                    commit.clear_journal.push(d.change.address.to_string());
                     commit.audit.push(applied(ctx, &now, d.change));
                 }
             }
@@ -370,11 +421,23 @@ fn applied(ctx: &Ctx<'_>, now: &str, c: &Change) -> AuditEntry {
     entry
 }
 
-/// The fingerprint a desired content will have once written (secrets: unknown until then).
-fn intended_fingerprint(c: &Content) -> Option<String> {
-    match c {
-        Content::Secret(_) | Content::SecretMeta(_) => None,
-        other => Some(crate::fingerprint::of(other)),
+/// The fingerprint a change will leave live, for the journal: the desired content's, a
+/// secret's next version (`v<n+1>`: stores number versions one up from the current one, kept
+/// across soft deletes), `v<n>-deleted` for a soft-deleted secret, and `None` for gone.
+fn intended_fingerprint(c: &Change, before: Option<&LiveResource>, destroy_secrets: bool) -> Option<String> {
+    let version = || match before.and_then(|b| b.content.as_ref()) {
+        Some(Content::SecretMeta(m)) => m.version,
+        _ => 0,
+    };
+    let secret = c.address.kind == crate::model::ResourceKind::OpenbaoSecret;
+    match (c.action, &c.desired) {
+        (Action::Delete, _) if secret && !destroy_secrets && before.is_some() => {
+            Some(format!("v{}-deleted", version()))
+        }
+        (Action::Delete, _) => None,
+        (_, Some(Content::Secret(_) | Content::SecretMeta(_))) => Some(format!("v{}", version() + 1)),
+        (_, Some(other)) => Some(crate::fingerprint::of(other)),
+        (_, None) => None,
     }
 }
 
@@ -384,6 +447,26 @@ fn storable(c: &Content) -> Option<Content> {
         Content::Secret(_) | Content::SecretMeta(_) => None,
         other => Some(other.clone()),
     }
+}
+
+/// After a step was undone: live is what it was before the apply. If the plan took that for
+/// what was last applied (the record, or a write an interrupted apply completed), the record
+/// says so now, with the fingerprint live has again (a restored secret is a new version of
+/// the old value). Otherwise it was drift before, and stays drift.
+fn record_restored(commit: &mut Commit, d: &Done<'_>, restored: Option<String>) {
+    let before = d.before.as_ref().map(|b| b.fingerprint.as_str());
+    if d.change.last_fingerprint.as_deref() != before {
+        return;
+    }
+    let a = &d.change.address;
+    match restored {
+        Some(fp) => {
+            let content = d.before.as_ref().and_then(|b| b.content.as_ref()).and_then(storable);
+            commit.upserts.push((a.clone(), fp, content));
+        }
+        None => commit.forget.push(a.clone()),
+    }
+    commit.clear_journal.push(a.to_string());
 }
 
 fn record_done(commit: &mut Commit, d: &Done<'_>) {
@@ -475,24 +558,25 @@ fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<O
     }
 }
 
-/// Undoes one step from the live content read before it.
-fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<(), String> {
+/// Undoes one step from the live content read before it; returns the fingerprint live has
+/// then (`None`: gone).
+fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<String>, String> {
     let a = &d.change.address;
     let provider = ctx.providers.get(a.provider());
     let expect_after = Expect::from_live(d.after.as_ref().map(|x| x.fingerprint.as_str()));
     match (&d.before, a.kind == crate::model::ResourceKind::OpenbaoSecret) {
-        (None, _) => provider.delete(a, &expect_after, true).map_err(|e| e.to_string()),
+        (None, _) => provider.delete(a, &expect_after, true).map(|_| None).map_err(|e| e.to_string()),
         (Some(b), true) => {
             let version = match &b.content {
                 Some(Content::SecretMeta(m)) => m.version,
                 _ => return Err(format!("{a}: no version to restore")),
             };
-            provider.restore_secret(a, version).map(|_| ()).map_err(|e| e.to_string())
+            provider.restore_secret(a, version).map(|l| Some(l.fingerprint)).map_err(|e| e.to_string())
         }
         (Some(b), false) => {
             let content = b.content.clone().ok_or_else(|| format!("{a}: the content before was not read"))?;
             let r = Resource { address: a.clone(), content };
-            provider.put(&r, None, &expect_after).map(|_| ()).map_err(|e| e.to_string())
+            provider.put(&r, None, &expect_after).map(|l| Some(l.fingerprint)).map_err(|e| e.to_string())
         }
     }
 }

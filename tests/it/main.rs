@@ -2,6 +2,7 @@
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
 mod bao;
+mod crash;
 mod util;
 
 mod http;
@@ -11,6 +12,7 @@ mod openbao;
 mod parity;
 mod plan_apply;
 mod platform;
+mod recovery;
 mod render;
 mod sandbox;
 mod secrets;
