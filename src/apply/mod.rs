@@ -277,6 +277,9 @@ fn apply_tenant(
     let (mut deletes, rest): (Vec<&Change>, Vec<&Change>) =
         changes.into_iter().partition(|c| c.action == Action::Delete);
     deletes.reverse();
+    // A Namespace goes last: deleting it takes everything inside with it, the ISP
+    // configuration too when it is a ConfigMap there, which a rollback could not bring back.
+    deletes.sort_by_key(|c| matches!(&c.address.kind, crate::model::ResourceKind::Kubernetes(k) if k == "Namespace"));
     let (refreshes, writes): (Vec<&Change>, Vec<&Change>) = rest.into_iter().partition(|c| c.action == Action::Noop);
 
     let fail = |msg: String, commit: Commit| TenantResult {
@@ -493,10 +496,31 @@ fn run_sequence<'a>(
         let before = live.get(&c.address).cloned();
         match execute(ctx, c, before.as_ref()) {
             Ok(after) => done.push(Done { change: c, before, after }),
-            Err(e) => return (done, Some((c, e))),
+            Err(e) => {
+                // A call can fail after the system did it (the answer was lost): if live moved,
+                // the step is undone (or recorded) with the others.
+                let e = match landed(ctx, c, before.as_ref()) {
+                    Ok(Some(after)) => {
+                        done.push(Done { change: c, before, after });
+                        format!("{e} (it was done nevertheless)")
+                    }
+                    Ok(None) => e,
+                    Err(why) => format!("{e}; whether it was done could not be read back: {why}"),
+                };
+                return (done, Some((c, e)));
+            }
         }
     }
     (done, None)
+}
+
+/// After a failed step: `Some(live now)` if the system holds something else than before it.
+fn landed(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<Option<Option<LiveResource>>, String> {
+    let now =
+        ctx.providers.get(c.address.provider()).fetch(std::slice::from_ref(&c.address)).map_err(|e| e.to_string())?;
+    let now = now.into_iter().find(|l| l.address == c.address);
+    let moved = now.as_ref().map(|l| &l.fingerprint) != before.map(|b| &b.fingerprint);
+    Ok(moved.then_some(now))
 }
 
 /// Secrets first; management and ISP at the same time; then Kubernetes; deletes in reverse.

@@ -3,6 +3,7 @@
 
 mod bao;
 mod crash;
+mod faults;
 mod util;
 
 mod http;

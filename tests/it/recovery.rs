@@ -137,3 +137,39 @@ fn regression_a_rolled_back_rotation_is_recorded_not_drift() {
     assert_eq!(drifted(&plan), Vec::<String>::new(), "a restored secret is recorded as such");
     converges(r);
 }
+
+#[test]
+fn regression_a_write_whose_answer_was_lost_is_rolled_back_too() {
+    let repo = example_repo();
+    let r = repo.path();
+    assert_eq!(apply_at(r, NOW, "").code, 0);
+    let record = r.join(".dotmac/live/management/tenant-123.tenant.yaml");
+    let before = std::fs::read_to_string(&record).unwrap();
+    edit_file(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
+    // The management write is done, then reported failed: the tenant is rolled back, that
+    // write included.
+    let out = apply_at(r, NOW, "management:put:1:lost");
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("(it was done nevertheless)"), "{}", out.stderr);
+    assert!(out.stderr.contains("failed: tenant-123 (rolled back)"), "{}", out.stderr);
+    assert_eq!(std::fs::read_to_string(&record).unwrap(), before);
+    assert_eq!(drifted(&plan_json(r, NOW)), Vec::<String>::new());
+    converges(r);
+}
+
+#[test]
+fn regression_a_rolled_back_rotation_keeps_the_old_values_age() {
+    let repo = example_repo();
+    let r = repo.path();
+    assert_eq!(apply_at(r, NOW, "").code, 0);
+    crate::faults::age_secrets(r, "tenant-123", 200);
+    edit_file(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
+    let due = |plan: &Value| change(plan, "tenant-123/openbao.secret[database/password]").map(|c| c["action"].clone());
+    assert_eq!(due(&plan_json(r, NOW)), Some(Value::from("rotate")));
+    // Rotated, then the tenant fails and is rolled back: the old value is back, and it is
+    // as old as it was: still due, not fresh for another interval.
+    let out = apply_at(r, NOW, "management:put:1");
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(due(&plan_json(r, NOW)), Some(Value::from("rotate")), "the rollback put the rotation off");
+    converges(r);
+}
