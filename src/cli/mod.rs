@@ -184,6 +184,10 @@ pub enum SecretCommand {
         tenant: String,
         #[arg(long)]
         name: String,
+        /// Wait this long for the state lock (an apply writes the same store; default: fail
+        /// at once, naming the holder).
+        #[arg(long, value_name = "DURATION", default_value = "0s")]
+        lock_timeout: String,
     },
 }
 

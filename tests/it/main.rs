@@ -2,6 +2,7 @@
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
 mod bao;
+mod concurrency;
 mod crash;
 mod faults;
 mod util;
