@@ -207,7 +207,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             let color = std::io::stderr().is_terminal();
             let head = if color { "\x1b[1;31merror\x1b[0m" } else { "error" };
-            eprintln!("{head}: {e:#}");
+            eprintln!("{head}: {}", crate::diag::printable(&format!("{e:#}")));
             ExitCode::from(1)
         }
     }

@@ -197,8 +197,11 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             if !a.args.tenants.is_empty() {
                 bail!("--tenant cannot narrow a saved plan; plan again with --tenant");
             }
-            // The repository as it is now: only to check it did not move.
-            let mut prepared = prepare(g, &[], now, false)?;
+            // The repository as it is now, judged at the plan's time: to check that nothing
+            // moved, and that planning again gives this very plan.
+            let planned_at: Timestamp =
+                plan.now.parse().with_context(|| format!("{} is not a dotmac-gitops plan file", file.display()))?;
+            let mut prepared = prepare(g, &[], planned_at, false)?;
             prepared.scope = match &plan.tenants {
                 None => TenantScope::All,
                 Some(t) => TenantScope::Only(t.iter().cloned().collect()),
@@ -221,6 +224,18 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             );
             if !why.is_empty() {
                 bail!("stale plan, not applied: {}", why.join("; "));
+            }
+            // Nothing moved: planning again must give this very plan (at its time).
+            let fresh = prepared.plan(true)?;
+            let edited = plan::differences(&plan, &fresh);
+            if !edited.is_empty() {
+                let n = edited.len();
+                let shown: Vec<String> = edited.into_iter().take(5).collect();
+                bail!(
+                    "the plan file does not match the repository it was made from (edited by hand?), not applied: {}{}",
+                    shown.join("; "),
+                    if n > 5 { format!("; and {} more", n - 5) } else { String::new() }
+                );
             }
             (prepared, plan, guard)
         }

@@ -500,6 +500,54 @@ pub fn staleness(
     why
 }
 
+/// How a saved plan differs from the plan made now of the same repository, state and live
+/// resources (which `staleness` found unmoved, so the two must be the same): changes left
+/// out, added or edited, errors removed, coordination changed. A plan file is data too: an
+/// edited one must not write what the repository does not say, nor half of a tenant.
+pub fn differences(saved: &Plan, fresh: &Plan) -> Vec<String> {
+    let (s, f) = (change_keys(saved), change_keys(fresh));
+    let mut out = Vec::new();
+    for (a, k) in &s {
+        match f.get(a) {
+            None => out.push(format!("{a} ({}) is not planned", k.0)),
+            Some(fk) if fk != k => out.push(format!("{a} ({}) is not what the repository says", k.0)),
+            Some(_) => {}
+        }
+    }
+    for (a, k) in f.iter().filter(|(a, _)| !s.contains_key(*a)) {
+        out.push(format!("{a} ({}) is missing", k.0));
+    }
+    let errors =
+        |p: &Plan| -> BTreeSet<(String, String)> { p.errors().map(|v| (v.tenant.clone(), v.rule.clone())).collect() };
+    for (t, rule) in errors(fresh).difference(&errors(saved)) {
+        out.push(format!("the error {rule} of tenant {t} is missing"));
+    }
+    if saved.coordination != fresh.coordination {
+        out.push("the coordination of the tenants differs".into());
+    }
+    out
+}
+
+/// What must match between a saved plan and the plan made again, per address: action, the
+/// content's fingerprint, the live and recorded fingerprints, whether it only records.
+type ChangeKey<'p> = (&'p str, Option<String>, Option<&'p str>, Option<&'p str>, bool);
+
+fn change_keys(p: &Plan) -> BTreeMap<String, ChangeKey<'_>> {
+    p.changes
+        .iter()
+        .map(|c| {
+            let key = (
+                c.action.as_str(),
+                c.desired.as_ref().map(crate::fingerprint::of),
+                c.live_fingerprint.as_deref(),
+                c.last_fingerprint.as_deref(),
+                c.refresh,
+            );
+            (c.address.to_string(), key)
+        })
+        .collect()
+}
+
 pub fn short(rev: &str) -> &str {
     &rev[..rev.len().min(12)]
 }

@@ -7,6 +7,7 @@ mod crash;
 mod faults;
 mod util;
 
+mod hostile;
 mod http;
 mod kube_fake;
 mod kubernetes;

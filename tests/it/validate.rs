@@ -5,7 +5,7 @@
 use crate::util::*;
 
 /// Cases that are valid on purpose (they show what is accepted).
-const VALID: &[&str] = &["yaml-bom-crlf", "values-are-data"];
+const VALID: &[&str] = &["yaml-bom-crlf", "values-are-data", "yaml-many-documents"];
 
 fn cases() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(fixtures())
@@ -33,6 +33,10 @@ fn every_fixture_case_is_reported_with_its_file_and_the_right_exit_code() {
         }
         if transcript.contains("panicked") {
             failures.push(format!("{case}: panicked"));
+        }
+        // Hostile names and files never reach the terminal as control characters.
+        if let Some(c) = transcript.chars().find(|c| c.is_control() && !matches!(c, '\n' | '\t')) {
+            failures.push(format!("{case}: prints the control character {c:?}"));
         }
         if want == 1 && !(out.stdout.contains("-->") || out.stderr.contains("error")) {
             failures.push(format!("{case}: no located message"));
