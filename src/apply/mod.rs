@@ -12,7 +12,7 @@ use crate::diff::{Action, Change, Risk, Severity};
 use crate::model::{Address, Charset, Content, Coordination, ProviderId, Resource, SecretSource, Strategy};
 use crate::plan::Plan;
 use crate::providers::secret_value::SecretValue;
-use crate::providers::{Expect, LiveResource, Providers, Session};
+use crate::providers::{Expect, LiveResource, ProviderError, Providers, Session};
 use crate::state::{AuditEntry, Commit, JournalEntry, StateStore};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -496,15 +496,17 @@ fn run_sequence<'a>(
         let before = live.get(&c.address).cloned();
         match execute(ctx, c, before.as_ref()) {
             Ok(after) => done.push(Done { change: c, before, after }),
+            // Someone else changed it: theirs, not ours to undo.
+            Err(e @ ProviderError::Conflict { .. }) => return (done, Some((c, e.to_string()))),
             Err(e) => {
-                // A call can fail after the system did it (the answer was lost): if live moved,
-                // the step is undone (or recorded) with the others.
+                // A call can fail after the system did it (the answer was lost): if live holds
+                // what this write leaves, the step is undone (or recorded) with the others.
                 let e = match landed(ctx, c, before.as_ref()) {
                     Ok(Some(after)) => {
                         done.push(Done { change: c, before, after });
                         format!("{e} (it was done nevertheless)")
                     }
-                    Ok(None) => e,
+                    Ok(None) => e.to_string(),
                     Err(why) => format!("{e}; whether it was done could not be read back: {why}"),
                 };
                 return (done, Some((c, e)));
@@ -514,13 +516,16 @@ fn run_sequence<'a>(
     (done, None)
 }
 
-/// After a failed step: `Some(live now)` if the system holds something else than before it.
+/// After a failed step: `Some(live now)` if the system holds what the step leaves (and
+/// something else than before it): the step was done, only its answer was lost.
 fn landed(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<Option<Option<LiveResource>>, String> {
     let now =
         ctx.providers.get(c.address.provider()).fetch(std::slice::from_ref(&c.address)).map_err(|e| e.to_string())?;
     let now = now.into_iter().find(|l| l.address == c.address);
-    let moved = now.as_ref().map(|l| &l.fingerprint) != before.map(|b| &b.fingerprint);
-    Ok(moved.then_some(now))
+    let fp = now.as_ref().map(|l| l.fingerprint.clone());
+    let moved = fp.as_ref() != before.map(|b| &b.fingerprint);
+    let ours = fp == intended_fingerprint(c, before, ctx.opts.destroy_secrets);
+    Ok((moved && ours).then_some(now))
 }
 
 /// Secrets first; management and ISP at the same time; then Kubernetes; deletes in reverse.
@@ -551,19 +556,21 @@ fn run_synchronized<'a>(
 }
 
 /// Performs one change; returns what is live afterwards.
-fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<Option<LiveResource>, String> {
+fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<Option<LiveResource>, ProviderError> {
     tracing::trace!(address = %c.address, action = c.action.as_str(), "execute");
     let provider = ctx.providers.get(c.address.provider());
     let expect = Expect::from_live(before.map(|b| b.fingerprint.as_str()));
     match c.action {
         Action::Delete => {
             let destroy = ctx.opts.destroy_secrets;
-            provider.delete(&c.address, &expect, destroy).map_err(|e| e.to_string())?;
+            provider.delete(&c.address, &expect, destroy)?;
             Ok(None)
         }
         Action::Create | Action::Update | Action::Rotate => {
-            let desired =
-                c.desired.as_ref().ok_or_else(|| format!("{}: the plan has no content to write", c.address))?;
+            let desired = c
+                .desired
+                .as_ref()
+                .ok_or_else(|| ProviderError::Other(format!("{}: the plan has no content to write", c.address)))?;
             let resource = Resource { address: c.address.clone(), content: desired.clone() };
             let value = match desired {
                 Content::Secret(spec) => Some(
@@ -572,11 +579,11 @@ fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<O
                         // A development placeholder for a missing external secret.
                         SecretSource::External => SecretValue::generate(32, Charset::Alphanumeric),
                     }
-                    .map_err(|e| format!("no randomness for a new secret: {e}"))?,
+                    .map_err(|e| ProviderError::Other(format!("no randomness for a new secret: {e}")))?,
                 ),
                 _ => None,
             };
-            provider.put(&resource, value.as_ref(), &expect).map(Some).map_err(|e| e.to_string())
+            provider.put(&resource, value.as_ref(), &expect).map(Some)
         }
         Action::Noop => Ok(before.cloned()),
     }
