@@ -56,7 +56,9 @@ pub fn run(cli: Cli) -> Result<u8> {
             super::ops::cmd_drift(&g, &tenants, format, detailed_exitcode)
         }
         Command::Audit { tenants, since, format } => super::ops::cmd_audit(&g, &tenants, since.as_deref(), format),
-        Command::Secret(super::SecretCommand::Put { tenant, name }) => super::ops::cmd_secret_put(&g, &tenant, &name),
+        Command::Secret(super::SecretCommand::Put { tenant, name, lock_timeout }) => {
+            super::ops::cmd_secret_put(&g, &tenant, &name, &lock_timeout)
+        }
         Command::BenchParse => {
             let root = load::find_root(g.repo.as_deref())?;
             let loaded = load::load(&root, g.rev.as_deref(), &Scope::All)?;

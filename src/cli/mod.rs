@@ -248,6 +248,10 @@ pub enum SecretCommand {
         tenant: String,
         #[arg(long)]
         name: String,
+        /// Wait this long for the state lock (an apply writes the same store; default: fail
+        /// at once, naming the holder).
+        #[arg(long, value_name = "DURATION", default_value = "0s")]
+        lock_timeout: String,
     },
 }
 
@@ -273,7 +277,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             let color = std::io::stderr().is_terminal();
             let head = if color { "\x1b[1;31merror\x1b[0m" } else { "error" };
-            eprintln!("{head}: {e:#}");
+            eprintln!("{head}: {}", crate::diag::printable(&format!("{e:#}")));
             ExitCode::from(1)
         }
     }

@@ -61,14 +61,15 @@ pub fn acquire(path: &Path, holder: &str, timeout: Duration) -> Result<LockGuard
     file.write_all(holder.as_bytes())?;
     file.write_all(b"\n")?;
     file.flush()?;
+    tracing::info!(lock = %path.display(), holder, "took the state lock");
     Ok(LockGuard { file, path: path.to_path_buf() })
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        tracing::info!(lock = %self.path.display(), "releasing the state lock");
         let _ = self.file.set_len(0);
         let _ = self.file.unlock();
-        let _ = &self.path;
     }
 }
 

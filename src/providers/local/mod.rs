@@ -264,13 +264,16 @@ impl LocalStore {
         self.write_file(&file, text.as_bytes(), held)
     }
 
-    /// Adds a version holding `value` to a secret (creating it).
+    /// Adds a version holding `value` to a secret (creating it). `written`: when the value
+    /// was first written, for a restored old value (its age, and so its rotation, goes on
+    /// from then); `None`: now.
     fn write_secret_version(
         &self,
         a: &Address,
         value: &[u8],
         expect: &Expect,
         placeholder: bool,
+        written: Option<String>,
     ) -> Result<LiveResource> {
         self.check(a, expect)?;
         let name = a.name.clone().unwrap_or_default();
@@ -289,7 +292,7 @@ impl LocalStore {
             rec.created = now.clone();
         }
         rec.current_version = version;
-        rec.updated = now.clone();
+        rec.updated = written.unwrap_or_else(|| now.clone());
         rec.deleted = false;
         rec.placeholder = placeholder;
         rec.versions.push(StoredVersion { version, created: now, nonce: hex(&nonce), ciphertext: hex(&ciphertext) });
@@ -319,7 +322,7 @@ impl LocalStore {
 
     /// Puts a value for a secret a person owns (an external secret), as `secret put` does.
     pub fn put_external(&self, a: &Address, value: &SecretValue) -> Result<LiveResource> {
-        self.write_secret_version(a, value.expose(), &Expect::Any, false)
+        self.write_secret_version(a, value.expose(), &Expect::Any, false, None)
     }
 
     /// The value of a secret's current version. Used only to deliver a secret where it is
@@ -468,7 +471,7 @@ impl Provider for LocalStore {
             let value = secret.ok_or_else(|| ProviderError::Other(format!("{a}: no value to write")))?;
             let placeholder =
                 matches!(&r.content, Content::Secret(s) if matches!(s.source, crate::model::SecretSource::External));
-            return self.write_secret_version(a, value.expose(), expect, placeholder);
+            return self.write_secret_version(a, value.expose(), expect, placeholder, None);
         }
         self.check(a, expect)?;
         let text = match &r.content {
@@ -522,7 +525,8 @@ impl Provider for LocalStore {
             .get(a.name.as_deref().unwrap_or_default())
             .ok_or_else(|| ProviderError::Other(format!("{a}: no such secret to restore")))?;
         let value = self.read_version(a, rec, version)?;
-        self.write_secret_version(a, value.expose(), &Expect::Any, rec.placeholder)
+        let written = rec.versions.iter().find(|v| v.version == version).map(|v| v.created.clone());
+        self.write_secret_version(a, value.expose(), &Expect::Any, rec.placeholder, written)
     }
 }
 
@@ -767,6 +771,10 @@ mod tests {
         assert_eq!(s.reveal(&a).unwrap().unwrap().expose(), b"second");
         let back = s.restore_secret(&a, 1).unwrap();
         assert_eq!(back.fingerprint, "v3");
+        // The restored value is as old as version 1: its rotation is not put off.
+        let recs = s.read_secrets("t1").unwrap();
+        let rec = &recs.secrets["db/password"];
+        assert_eq!(rec.updated, rec.versions[0].created);
         assert_eq!(s.reveal(&a).unwrap().unwrap().expose(), b"first-value-PLANTED");
         s.delete(&a, &Expect::Any, false).unwrap();
         assert_eq!(s.current(&a).unwrap().unwrap().fingerprint, "v3-deleted");
