@@ -319,11 +319,12 @@ impl Workspace {
         Ok(Workspace { loaded, settings: desired.settings, state_dir, tenants, diagnostics, now, cached_units })
     }
 
-    /// Renders these tenants again, so that their entries carry content.
-    pub fn materialize(&mut self, ids: &BTreeSet<String>) -> Result<()> {
+    /// These tenants rendered again, so that their entries carry content. The workspace is
+    /// not changed (plans made at the same time share it).
+    pub fn rendered(&self, ids: &BTreeSet<String>) -> Result<BTreeMap<String, Vec<DesiredEntry>>> {
         let units: BTreeSet<String> = ids.iter().filter_map(|t| self.tenants.get(t)).map(|t| t.unit.clone()).collect();
         if units.is_empty() {
-            return Ok(());
+            return Ok(BTreeMap::new());
         }
         let sub = self.loaded.subset(&units);
         let known: BTreeMap<String, String> = self
@@ -342,34 +343,33 @@ impl Workspace {
                 d.message
             );
         }
-        for (id, resources) in rendered {
-            if let Some(t) = self.tenants.get_mut(&id) {
-                t.entries = resources.into_iter().map(DesiredEntry::rendered).collect();
-            }
-        }
-        Ok(())
+        Ok(rendered
+            .into_iter()
+            .filter(|(id, _)| self.tenants.contains_key(id))
+            .map(|(id, resources)| (id, resources.into_iter().map(DesiredEntry::rendered).collect()))
+            .collect())
     }
 
     pub fn errors(&self) -> usize {
         self.diagnostics.iter().filter(|d| d.is_error()).count()
     }
 
-    /// The tenants' desired resources, without providers of kind `none`.
-    fn entries(&self) -> BTreeMap<String, Vec<DesiredEntry>> {
+    /// The desired resources of the tenants in scope, without providers of kind `none`.
+    fn entries(&self, scope: &TenantScope) -> BTreeMap<String, Vec<DesiredEntry>> {
         let skip = disabled(&self.settings);
-        self.tenants
-            .iter()
-            .map(|(t, d)| {
-                (t.clone(), d.entries.iter().filter(|e| !skip.contains(&e.address.provider())).cloned().collect())
-            })
-            .collect()
+        let keep = |e: &&DesiredEntry| !skip.contains(&e.address.provider());
+        let pick = |(t, d): (&String, &DesiredTenant)| (t.clone(), d.entries.iter().filter(keep).cloned().collect());
+        match scope {
+            TenantScope::All => self.tenants.iter().map(pick).collect(),
+            TenantScope::Only(ids) => ids.iter().filter_map(|t| self.tenants.get_key_value(t)).map(pick).collect(),
+        }
     }
 
     /// Reads live state and the state store, and builds the plan for `scope`. Tenants served
     /// from the cache that turn out to change are rendered again, so every change carries
     /// the content apply writes.
     pub fn plan(
-        &mut self,
+        &self,
         providers: &Providers,
         state: &dyn StateStore,
         scope: &TenantScope,
@@ -437,7 +437,7 @@ impl Workspace {
                 meta,
             )
         };
-        let mut entries = self.entries();
+        let mut entries = self.entries(scope);
         let mut plan = build(&entries, &live, meta.clone());
         // What changes needs its content: desired (render again if cached) and live (read).
         let need_render: BTreeSet<String> = plan
@@ -455,8 +455,11 @@ impl Workspace {
             .collect();
         if !need_render.is_empty() || !need_live.is_empty() {
             if !need_render.is_empty() {
-                self.materialize(&need_render)?;
-                entries = self.entries();
+                let skip = disabled(&self.settings);
+                for (id, mut fresh) in self.rendered(&need_render)? {
+                    fresh.retain(|e| !skip.contains(&e.address.provider()));
+                    entries.insert(id, fresh);
+                }
             }
             let fetched = fetch_all(providers, need_live.into_iter())?;
             if !fetched.is_empty() {
