@@ -241,6 +241,7 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
         parallelism: a.parallelism.or(prepared.ws.settings.apply.parallelism).unwrap_or(8),
         actor: actor(a.lock),
         progress: std::io::stderr().is_terminal(),
+        cancel: None,
     };
     if !plan.has_changes() && !plan.changes.iter().any(|c| c.refresh) && plan.errors().next().is_none() {
         return Ok(0);
@@ -364,6 +365,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
         parallelism: if emergency { tenants.len().max(1) } else { 4 },
         actor: actor(l),
         progress: false,
+        cancel: None,
     };
     let report = apply::apply(&plan, &p.providers, p.state.as_ref(), &opts)?;
     Ok(print_report(&report))
