@@ -2,7 +2,9 @@
 //!
 //! `DOTMAC_FAULTS="isp:put:3,management:delete:1"` makes the 3rd `put` on the ISP provider
 //! and the 1st `delete` on the management provider fail (counted across the whole process,
-//! all threads). `*` as the count fails every call. Nothing is injected unless the variable
+//! all threads). `*` as the count fails every call. A fourth part `delay=500ms` slows the
+//! chosen calls down instead of failing them (`isp:put:*:delay=500ms`), to hold an apply
+//! open long enough for a test to act during it. Nothing is injected unless the variable
 //! is set; the wrapper is not installed at all then.
 
 use super::secret_value::SecretValue;
@@ -16,6 +18,8 @@ struct Rule {
     op: String,
     /// `None`: every call.
     nth: Option<usize>,
+    /// Slow the call down by this much instead of failing it.
+    delay: Option<std::time::Duration>,
 }
 
 pub struct Faulty {
@@ -33,7 +37,11 @@ fn rules_for(spec: &str, provider: ProviderId) -> Vec<Rule> {
         .filter_map(|r| {
             let mut parts = r.trim().split(':');
             let (p, op, n) = (parts.next()?, parts.next()?, parts.next()?);
-            (p == provider.as_str() || p == "*").then(|| Rule { op: op.to_owned(), nth: n.parse().ok() })
+            let delay = match parts.next() {
+                None => None,
+                Some(d) => Some(crate::load::settings::parse_duration(d.strip_prefix("delay=")?)?),
+            };
+            (p == provider.as_str() || p == "*").then(|| Rule { op: op.to_owned(), nth: n.parse().ok(), delay })
         })
         .collect()
 }
@@ -58,7 +66,11 @@ pub fn wrap(inner: Arc<dyn Provider>) -> Arc<dyn Provider> {
 impl Faulty {
     fn check(&self, op: &str, counter: &AtomicUsize, what: &str) -> Result<()> {
         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.rules.iter().any(|r| r.op == op && r.nth.is_none_or(|k| k == n)) {
+        let hits = || self.rules.iter().filter(|r| r.op == op && r.nth.is_none_or(|k| k == n));
+        if let Some(d) = hits().filter_map(|r| r.delay).max() {
+            std::thread::sleep(d);
+        }
+        if hits().any(|r| r.delay.is_none()) {
             return Err(ProviderError::Unavailable(format!("injected fault: {} {op} #{n} ({what})", self.inner.id())));
         }
         Ok(())
@@ -113,12 +125,17 @@ mod tests {
     fn rules_parse() {
         assert_eq!(
             rules_for("isp:put:3,management:delete:*", ProviderId::Isp),
-            vec![Rule { op: "put".into(), nth: Some(3) }]
+            vec![Rule { op: "put".into(), nth: Some(3), delay: None }]
         );
         assert_eq!(
             rules_for("isp:put:3,management:delete:*", ProviderId::Management),
-            vec![Rule { op: "delete".into(), nth: None }]
+            vec![Rule { op: "delete".into(), nth: None, delay: None }]
         );
+        assert_eq!(
+            rules_for("isp:put:*:delay=250ms", ProviderId::Isp),
+            vec![Rule { op: "put".into(), nth: None, delay: Some(std::time::Duration::from_millis(250)) }]
+        );
+        assert!(rules_for("isp:put:*:250ms", ProviderId::Isp).is_empty(), "a fourth part is delay=<duration>");
         assert!(rules_for("isp:put:3", ProviderId::Secrets).is_empty());
     }
 }
