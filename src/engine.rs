@@ -189,6 +189,15 @@ fn quick_settings(raw: &load::Raw) -> Settings {
         .unwrap_or_default()
 }
 
+/// The settings at `rev` (or in the work tree) and the state folder they give, read without
+/// validating or reading any tenant (invalid settings give the defaults).
+pub fn settings_at(root: &Path, rev: Option<&str>) -> Result<(Settings, PathBuf)> {
+    let raw = load::read(root, rev, &Scope::Units(BTreeSet::new()))?;
+    let settings = quick_settings(&raw);
+    let dir = state_dir(root, &settings);
+    Ok((settings, dir))
+}
+
 /// What every tenant's render depends on besides its own folder: this binary, the
 /// settings, catalogs, environments and templates.
 fn shared_digest(raw: &load::Raw) -> String {

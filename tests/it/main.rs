@@ -2,8 +2,10 @@
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
 mod bao;
+mod daemon_util;
 mod util;
 
+mod daemon;
 mod http;
 mod kube_fake;
 mod kubernetes;
