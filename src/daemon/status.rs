@@ -113,10 +113,13 @@ pub struct ApplyView {
     pub rolled_back: Option<bool>,
 }
 
-/// One step in a tenant's recent history.
+/// One step in a tenant's recent history (steps that repeat are counted on one entry).
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryEntry {
+    /// The last time it happened.
     pub at: Timestamp,
+    /// How many times in a row.
+    pub count: u32,
     pub status: Status,
     /// What happened: "checked", "applied", "apply failed", "check failed", "waiting for lock", …
     pub event: String,
@@ -192,15 +195,31 @@ impl TenantState {
     }
 
     pub fn record(&mut self, event: impl Into<String>, requeue_after: std::time::Duration) {
+        let event = event.into();
+        let requeue_after_s = (requeue_after.as_millis() as f64) / 1000.0;
+        // Steady checks (and steady failures) are one entry with a count, so that the
+        // history shows changes rather than the last twenty identical checks.
+        if let Some(last) = self.history.back_mut()
+            && last.event == event
+            && last.status == self.status
+            && last.error == self.last_error
+            && !event.starts_with("apply")
+        {
+            last.at = Timestamp::now();
+            last.count = last.count.saturating_add(1);
+            last.requeue_after_s = requeue_after_s;
+            return;
+        }
         if self.history.len() >= HISTORY {
             self.history.pop_front();
         }
         self.history.push_back(HistoryEntry {
             at: Timestamp::now(),
+            count: 1,
             status: self.status,
-            event: event.into(),
+            event,
             error: self.last_error.clone(),
-            requeue_after_s: (requeue_after.as_millis() as f64) / 1000.0,
+            requeue_after_s,
         });
     }
 
@@ -319,6 +338,22 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_steps_are_counted_on_one_entry() {
+        let mut t = TenantState::new("t1", Instant::now());
+        t.status = Status::Synced;
+        for _ in 0..5 {
+            t.record("checked: in sync", std::time::Duration::from_secs(60));
+        }
+        assert_eq!(t.history.len(), 1);
+        assert_eq!(t.history[0].count, 5);
+        t.status = Status::Failed;
+        t.last_error = Some("e".into());
+        t.record("apply failed", std::time::Duration::from_secs(5));
+        t.record("apply failed", std::time::Duration::from_secs(10));
+        assert_eq!(t.history.len(), 3, "every apply is its own entry");
+    }
 
     #[test]
     fn history_is_bounded_and_keeps_the_latest() {

@@ -47,9 +47,10 @@ fn the_daemon_syncs_reconciles_new_commits_and_heals_drift() {
     assert_eq!(s["summary"]["Synced"], 5);
     assert!(isp_file(r, "tenant-123").exists(), "the apply wrote live state");
 
-    // A new commit reaches the live state within seconds.
+    // A new commit reaches the live state within seconds; only its tenant is rendered again.
     let c2 = commit_interval(r, 17);
     let t = d.wait_tenant("tenant-123", "synced at the new commit", |t| t["status"] == "Synced" && t["revision"] == c2);
+    assert!(d.log().contains("changed=1 cached_units=4"), "{}", d.log());
     assert!(std::fs::read_to_string(isp_file(r, "tenant-123")).unwrap().contains("sync_interval_minutes: 17"));
     assert_eq!(t["last_apply"]["ok"], true);
     assert!(t["last_plan"]["changes"].as_array().unwrap().iter().any(|c| c["address"] == "tenant-123/isp.config"));
@@ -625,4 +626,73 @@ fn two_daemons_elect_one_leader_through_a_kubernetes_lease() {
     assert_eq!(b.stop().0, 0);
     let lease = api.lease().unwrap();
     assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
+}
+
+#[test]
+fn a_self_heal_that_keeps_being_undone_stops_and_says_so() {
+    let (repo, _) = committed_example();
+    let r = repo.path();
+    daemon_settings(r, "\n[daemon]\nself_heal_attempts = 2\n");
+    let c = git_commit_all(r, "two heals at most");
+    let d = Daemon::start(r, &["--auto-apply", "--interval", "1s"], &[]);
+    d.wait_all("Synced", &c);
+    // Something else (another controller, a person) keeps changing the ISP configuration back.
+    let live = isp_file(r, "tenant-123");
+    let undo = || {
+        let text = std::fs::read_to_string(&live).unwrap();
+        if text.contains("sync_interval_minutes: 15") {
+            std::fs::write(&live, text.replace("sync_interval_minutes: 15", "sync_interval_minutes: 99")).unwrap();
+        }
+    };
+    let t = d.wait_tenant("tenant-123", "self-heal stopped", |t| {
+        undo();
+        t["heal_stopped"] == true
+    });
+    assert_eq!(t["status"], "Drifted");
+    assert!(t["last_error"].as_str().unwrap().contains("self-heal stopped after 2 attempts"), "{t:#}");
+    assert_eq!(d.metric("dotmac_self_heal_stopped_total"), 1.0);
+    // It goes on checking, without healing.
+    let healed = d.metric("dotmac_drift_healed_total");
+    d.wait_tenant("tenant-123", "three checks without a heal", |t| {
+        t["history"]
+            .as_array()
+            .unwrap()
+            .last()
+            .is_some_and(|h| h["event"] == "not applied" && h["count"].as_u64() >= Some(3))
+    });
+    assert_eq!(d.metric("dotmac_drift_healed_total"), healed);
+    assert!(std::fs::read_to_string(&live).unwrap().contains("sync_interval_minutes: 99"));
+    // An operator asks for it again: it heals.
+    assert_eq!(d.post("/api/v1/tenants/tenant-123/reconcile", &[], b"").0, 202);
+    d.wait_tenant("tenant-123", "healed on request", |t| t["status"] == "Synced" && t["heal_stopped"] == false);
+    assert!(std::fs::read_to_string(&live).unwrap().contains("sync_interval_minutes: 15"));
+    assert_eq!(d.post("/api/v1/tenants/nobody/reconcile", &[], b"").0, 404);
+    assert_eq!(d.stop().0, 0);
+}
+
+#[test]
+fn a_tenant_removed_from_the_repository_is_deleted_only_with_allow_delete() {
+    let (repo, _) = committed_example();
+    let r = repo.path();
+    assert_eq!(apply_cli(r, &[]).code, 0);
+    std::fs::remove_dir_all(r.join("tenants/pampas-telecom")).unwrap();
+    let c2 = git_commit_all(r, "pampas-telecom leaves");
+    let live = isp_file(r, "pampas-telecom");
+    let d = Daemon::start(r, &["--auto-apply", "--interval", "1s"], &[]);
+    let t =
+        d.wait_tenant("pampas-telecom", "deletion held", |t| t["status"] == "OutOfSync" && !t["last_error"].is_null());
+    assert!(t["last_error"].as_str().unwrap().contains("--allow-delete"), "{t:#}");
+    assert!(live.exists());
+    assert_eq!(d.stop().0, 0);
+
+    let d = Daemon::start(r, &["--auto-apply", "--allow-delete", "--interval", "1s"], &[]);
+    d.wait("pampas-telecom deleted and forgotten", |d| {
+        let s = d.status();
+        let ts = s["tenants"].as_array().unwrap();
+        (ts.len() == 4 && ts.iter().all(|t| t["status"] == "Synced" && t["revision"] == c2)).then_some(())
+    });
+    assert!(!live.exists());
+    assert_eq!(d.get("/api/v1/tenants/pampas-telecom").0, 404);
+    assert_eq!(d.stop().0, 0);
+    assert_eq!(run(&["plan", "--detailed-exitcode"], r).code, 0);
 }
