@@ -359,6 +359,21 @@ impl Workspace {
             .collect())
     }
 
+    /// Forgets what a long-lived workspace need not hold: the parsed documents (plans parse
+    /// again from the texts when they render) and the rendered content of the tenants `keep`
+    /// declines (fingerprints and secret declarations stay, as for a tenant served from the
+    /// render cache; a plan renders such a tenant again if it has changes).
+    pub fn shed(&mut self, keep: impl Fn(&str) -> bool) {
+        self.loaded.docs = Vec::new();
+        for (_, t) in self.tenants.iter_mut().filter(|(id, _)| !keep(id)) {
+            for e in &mut t.entries {
+                if !matches!(e.content, Some(Content::Secret(_))) {
+                    e.content = None;
+                }
+            }
+        }
+    }
+
     pub fn errors(&self) -> usize {
         self.diagnostics.iter().filter(|d| d.is_error()).count()
     }

@@ -568,9 +568,8 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<S
 }
 
 /// Consistency validation: for every tenant whose management record or ISP configuration
-/// was written, both sides are read again and compared (plan, features, billing gateway).
-/// Management vs ISP for every tenant whose management record or ISP configuration was
-/// written; an error when the two sides could not be read.
+/// was written, both sides are read again and compared (plan, features, billing gateway);
+/// an error when the two sides could not be read.
 fn consistency(
     providers: &Providers,
     written: &[(Address, Option<String>)],

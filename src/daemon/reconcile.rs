@@ -7,11 +7,13 @@
 //! `backoff_max`, reset by the next success), two seconds while the state lock is taken by
 //! someone else. Nothing is edge-triggered: a missed event costs at most one interval.
 //!
-//! Tenants are reconciled in batches (every tenant due within a tenth of the interval, at
+//! Tenants are reconciled in batches (every tenant due within a fifth of the interval, at
 //! most [`MAX_BATCH`]), so that a provider is listed once per batch rather than once per
 //! tenant; at most `concurrency` batches run at once on the blocking pool (the providers
-//! are synchronous and must not run on the async runtime). A tenant is never in two batches
-//! at once; asked for again while in flight, it runs once more right after.
+//! are synchronous and must not run on the async runtime), plus one batch of urgent tenants
+//! (changed by a commit, or asked for) when every slot is busy with routine checks. A tenant
+//! is never in two batches at once; asked for again while in flight, it runs once more
+//! right after.
 //!
 //! A new commit is read once (`Workspace::open`: the render cache re-renders only tenant
 //! folders whose files changed, or all of them when shared files did); the tenants whose
@@ -127,7 +129,8 @@ pub struct EngineCtx {
     pub opened_at: Instant,
     /// Each tenant's desired resources, as one digest (what a commit changed).
     pub digests: BTreeMap<String, String>,
-    /// Tenants with state records (some may no longer be desired).
+    /// Tenants with state records (some may no longer be desired), read when the store was
+    /// opened (afterwards the reconciler knows them: it applied them).
     pub recorded: BTreeSet<String>,
     pub policy: Policy,
 }
@@ -147,15 +150,17 @@ fn digest_of(entries: &[crate::model::DesiredEntry]) -> String {
 }
 
 /// Reads, validates and renders `commit`; a commit with errors is refused, naming them.
-/// Providers and store are reused from `prev` when their settings did not change.
+/// Providers and store are reused from `prev` when their settings did not change; rendered
+/// content is kept only for tenants whose desired state differs from `prev`'s (the plans
+/// about to run need it; the others render again on demand).
 pub fn open_engine(
     root: &std::path::Path,
     commit: &str,
-    prev: Option<Arc<Backends>>,
+    prev: Option<Arc<EngineCtx>>,
     metrics: &Arc<Metrics>,
     cfg: &Config,
 ) -> anyhow::Result<EngineCtx> {
-    let ws = Workspace::open(root, Some(commit), Timestamp::now())?;
+    let mut ws = Workspace::open(root, Some(commit), Timestamp::now())?;
     if ws.errors() > 0 {
         let mut diags: Vec<crate::diag::Diagnostic> = ws.diagnostics.iter().filter(|d| d.is_error()).cloned().collect();
         crate::diag::resolve_positions(&mut diags, |p| ws.loaded.text_of(p));
@@ -180,16 +185,22 @@ pub fn open_engine(
     }
     let settings_json = ws.loaded.settings.clone().unwrap_or_default();
     let key = format!("{}|{}|{}", ws.state_dir.display(), settings_json["state"], settings_json["providers"]);
-    let backends = match prev {
-        Some(b) if b.key == key => b,
+    let digests: BTreeMap<String, String> =
+        ws.tenants.iter().map(|(id, t)| (id.clone(), digest_of(&t.entries))).collect();
+    if let Some(p) = &prev {
+        ws.shed(|id| p.digests.get(id) != digests.get(id));
+    } else {
+        ws.shed(|_| true);
+    }
+    let (backends, recorded) = match prev.map(|p| p.backends.clone()) {
+        Some(b) if b.key == key => (b, BTreeSet::new()),
         _ => {
             let providers = Providers::from_settings(&ws.settings, &ws.state_dir)?;
             let state = engine::open_state(&ws.settings, &ws.state_dir)?;
-            Arc::new(Backends { key, providers: metrics.count_errors(providers), state })
+            let recorded = state.records(&TenantScope::All)?.into_iter().map(|r| r.address.tenant).collect();
+            (Arc::new(Backends { key, providers: metrics.count_errors(providers), state }), recorded)
         }
     };
-    let recorded = backends.state.records(&TenantScope::All)?.into_iter().map(|r| r.address.tenant).collect();
-    let digests = ws.tenants.iter().map(|(id, t)| (id.clone(), digest_of(&t.entries))).collect();
     let policy = Policy::of(&ws.settings.daemon, cfg);
     Ok(EngineCtx { revision: commit.to_owned(), ws, backends, opened_at: Instant::now(), digests, recorded, policy })
 }
@@ -360,7 +371,7 @@ fn reconcile(job: &Job) -> Result<BTreeMap<String, TenantOutcome>, String> {
     let ctx = &job.ctx;
     let b = &ctx.backends;
     let scope = TenantScope::Only(job.tenants.clone());
-    let (plan, mut outcomes) = {
+    let mut outcomes = {
         let _read = job.gate.0.read().unwrap_or_else(|p| p.into_inner());
         let plan = ctx
             .ws
@@ -380,9 +391,8 @@ fn reconcile(job: &Job) -> Result<BTreeMap<String, TenantOutcome>, String> {
                 }
             }
         }
-        (plan, outcomes)
+        outcomes
     };
-    drop(plan);
     let mut candidates = BTreeSet::new();
     for (t, o) in outcomes.iter_mut() {
         match eligible(o, t, job) {
@@ -446,7 +456,7 @@ fn reconcile(job: &Job) -> Result<BTreeMap<String, TenantOutcome>, String> {
     if apply_set.is_empty() {
         return Ok(outcomes);
     }
-    let mut sub = plan.clone();
+    let mut sub = plan;
     sub.changes.retain(|c| apply_set.contains(&c.address.tenant));
     sub.violations.retain(|v| apply_set.contains(&v.tenant));
     sub.tenants = Some(apply_set.iter().cloned().collect());
@@ -608,7 +618,7 @@ impl Controller {
 
     fn start_open(&self, commit: String) -> Opening {
         let root = self.root.clone();
-        let prev = self.ctx.as_ref().map(|c| c.backends.clone());
+        let prev = self.ctx.clone();
         let metrics = self.metrics.clone();
         let cfg = self.cfg.clone();
         tokio::task::spawn_blocking(move || {
@@ -706,23 +716,29 @@ impl Controller {
             return;
         }
         let policy = ctx.policy;
-        let window = (policy.interval / 10).clamp(Duration::from_millis(100), Duration::from_secs(10));
-        while self.jobs.len() < policy.concurrency {
+        // Tenants due within a fifth of the interval go together: the jitter spreads a batch's
+        // next checks over that much, so a batch stays one batch instead of crumbling.
+        let window = (policy.interval / 5).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        // One batch beyond `concurrency` may run, of urgent tenants only (a commit changed
+        // them, someone asked): routine checks never hold a change up for long.
+        while self.jobs.len() <= policy.concurrency {
+            let only_urgent = self.jobs.len() == policy.concurrency;
             let horizon = Instant::now() + window;
             let (tenants, no_heal) = {
                 let mut s = self.shared.write();
-                let mut due: Vec<(Instant, &String)> = s
+                let mut due: Vec<(bool, Instant, &String)> = s
                     .tenants
                     .iter()
-                    .filter(|(_, t)| !t.in_flight && t.due <= horizon)
-                    .map(|(id, t)| (t.due, id))
+                    .filter(|(_, t)| !t.in_flight && t.due <= horizon && (t.urgent || !only_urgent))
+                    .map(|(id, t)| (!t.urgent, t.due, id))
                     .collect();
                 due.sort();
-                let tenants: BTreeSet<String> = due.into_iter().take(MAX_BATCH).map(|(_, id)| id.clone()).collect();
+                let tenants: BTreeSet<String> = due.into_iter().take(MAX_BATCH).map(|(_, _, id)| id.clone()).collect();
                 let mut no_heal = BTreeSet::new();
                 for id in &tenants {
                     let t = s.tenants.get_mut(id).expect("listed");
                     t.in_flight = true;
+                    t.urgent = false;
                     if t.heal_stopped || t.heal_attempts >= policy.heal_attempts {
                         no_heal.insert(id.clone());
                     }
@@ -755,6 +771,7 @@ impl Controller {
                     t.failures = 0;
                     t.heal_attempts = 0;
                     t.heal_stopped = false;
+                    t.urgent = true;
                     if t.in_flight {
                         t.again = true;
                     } else {
@@ -802,6 +819,7 @@ impl Controller {
                 t.failures = 0;
                 t.heal_attempts = 0;
                 t.heal_stopped = false;
+                t.urgent = true;
                 if t.in_flight {
                     t.again = true;
                 } else {
@@ -814,6 +832,7 @@ impl Controller {
                 let t = s.tenants.get_mut(&id).expect("listed");
                 if t.desired.take().is_some() {
                     t.due = now;
+                    t.urgent = true;
                 }
             }
             for id in ctx.recorded.iter().filter(|id| !ctx.digests.contains_key(*id)) {
@@ -879,7 +898,12 @@ impl Controller {
                 };
                 any_failed |= t.status == Status::Failed;
                 t.revision = Some(r.revision.clone());
-                t.due = if std::mem::take(&mut t.again) { Instant::now() } else { Instant::now() + requeue };
+                t.due = if std::mem::take(&mut t.again) {
+                    t.urgent = true;
+                    Instant::now()
+                } else {
+                    Instant::now() + requeue
+                };
                 t.next_check = Timestamp::now().checked_add(requeue).ok();
                 events.append(&mut evs);
             }

@@ -160,7 +160,8 @@ impl Source {
             if !path.is_dir() {
                 bail!("--repo {repo}: no such folder (a local repository, or a URL to clone)");
             }
-            let root = path.canonicalize()?;
+            // The folder holding dotmac.toml, searched upwards as every command does.
+            let root = crate::load::find_root(Some(path)).unwrap_or(path.canonicalize()?);
             let (repo_, _) = crate::load::source::open_git(&root)
                 .map_err(|e| anyhow::anyhow!("--repo {}: {e}; the daemon follows a git branch", root.display()))?;
             let branch = match branch {

@@ -164,6 +164,10 @@ pub struct TenantState {
     /// Asked for again while in flight: run once more right after.
     #[serde(skip)]
     pub again: bool,
+    /// Due because something changed (a commit, a request), not for a routine check: goes
+    /// first, in a batch of its own if every slot is busy.
+    #[serde(skip)]
+    pub urgent: bool,
     #[serde(skip)]
     pub checked: bool,
 }
@@ -190,6 +194,7 @@ impl TenantState {
             due: now,
             in_flight: false,
             again: false,
+            urgent: true,
             checked: false,
         }
     }
