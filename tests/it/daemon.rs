@@ -601,7 +601,7 @@ fn two_daemons_elect_one_leader_through_a_kubernetes_lease() {
         "--lease-namespace",
         "ops",
         "--lease-duration",
-        "2s",
+        "4s",
     ];
     let env = [("KUBECONFIG", kubeconfig.to_str().unwrap()), ("POD_NAME", "dotmac-a")];
     let a = Daemon::start(r, &args, &env);
@@ -609,7 +609,7 @@ fn two_daemons_elect_one_leader_through_a_kubernetes_lease() {
     let lease = api.lease().expect("the Lease was created");
     let holder_a = lease["spec"]["holderIdentity"].as_str().unwrap().to_owned();
     assert!(holder_a.starts_with("dotmac-a_"), "{lease}");
-    assert_eq!(lease["spec"]["leaseDurationSeconds"], 2);
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 4);
     let env_b = [("KUBECONFIG", kubeconfig.to_str().unwrap()), ("POD_NAME", "dotmac-b")];
     let b = Daemon::start(r, &args, &env_b);
     b.wait("b standing by", |b| (b.status()["leader"].as_str() == Some(holder_a.as_str())).then_some(()));
