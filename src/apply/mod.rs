@@ -17,8 +17,9 @@ use crate::providers::{Expect, LiveResource, ProviderError, Providers, Session};
 use crate::state::{AuditEntry, Commit, JournalEntry, StateStore};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -32,6 +33,9 @@ pub struct Options {
     /// rotation): journal entries left by an interrupted apply for those tenants were taken
     /// into account by it, and are cleared once the tenant is applied (or has nothing to do).
     pub settle_journal: bool,
+    /// When set (a shutdown), tenants not yet started are not started: they are reported
+    /// as failed with "not started", and the tenants in flight finish (or roll back).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// How one tenant's apply ended.
@@ -51,6 +55,8 @@ pub struct Report {
     pub serial: u64,
     /// Problems found by reading back what was written (consistency validation).
     pub verification: Vec<String>,
+    /// The management/ISP disagreements among them, one per difference.
+    pub inconsistencies: Vec<crate::drift::Difference>,
 }
 
 impl Report {
@@ -195,6 +201,23 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
                 loop {
                     let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
                     let Some((tenant, changes)) = next else { break };
+                    if ctx.opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+                        let r = TenantResult {
+                            outcome: TenantOutcome {
+                                tenant: tenant.to_owned(),
+                                ok: false,
+                                applied: 0,
+                                error: Some("not started: the apply was cancelled".into()),
+                                rolled_back: None,
+                            },
+                            commit: Commit::default(),
+                            written: Vec::new(),
+                        };
+                        if tx.send(r).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     let coord = ctx.plan.coordination.get(tenant).cloned().unwrap_or_default();
                     let settles = stale.get(tenant).map(Vec::as_slice).unwrap_or_default();
                     let r = apply_tenant(ctx, tenant, changes, &coord, settles);
@@ -263,7 +286,18 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         return Err(e.context("the changes were applied but could not be recorded in the state store; the next plan re-reads live state and records them"));
     }
     report.verification = verify(providers, &written_all);
-    report.verification.extend(consistency(providers, &written_all));
+    match consistency(providers, &written_all) {
+        Ok(differences) => {
+            report.verification.extend(differences.iter().map(|d| {
+                format!(
+                    "tenant {}: management and ISP framework disagree on {}: {} vs {} (impact {}): {}",
+                    d.tenant, d.path, d.management_value, d.isp_framework_value, d.impact, d.recommendation
+                )
+            }));
+            report.inconsistencies = differences;
+        }
+        Err(e) => report.verification.push(e),
+    }
     report.outcomes.sort_by(|a, b| a.tenant.cmp(&b.tenant));
     Ok(report)
 }
@@ -666,8 +700,12 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<S
 }
 
 /// Consistency validation: for every tenant whose management record or ISP configuration
-/// was written, both sides are read again and compared (plan, features, billing gateway).
-fn consistency(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<String> {
+/// was written, both sides are read again and compared (plan, features, billing gateway);
+/// an error when the two sides could not be read.
+fn consistency(
+    providers: &Providers,
+    written: &[(Address, Option<String>)],
+) -> Result<Vec<crate::drift::Difference>, String> {
     use crate::model::ResourceKind;
     let tenants: BTreeSet<&str> = written
         .iter()
@@ -675,7 +713,7 @@ fn consistency(providers: &Providers, written: &[(Address, Option<String>)]) -> 
         .map(|(a, _)| a.tenant.as_str())
         .collect();
     if tenants.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let read = |kind: ResourceKind| {
         let addrs: Vec<Address> = tenants.iter().map(|t| Address::new(t, kind.clone(), None)).collect();
@@ -683,7 +721,7 @@ fn consistency(providers: &Providers, written: &[(Address, Option<String>)]) -> 
     };
     let (mgmt, isp) = match (read(ResourceKind::ManagementTenant), read(ResourceKind::IspConfig)) {
         (Ok(m), Ok(i)) => (m, i),
-        (Err(e), _) | (_, Err(e)) => return vec![format!("consistency validation could not read both sides: {e}")],
+        (Err(e), _) | (_, Err(e)) => return Err(format!("consistency validation could not read both sides: {e}")),
     };
     let isp: HashMap<&str, &str> = isp
         .iter()
@@ -693,18 +731,13 @@ fn consistency(providers: &Providers, written: &[(Address, Option<String>)]) -> 
         })
         .collect();
     use rayon::prelude::*;
-    mgmt.par_iter()
+    Ok(mgmt
+        .par_iter()
         .flat_map_iter(|m| match (&m.content, isp.get(m.address.tenant.as_str())) {
             (Some(Content::Json(record)), Some(text)) => crate::drift::consistency(&m.address.tenant, record, text),
             _ => Vec::new(),
         })
-        .map(|d| {
-            format!(
-                "tenant {}: management and ISP framework disagree on {}: {} vs {} (impact {}): {}",
-                d.tenant, d.path, d.management_value, d.isp_framework_value, d.impact, d.recommendation
-            )
-        })
-        .collect()
+        .collect())
 }
 
 /// An audit entry for a change, with before/after masked: fields for updates, fingerprints

@@ -283,6 +283,7 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
         actor: actor(a.lock),
         progress: std::io::stderr().is_terminal(),
         settle_journal: true,
+        cancel: None,
     };
     // Nothing to write, record or settle (an interrupted apply's journal is settled by an
     // apply, even one with nothing left to write).
@@ -417,6 +418,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
         actor: actor(l),
         progress: false,
         settle_journal: false,
+        cancel: None,
     };
     let report = apply::apply(&plan, &p.providers, p.state.as_ref(), &opts)?;
     Ok(print_report(&report))

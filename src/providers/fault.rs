@@ -10,7 +10,9 @@
 //!   as when a connection drops after the server applied a request);
 //! - `kill`: the call is done, then the process kills itself with SIGKILL (a crash right
 //!   after a write, before anything else happens);
-//! - `kill-before`: the process kills itself with SIGKILL instead of making the call.
+//! - `kill-before`: the process kills itself with SIGKILL instead of making the call;
+//! - `delay=500ms`: the call is slowed down by that much, not failed (to hold an apply open
+//!   long enough for a test to act during it).
 //!
 //! The ops are `put`, `delete`, `list`, `fetch` and `flush` (`flush:1:kill-before`: a crash
 //! after every write of an apply, before any is made durable). Nothing is injected unless
@@ -28,6 +30,7 @@ enum Mode {
     Lost,
     Kill,
     KillBefore,
+    Delay(std::time::Duration),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +69,7 @@ fn parse_mode(m: Option<&str>) -> Option<Mode> {
         Some("lost") => Some(Mode::Lost),
         Some("kill") => Some(Mode::Kill),
         Some("kill-before") => Some(Mode::KillBefore),
-        Some(_) => None,
+        Some(d) => d.strip_prefix("delay=").and_then(|d| crate::load::settings::parse_duration(d)).map(Mode::Delay),
     }
 }
 
@@ -83,7 +86,7 @@ pub fn wrap(inner: Arc<dyn Provider>) -> Arc<dyn Provider> {
     let Ok(spec) = std::env::var("DOTMAC_FAULTS") else { return inner };
     if let Some(bad) = malformed(&spec) {
         // A test facility: a typo must not quietly inject nothing.
-        eprintln!("error: DOTMAC_FAULTS: `{bad}` is not provider:op:n[:fail|lost|kill|kill-before]");
+        eprintln!("error: DOTMAC_FAULTS: `{bad}` is not provider:op:n[:fail|lost|kill|kill-before|delay=DUR]");
         std::process::exit(1);
     }
     let rules = rules_for(&spec, inner.id());
@@ -115,7 +118,17 @@ impl Faulty {
     /// reaching the system, or with the process killed before or after it.
     fn call<T>(&self, op: &str, counter: &AtomicUsize, what: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-        let Some(rule) = self.rules.iter().find(|r| r.op == op && r.nth.is_none_or(|k| k == n)) else {
+        let hits = || self.rules.iter().filter(|r| r.op == op && r.nth.is_none_or(|k| k == n));
+        if let Some(d) = hits()
+            .filter_map(|r| match r.mode {
+                Mode::Delay(d) => Some(d),
+                _ => None,
+            })
+            .max()
+        {
+            std::thread::sleep(d);
+        }
+        let Some(rule) = hits().find(|r| !matches!(r.mode, Mode::Delay(_))) else {
             return call();
         };
         let error = || ProviderError::Unavailable(format!("injected fault: {} {op} #{n} ({what})", self.inner.id()));
@@ -127,6 +140,7 @@ impl Faulty {
                 let _ = call();
                 die()
             }
+            Mode::Delay(_) => call(),
         }
     }
 }
@@ -191,6 +205,11 @@ mod tests {
                 Rule { op: "put".into(), nth: Some(1), mode: Mode::KillBefore }
             ]
         );
+        assert_eq!(
+            rules_for("isp:put:*:delay=500ms", ProviderId::Isp),
+            vec![Rule { op: "put".into(), nth: None, mode: Mode::Delay(std::time::Duration::from_millis(500)) }]
+        );
+        assert!(rules_for("isp:put:*:250ms", ProviderId::Isp).is_empty(), "a fourth part is delay=<duration>");
         assert!(rules_for("isp:put:3", ProviderId::Secrets).is_empty());
         assert_eq!(malformed("isp:put:3, isp:put:3:sometimes"), Some("isp:put:3:sometimes"));
         assert_eq!(malformed("isp:put"), Some("isp:put"));

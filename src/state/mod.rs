@@ -122,6 +122,13 @@ pub trait StateStore: Send + Sync {
     /// Takes the state's lock for `holder` (a description naming who), waiting up to
     /// `timeout` (zero: fail at once, naming the current holder).
     fn lock(&self, holder: &str, timeout: std::time::Duration) -> Result<Box<dyn StateLock>>;
+    /// Takes the daemons' leader lock, apart from the state lock (a leader holds it for its
+    /// whole life while people still apply): the daemon replica holding it reconciles.
+    /// Released like the state lock when its holder dies. A backend without one says so.
+    fn leader_lock(&self, holder: &str, timeout: std::time::Duration) -> Result<Box<dyn StateLock>> {
+        let _ = (holder, timeout);
+        anyhow::bail!("this state backend has no leader lock; run one daemon replica with --leader-election none")
+    }
     fn meta(&self) -> Result<StateMeta>;
     /// Records (without content) of the tenants in scope.
     fn records(&self, scope: &TenantScope) -> Result<Vec<Record>>;

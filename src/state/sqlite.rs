@@ -108,6 +108,10 @@ impl StateStore for SqliteStore {
         Ok(Box::new(super::lock::acquire(&self.dir.join("lock"), holder, timeout)?))
     }
 
+    fn leader_lock(&self, holder: &str, timeout: std::time::Duration) -> Result<Box<dyn super::StateLock>> {
+        Ok(Box::new(super::lock::acquire_as(&self.dir.join("leader.lock"), holder, timeout, "another daemon leads")?))
+    }
+
     fn meta(&self) -> Result<StateMeta> {
         let conn = self.conn();
         let get = |k: &str| -> Result<String> {

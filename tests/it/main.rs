@@ -4,12 +4,14 @@
 mod bao;
 mod concurrency;
 mod crash;
+mod daemon_util;
 mod fake_github;
 mod faults;
 mod pg;
 mod util;
 
 mod action;
+mod daemon;
 mod hostile;
 mod http;
 mod kube_fake;
