@@ -187,6 +187,26 @@ impl Style {
     }
 }
 
+/// Text from a repository, made safe for a terminal: control characters (but tabs) and the
+/// bidirectional overrides that reorder what a reader sees are shown escaped, so a file or
+/// name cannot move the cursor, set a window title or disguise what a line says.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char =
+        |c: char| (c.is_control() && c != '\t') || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Human output in the manner of rustc: a headline, the place, the line with a caret, notes.
 pub fn render_human<'a>(diags: &[Diagnostic], text_of: impl Fn(&str) -> Option<&'a str>, color: bool) -> String {
     let st = Style { color };
@@ -201,7 +221,7 @@ pub fn render_human<'a>(diags: &[Diagnostic], text_of: impl Fn(&str) -> Option<&
             out,
             "{}{}",
             st.paint(code, &format!("{word}[{}]", d.rule)),
-            st.paint("1", &format!(": {}", d.message))
+            st.paint("1", &format!(": {}", printable(&d.message)))
         );
         let gutter_width = d.line.map(|l| l.to_string().len()).unwrap_or(1);
         let pad = " ".repeat(gutter_width);
@@ -211,6 +231,7 @@ pub fn render_human<'a>(diags: &[Diagnostic], text_of: impl Fn(&str) -> Option<&
                 (Some(l), None) => format!("{file}:{l}"),
                 _ => file.clone(),
             };
+            let place = printable(&place);
             let _ = writeln!(out, "{pad}{} {place}", st.paint("1;34", "-->"));
             if let (Some(l), Some(text)) = (d.line, text_of(file)) {
                 let lines = cache.entry(file.as_str()).or_insert_with(|| text.lines().collect());
@@ -218,6 +239,7 @@ pub fn render_human<'a>(diags: &[Diagnostic], text_of: impl Fn(&str) -> Option<&
                     let src = src.trim_end_matches('\r');
                     let col = d.column.unwrap_or(1);
                     let shown: String = src.chars().take(200).collect();
+                    let shown = printable(&shown);
                     let _ = writeln!(out, "{pad} {}", st.paint("1;34", "|"));
                     let _ = writeln!(out, "{} {} {shown}", st.paint("1;34", &l.to_string()), st.paint("1;34", "|"));
                     let lead: String =
@@ -239,10 +261,10 @@ pub fn render_human<'a>(diags: &[Diagnostic], text_of: impl Fn(&str) -> Option<&
             notes.push(format!("tenant {t}"));
         }
         if !notes.is_empty() {
-            let _ = writeln!(out, "{pad} {} {}", st.paint("1;34", "="), notes.join(", "));
+            let _ = writeln!(out, "{pad} {} {}", st.paint("1;34", "="), printable(&notes.join(", ")));
         }
         if let Some(h) = &d.help {
-            let _ = writeln!(out, "{pad} {} help: {h}", st.paint("1;34", "="));
+            let _ = writeln!(out, "{pad} {} help: {}", st.paint("1;34", "="), printable(h));
         }
         out.push('\n');
     }
@@ -268,6 +290,13 @@ pub fn render_human<'a>(diags: &[Diagnostic], text_of: impl Fn(&str) -> Option<&
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_text_is_escaped_for_terminals() {
+        assert_eq!(printable("plain\ttext é"), "plain\ttext é");
+        assert_eq!(printable("a\x1b]0;title\x07b"), "a\\u{1b}]0;title\\u{7}b");
+        assert_eq!(printable("x\u{202e}y\nz\0"), "x\\u{202e}y\\u{a}z\\u{0}");
+    }
 
     #[test]
     fn toml_keys_are_found_under_their_table() {

@@ -91,6 +91,10 @@ pub struct Change {
     /// What apply writes (none for deletes).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub desired: Option<Content>,
+    /// The fingerprint `desired` has once written (not for secrets: their versions are the
+    /// store's to number).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub desired_fingerprint: Option<String>,
     /// The live fingerprint the plan saw; apply refuses if it moved.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub live_fingerprint: Option<String>,
@@ -177,6 +181,7 @@ pub fn diff(
         risk: Risk::Low,
         reason,
         desired: None,
+        desired_fingerprint: None,
         live_fingerprint: live_fp.map(str::to_owned),
         last_fingerprint: last_fp.map(str::to_owned),
         before: live.and_then(|l| l.content.clone()),
@@ -207,6 +212,7 @@ pub fn diff(
                 change(Action::Create, false, "new".into())
             };
             c.desired = d.content.clone();
+            c.desired_fingerprint = Some(d.fingerprint.clone());
             c
         }
         (Some(d), Some(l)) => {
@@ -219,6 +225,7 @@ pub fn diff(
                 let mut c = change(Action::Noop, false, "already as desired; the record is updated".into());
                 c.refresh = true;
                 c.desired = d.content.clone();
+                c.desired_fingerprint = Some(d.fingerprint.clone());
                 c
             } else {
                 let mut c = match last_fp {
@@ -233,6 +240,7 @@ pub fn diff(
                     ),
                 };
                 c.desired = d.content.clone();
+                c.desired_fingerprint = Some(d.fingerprint.clone());
                 c
             }
         }
@@ -240,7 +248,10 @@ pub fn diff(
     if c.action != Action::Noop || c.drift {
         let before = c.before.as_ref();
         let after = c.desired.as_ref();
-        c.fields = fields(before, after);
+        // A creation's fields are all of `after`; only what moves is worth listing.
+        if c.action == Action::Update {
+            c.fields = fields(before, after);
+        }
         c.diff = unified(address, before, after);
         c.risk = risk(address, c.action, &c.fields, before, after);
     }
@@ -286,6 +297,7 @@ fn diff_secret(
             risk,
             reason,
             desired: (action != Action::Delete).then(|| Content::Secret(spec.clone())),
+            desired_fingerprint: None,
             live_fingerprint: live_fp.clone(),
             last_fingerprint: last_fp.clone(),
             before: live.and_then(|l| l.content.clone()),
@@ -429,12 +441,34 @@ pub fn unified(address: &Address, before: Option<&Content>, after: Option<&Conte
         return String::new();
     }
     let name = address.to_string();
+    if b.is_empty() || a.is_empty() {
+        return whole(&name, &b, &a);
+    }
     similar::TextDiff::from_lines(&b, &a)
         .unified_diff()
         .context_radius(3)
         .header(&name, &name)
         .missing_newline_hint(false)
         .to_string()
+}
+
+/// The unified diff of a creation or a deletion: every line added or removed. The same text
+/// `similar` makes, without the line-matching work (a cold plan is all creations).
+fn whole(name: &str, before: &str, after: &str) -> String {
+    let (text, sign) = if before.is_empty() { (after, '+') } else { (before, '-') };
+    let n = text.split_inclusive('\n').count();
+    let range = if n == 1 { "1".to_owned() } else { format!("1,{n}") };
+    let hunk = if sign == '+' { format!("@@ -0,0 +{range} @@") } else { format!("@@ -{range} +0,0 @@") };
+    let mut out = String::with_capacity(text.len() + n + name.len() * 2 + 32);
+    out.push_str(&format!("--- {name}\n+++ {name}\n{hunk}\n"));
+    for line in text.split_inclusive('\n') {
+        out.push(sign);
+        out.push_str(line);
+        if !line.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The structured value of a content, for field comparisons (YAML text is read as YAML).
@@ -529,6 +563,22 @@ fn field_risk(f: &FieldChange) -> Risk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_file_diffs_are_the_ones_similar_makes() {
+        let similar_of = |b: &str, a: &str| {
+            similar::TextDiff::from_lines(b, a)
+                .unified_diff()
+                .context_radius(3)
+                .header("x", "x")
+                .missing_newline_hint(false)
+                .to_string()
+        };
+        for text in ["one\n", "one", "one\ntwo\n", "one\n\nthree", "a\nb\nc\nd\ne\nf\ng\nh\n", "\n\n"] {
+            assert_eq!(whole("x", "", text), similar_of("", text), "create {text:?}");
+            assert_eq!(whole("x", text, ""), similar_of(text, ""), "delete {text:?}");
+        }
+    }
     use crate::model::{Charset, SecretMeta};
     use serde_json::json;
 

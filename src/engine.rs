@@ -194,6 +194,25 @@ impl plan::DesiredSource for BTreeMap<String, DesiredTenant> {
     }
 }
 
+/// The workspace's desired state with some tenants rendered again for one plan (the
+/// workspace itself is shared by plans made at the same time, and is not changed).
+struct Overlay<'a> {
+    base: &'a BTreeMap<String, DesiredTenant>,
+    fresh: &'a BTreeMap<String, Vec<DesiredEntry>>,
+}
+
+impl plan::DesiredSource for Overlay<'_> {
+    fn tenant_ids(&self) -> Vec<&str> {
+        self.base.keys().map(String::as_str).collect()
+    }
+    fn entries_of(&self, tenant: &str) -> Option<&[DesiredEntry]> {
+        match self.fresh.get(tenant) {
+            Some(e) => Some(e.as_slice()),
+            None => self.base.entries_of(tenant),
+        }
+    }
+}
+
 impl DesiredTenant {
     pub fn has_content(&self) -> bool {
         self.entries.iter().all(|e| e.content.is_some())
@@ -208,6 +227,15 @@ fn quick_settings(raw: &load::Raw) -> Settings {
         .and_then(|t| serde_json::to_value(t).ok())
         .and_then(|v| serde_json::from_value(v).ok())
         .unwrap_or_default()
+}
+
+/// The settings at `rev` (or in the work tree) and the state folder they give, read without
+/// validating or reading any tenant (invalid settings give the defaults).
+pub fn settings_at(root: &Path, rev: Option<&str>) -> Result<(Settings, PathBuf)> {
+    let raw = load::read(root, rev, &Scope::Units(BTreeSet::new()))?;
+    let settings = quick_settings(&raw);
+    let dir = state_dir(root, &settings);
+    Ok((settings, dir))
 }
 
 /// What every tenant's render depends on besides its own folder: this binary, the
@@ -343,11 +371,12 @@ impl Workspace {
         Ok(ws)
     }
 
-    /// Renders these tenants again, so that their entries carry content.
-    pub fn materialize(&mut self, ids: &BTreeSet<String>) -> Result<()> {
+    /// These tenants rendered again, so that their entries carry content. The workspace is
+    /// not changed (plans made at the same time share it).
+    pub fn rendered(&self, ids: &BTreeSet<String>) -> Result<BTreeMap<String, Vec<DesiredEntry>>> {
         let units: BTreeSet<String> = ids.iter().filter_map(|t| self.tenants.get(t)).map(|t| t.unit.clone()).collect();
         if units.is_empty() {
-            return Ok(());
+            return Ok(BTreeMap::new());
         }
         let sub = self.loaded.subset(&units);
         let known: BTreeMap<String, String> = self
@@ -366,13 +395,26 @@ impl Workspace {
                 d.message
             );
         }
-        for (id, resources) in rendered {
-            if let Some(t) = self.tenants.get_mut(&id) {
-                t.entries = resources.into_iter().map(DesiredEntry::rendered).collect();
+        Ok(rendered
+            .into_iter()
+            .filter(|(id, _)| self.tenants.contains_key(id))
+            .map(|(id, resources)| (id, resources.into_iter().map(DesiredEntry::rendered).collect()))
+            .collect())
+    }
+
+    /// Forgets what a long-lived workspace need not hold: the parsed documents (plans parse
+    /// again from the texts when they render) and the rendered content of the tenants `keep`
+    /// declines (fingerprints and secret declarations stay, as for a tenant served from the
+    /// render cache; a plan renders such a tenant again if it has changes).
+    pub fn shed(&mut self, keep: impl Fn(&str) -> bool) {
+        self.loaded.docs = Vec::new();
+        for (_, t) in self.tenants.iter_mut().filter(|(id, _)| !keep(id)) {
+            for e in &mut t.entries {
+                if !matches!(e.content, Some(Content::Secret(_))) {
+                    e.content = None;
+                }
             }
         }
-        self.drop_disabled();
-        Ok(())
     }
 
     pub fn errors(&self) -> usize {
@@ -394,7 +436,7 @@ impl Workspace {
     /// from the cache that turn out to change are rendered again, so every change carries
     /// the content apply writes.
     pub fn plan(
-        &mut self,
+        &self,
         providers: &Providers,
         state: &dyn StateStore,
         scope: &TenantScope,
@@ -464,7 +506,8 @@ impl Workspace {
                 meta,
             )
         };
-        let mut plan = build(&self.tenants, &live, meta.clone());
+        let mut fresh: BTreeMap<String, Vec<DesiredEntry>> = BTreeMap::new();
+        let mut plan = build(&Overlay { base: &self.tenants, fresh: &fresh }, &live, meta.clone());
         // What changes needs its content: desired (render again if cached) and live (read).
         let need_render: BTreeSet<String> = plan
             .changes
@@ -481,13 +524,16 @@ impl Workspace {
             .collect();
         if !need_render.is_empty() || !need_live.is_empty() {
             if !need_render.is_empty() {
-                self.materialize(&need_render)?;
+                for (id, mut entries) in self.rendered(&need_render)? {
+                    entries.retain(|e| !skip.contains(&e.address.provider()));
+                    fresh.insert(id, entries);
+                }
             }
             let fetched = fetch_all(providers, need_live.into_iter())?;
             if !fetched.is_empty() {
                 live = live.into_iter().map(|l| fetched.get(&l.address).cloned().unwrap_or(l)).collect();
             }
-            plan = build(&self.tenants, &live, meta);
+            plan = build(&Overlay { base: &self.tenants, fresh: &fresh }, &live, meta);
         }
         tracing::info!(plan = %plan.plan_id, create = plan.summary.create, update = plan.summary.update,
             rotate = plan.summary.rotate, delete = plan.summary.delete, drift = plan.summary.drift, elapsed = ?t.elapsed(), "planned");

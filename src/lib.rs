@@ -9,6 +9,7 @@
 pub mod apply;
 pub mod cache;
 pub mod cli;
+pub mod daemon;
 pub mod diag;
 pub mod diff;
 pub mod drift;

@@ -5,19 +5,21 @@
 //! management and ISP at the same time. Before writing, the live resources are read again
 //! and must still be what the plan saw. With `rollback_on_failure`, a failed tenant's writes
 //! are undone from the live content read before writing. One tenant's failure never stops
-//! another's. Every write is journaled first; state records and audit entries are committed
-//! per batch of tenants, after the providers have made the writes durable.
+//! another's. The whole plan is journaled before the first write; state records and audit
+//! entries are committed per batch of tenants; the providers make every write durable once at
+//! the end, and only then is the journal settled (see ARCHITECTURE.md, invariants).
 
 use crate::diff::{Action, Change, Risk, Severity};
 use crate::model::{Address, Charset, Content, Coordination, ProviderId, Resource, SecretSource, Strategy};
 use crate::plan::Plan;
 use crate::providers::secret_value::SecretValue;
-use crate::providers::{Expect, LiveResource, Providers, Session};
+use crate::providers::{Expect, LiveResource, ProviderError, Providers, Session};
 use crate::state::{AuditEntry, Commit, JournalEntry, StateStore};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -27,6 +29,13 @@ pub struct Options {
     pub actor: String,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// The plan compared every resource of its tenants (a plan made by `plan::build`, not a
+    /// rotation): journal entries left by an interrupted apply for those tenants were taken
+    /// into account by it, and are cleared once the tenant is applied (or has nothing to do).
+    pub settle_journal: bool,
+    /// When set (a shutdown), tenants not yet started are not started: they are reported
+    /// as failed with "not started", and the tenants in flight finish (or roll back).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// How one tenant's apply ended.
@@ -46,6 +55,8 @@ pub struct Report {
     pub serial: u64,
     /// Problems found by reading back what was written (consistency validation).
     pub verification: Vec<String>,
+    /// The management/ISP disagreements among them, one per difference.
+    pub inconsistencies: Vec<crate::drift::Difference>,
 }
 
 impl Report {
@@ -109,6 +120,27 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         .filter(|v| v.severity == Severity::Error)
         .map(|v| (v.tenant.as_str(), v.message.clone()))
         .collect();
+    // Journal entries of interrupted applies, by tenant, that this plan has settled.
+    let mut stale: HashMap<String, Vec<String>> = HashMap::new();
+    if opts.settle_journal {
+        for j in state.journal()?.into_iter().filter(|j| j.plan_id != plan.plan_id) {
+            let Some(tenant) = Address::parse(&j.address).map(|a| a.tenant) else { continue };
+            let in_scope = plan.tenants.as_ref().is_none_or(|ts| ts.contains(&tenant));
+            if in_scope && !blocked.contains_key(tenant.as_str()) {
+                stale.entry(tenant).or_default().push(j.address);
+            }
+        }
+    }
+    // Tenants with nothing to do: the plan found live, records and the repository agreeing,
+    // so what their old journal entries said no longer matters.
+    let settled = Commit {
+        clear_journal: stale
+            .iter()
+            .filter(|(t, _)| !by_tenant.contains_key(t.as_str()))
+            .flat_map(|(_, a)| a.iter().cloned())
+            .collect(),
+        ..Commit::default()
+    };
     let mut report = Report::default();
     for (t, why) in &blocked {
         by_tenant.remove(t);
@@ -122,6 +154,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     }
     if by_tenant.is_empty() {
         report.serial = state.meta()?.serial;
+        state.commit(report.serial, settled)?;
         return Ok(report);
     }
     let serial = state.begin_apply()?;
@@ -138,14 +171,10 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             address: c.address.to_string(),
             plan_id: plan.plan_id.clone(),
             action: c.action.as_str().into(),
-            intended: c.desired.as_ref().filter(|_| c.action != Action::Delete).and_then(intended_fingerprint),
+            intended: intended_fingerprint(c, opts.destroy_secrets),
             started_at: started.clone(),
         })
         .collect();
-    let stale: Vec<String> = state.journal()?.into_iter().map(|j| j.address).collect();
-    if !stale.is_empty() {
-        state.commit(serial, Commit { clear_journal: stale, ..Commit::default() })?;
-    }
     state.journal_add(&journal)?;
     let ctx = Ctx { plan, providers, state, opts, correlation: plan.correlation_id() };
     providers.begin(&Session {
@@ -160,17 +189,38 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     let workers = opts.parallelism.max(1);
     let mut written_all: Vec<(Address, Option<String>)> = Vec::new();
     let mut commit_error: Option<anyhow::Error> = None;
+    // What the journal learns from this apply, committed only once every write is durable.
+    let mut settle = settled;
     std::thread::scope(|s| {
         for _ in 0..workers {
             let tx = tx.clone();
             let queue = &queue;
             let ctx = &ctx;
+            let stale = &stale;
             s.spawn(move || {
                 loop {
                     let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
                     let Some((tenant, changes)) = next else { break };
+                    if ctx.opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+                        let r = TenantResult {
+                            outcome: TenantOutcome {
+                                tenant: tenant.to_owned(),
+                                ok: false,
+                                applied: 0,
+                                error: Some("not started: the apply was cancelled".into()),
+                                rolled_back: None,
+                            },
+                            commit: Commit::default(),
+                            written: Vec::new(),
+                        };
+                        if tx.send(r).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     let coord = ctx.plan.coordination.get(tenant).cloned().unwrap_or_default();
-                    let r = apply_tenant(ctx, tenant, changes, &coord);
+                    let settles = stale.get(tenant).map(Vec::as_slice).unwrap_or_default();
+                    let r = apply_tenant(ctx, tenant, changes, &coord, settles);
                     if tx.send(r).is_err() {
                         break;
                     }
@@ -189,7 +239,8 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
                 commit.upserts.extend(r.commit.upserts);
                 commit.forget.extend(r.commit.forget);
                 commit.audit.extend(r.commit.audit);
-                commit.clear_journal.extend(r.commit.clear_journal);
+                settle.clear_journal.extend(r.commit.clear_journal);
+                settle.drop_journal.extend(r.commit.drop_journal);
                 written_all.extend(r.written);
                 report.outcomes.push(r.outcome);
             }
@@ -223,14 +274,9 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         b.finish_and_clear();
     }
     // Everything written is made durable once (a local store: one syncfs), then the journal
-    // is cleared: until then the next plan knows these writes were in flight.
+    // is settled: until then the next plan knows these writes were in flight.
     let durable = ProviderId::ALL.iter().try_for_each(|p| providers.get(*p).flush());
-    let cleared = durable.map_err(anyhow::Error::from).and_then(|_| {
-        state.commit(
-            serial,
-            Commit { clear_journal: journal.into_iter().map(|j| j.address).collect(), ..Commit::default() },
-        )
-    });
+    let cleared = durable.map_err(anyhow::Error::from).and_then(|_| state.commit(serial, settle));
     if let Err(e) = cleared
         && commit_error.is_none()
     {
@@ -240,7 +286,18 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         return Err(e.context("the changes were applied but could not be recorded in the state store; the next plan re-reads live state and records them"));
     }
     report.verification = verify(providers, &written_all);
-    report.verification.extend(consistency(providers, &written_all));
+    match consistency(providers, &written_all) {
+        Ok(differences) => {
+            report.verification.extend(differences.iter().map(|d| {
+                format!(
+                    "tenant {}: management and ISP framework disagree on {}: {} vs {} (impact {}): {}",
+                    d.tenant, d.path, d.management_value, d.isp_framework_value, d.impact, d.recommendation
+                )
+            }));
+            report.inconsistencies = differences;
+        }
+        Err(e) => report.verification.push(e),
+    }
     report.outcomes.sort_by(|a, b| a.tenant.cmp(&b.tenant));
     Ok(report)
 }
@@ -258,7 +315,15 @@ fn progress_bar(enabled: bool, len: u64) -> Option<indicatif::ProgressBar> {
     Some(b)
 }
 
-fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &Coordination) -> TenantResult {
+/// Applies one tenant's changes. `settles`: journal entries of interrupted applies for this
+/// tenant, cleared if it applies (its plan took them into account).
+fn apply_tenant(
+    ctx: &Ctx<'_>,
+    tenant: &str,
+    mut changes: Vec<&Change>,
+    coord: &Coordination,
+    settles: &[String],
+) -> TenantResult {
     let _span = tracing::debug_span!("apply", tenant).entered();
     let now = jiff::Timestamp::now().to_string();
     let mut commit = Commit::default();
@@ -268,9 +333,17 @@ fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &
     let (mut deletes, rest): (Vec<&Change>, Vec<&Change>) =
         changes.into_iter().partition(|c| c.action == Action::Delete);
     deletes.reverse();
+    // A Namespace goes last: deleting it takes everything inside with it, the ISP
+    // configuration too when it is a ConfigMap there, which a rollback could not bring back.
+    deletes.sort_by_key(|c| matches!(&c.address.kind, crate::model::ResourceKind::Kubernetes(k) if k == "Namespace"));
     let (refreshes, writes): (Vec<&Change>, Vec<&Change>) = rest.into_iter().partition(|c| c.action == Action::Noop);
 
-    let fail = |msg: String, commit: Commit| TenantResult {
+    // This plan's journal entries for the tenant (all written before any tenant started).
+    let journaled: Vec<String> = writes.iter().chain(&deletes).map(|c| c.address.to_string()).collect();
+    let drop_mine = |commit: &mut Commit| {
+        commit.drop_journal.extend(journaled.iter().map(|a| (a.clone(), ctx.plan.plan_id.clone())));
+    };
+    let fail = |msg: String, mut commit: Commit| TenantResult {
         outcome: TenantOutcome {
             tenant: tenant.to_owned(),
             ok: false,
@@ -278,7 +351,10 @@ fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &
             error: Some(msg),
             rolled_back: None,
         },
-        commit,
+        commit: {
+            drop_mine(&mut commit);
+            commit
+        },
         written: Vec::new(),
     };
 
@@ -340,19 +416,28 @@ fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &
                     _ => commit.forget.push(c.address.clone()),
                 }
             }
+            commit.clear_journal.extend(journaled.iter().cloned());
+            commit.clear_journal.extend(settles.iter().cloned());
         }
         Some((failed, err)) => {
+            // This plan's entries did not happen or are undone; an interrupted apply's entries
+            // for the same addresses stay, unless the address is recorded below.
+            drop_mine(&mut commit);
             commit.audit.push(audit(ctx, &now, failed, "failed", Some(err.clone())));
             outcome.error = Some(format!("{}: {err}", failed.address));
             if coord.rollback_on_failure && !done.is_empty() {
                 let mut rollback_failed = false;
                 for d in done.iter().rev() {
                     match undo(ctx, d) {
-                        Ok(()) => commit.audit.push(audit(ctx, &now, d.change, "rolled_back", None)),
+                        Ok(restored) => {
+                            commit.audit.push(audit(ctx, &now, d.change, "rolled_back", None));
+                            record_restored(&mut commit, d, restored);
+                        }
                         Err(e) => {
                             rollback_failed = true;
                             // What is live now is what this apply wrote: record it as such.
                             record_done(&mut commit, d);
+                            commit.clear_journal.push(d.change.address.to_string());
                             commit.audit.push(audit(ctx, &now, d.change, "rollback_failed", Some(e.clone())));
                             outcome.error = Some(format!(
                                 "{}; rolling back {} failed too: {e}",
@@ -368,6 +453,7 @@ fn apply_tenant(ctx: &Ctx<'_>, tenant: &str, mut changes: Vec<&Change>, coord: &
                 // No rollback asked: what was written stays, and is recorded.
                 for d in &done {
                     record_done(&mut commit, d);
+                    commit.clear_journal.push(d.change.address.to_string());
                     commit.audit.push(applied(ctx, &now, d.change));
                 }
             }
@@ -387,11 +473,25 @@ fn applied(ctx: &Ctx<'_>, now: &str, c: &Change) -> AuditEntry {
     entry
 }
 
-/// The fingerprint a desired content will have once written (secrets: unknown until then).
-fn intended_fingerprint(c: &Content) -> Option<String> {
-    match c {
-        Content::Secret(_) | Content::SecretMeta(_) => None,
-        other => Some(crate::fingerprint::of(other)),
+/// The fingerprint a change will leave live, for the journal: the desired content's, a
+/// secret's next version (`v<n+1>`: stores number versions one up from the current one, kept
+/// across soft deletes), `v<n>-deleted` for a soft-deleted secret, and `None` for gone.
+/// The live state a change starts from is the plan's (apply refuses a tenant whose live
+/// state moved since), so `c.before` tells a secret's current version.
+fn intended_fingerprint(c: &Change, destroy_secrets: bool) -> Option<String> {
+    let version = || match c.before.as_ref() {
+        Some(Content::SecretMeta(m)) => m.version,
+        _ => 0,
+    };
+    let secret = c.address.kind == crate::model::ResourceKind::OpenbaoSecret;
+    match (c.action, &c.desired) {
+        (Action::Delete, _) if secret && !destroy_secrets && c.live_fingerprint.is_some() => {
+            Some(format!("v{}-deleted", version()))
+        }
+        (Action::Delete, _) => None,
+        (_, Some(Content::Secret(_) | Content::SecretMeta(_))) => Some(format!("v{}", version() + 1)),
+        (_, Some(other)) => c.desired_fingerprint.clone().or_else(|| Some(crate::fingerprint::of(other))),
+        (_, None) => None,
     }
 }
 
@@ -401,6 +501,26 @@ fn storable(c: &Content) -> Option<Content> {
         Content::Secret(_) | Content::SecretMeta(_) => None,
         other => Some(other.clone()),
     }
+}
+
+/// After a step was undone: live is what it was before the apply. If the plan took that for
+/// what was last applied (the record, or a write an interrupted apply completed), the record
+/// says so now, with the fingerprint live has again (a restored secret is a new version of
+/// the old value). Otherwise it was drift before, and stays drift.
+fn record_restored(commit: &mut Commit, d: &Done<'_>, restored: Option<String>) {
+    let before = d.before.as_ref().map(|b| b.fingerprint.as_str());
+    if d.change.last_fingerprint.as_deref() != before {
+        return;
+    }
+    let a = &d.change.address;
+    match restored {
+        Some(fp) => {
+            let content = d.before.as_ref().and_then(|b| b.content.as_ref()).and_then(storable);
+            commit.upserts.push((a.clone(), fp, content));
+        }
+        None => commit.forget.push(a.clone()),
+    }
+    commit.clear_journal.push(a.to_string());
 }
 
 fn record_done(commit: &mut Commit, d: &Done<'_>) {
@@ -427,10 +547,36 @@ fn run_sequence<'a>(
         let before = live.get(&c.address).cloned();
         match execute(ctx, c, before.as_ref()) {
             Ok(after) => done.push(Done { change: c, before, after }),
-            Err(e) => return (done, Some((c, e))),
+            // Someone else changed it: theirs, not ours to undo.
+            Err(e @ ProviderError::Conflict { .. }) => return (done, Some((c, e.to_string()))),
+            Err(e) => {
+                // A call can fail after the system did it (the answer was lost): if live holds
+                // what this write leaves, the step is undone (or recorded) with the others.
+                let e = match landed(ctx, c, before.as_ref()) {
+                    Ok(Some(after)) => {
+                        done.push(Done { change: c, before, after });
+                        format!("{e} (it was done nevertheless)")
+                    }
+                    Ok(None) => e.to_string(),
+                    Err(why) => format!("{e}; whether it was done could not be read back: {why}"),
+                };
+                return (done, Some((c, e)));
+            }
         }
     }
     (done, None)
+}
+
+/// After a failed step: `Some(live now)` if the system holds what the step leaves (and
+/// something else than before it): the step was done, only its answer was lost.
+fn landed(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<Option<Option<LiveResource>>, String> {
+    let now =
+        ctx.providers.get(c.address.provider()).fetch(std::slice::from_ref(&c.address)).map_err(|e| e.to_string())?;
+    let now = now.into_iter().find(|l| l.address == c.address);
+    let fp = now.as_ref().map(|l| l.fingerprint.clone());
+    let moved = fp.as_ref() != before.map(|b| &b.fingerprint);
+    let ours = fp == intended_fingerprint(c, ctx.opts.destroy_secrets);
+    Ok((moved && ours).then_some(now))
 }
 
 /// Secrets first; management and ISP at the same time; then Kubernetes; deletes in reverse.
@@ -461,19 +607,21 @@ fn run_synchronized<'a>(
 }
 
 /// Performs one change; returns what is live afterwards.
-fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<Option<LiveResource>, String> {
+fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<Option<LiveResource>, ProviderError> {
     tracing::trace!(address = %c.address, action = c.action.as_str(), "execute");
     let provider = ctx.providers.get(c.address.provider());
     let expect = Expect::from_live(before.map(|b| b.fingerprint.as_str()));
     match c.action {
         Action::Delete => {
             let destroy = ctx.opts.destroy_secrets;
-            provider.delete(&c.address, &expect, destroy).map_err(|e| e.to_string())?;
+            provider.delete(&c.address, &expect, destroy)?;
             Ok(None)
         }
         Action::Create | Action::Update | Action::Rotate => {
-            let desired =
-                c.desired.as_ref().ok_or_else(|| format!("{}: the plan has no content to write", c.address))?;
+            let desired = c
+                .desired
+                .as_ref()
+                .ok_or_else(|| ProviderError::Other(format!("{}: the plan has no content to write", c.address)))?;
             let resource = Resource { address: c.address.clone(), content: desired.clone() };
             let value = match desired {
                 Content::Secret(spec) => Some(
@@ -482,34 +630,35 @@ fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<O
                         // A development placeholder for a missing external secret.
                         SecretSource::External => SecretValue::generate(32, Charset::Alphanumeric),
                     }
-                    .map_err(|e| format!("no randomness for a new secret: {e}"))?,
+                    .map_err(|e| ProviderError::Other(format!("no randomness for a new secret: {e}")))?,
                 ),
                 _ => None,
             };
-            provider.put(&resource, value.as_ref(), &expect).map(Some).map_err(|e| e.to_string())
+            provider.put(&resource, value.as_ref(), &expect).map(Some)
         }
         Action::Noop => Ok(before.cloned()),
     }
 }
 
-/// Undoes one step from the live content read before it.
-fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<(), String> {
+/// Undoes one step from the live content read before it; returns the fingerprint live has
+/// then (`None`: gone).
+fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<String>, String> {
     let a = &d.change.address;
     let provider = ctx.providers.get(a.provider());
     let expect_after = Expect::from_live(d.after.as_ref().map(|x| x.fingerprint.as_str()));
     match (&d.before, a.kind == crate::model::ResourceKind::OpenbaoSecret) {
-        (None, _) => provider.delete(a, &expect_after, true).map_err(|e| e.to_string()),
+        (None, _) => provider.delete(a, &expect_after, true).map(|_| None).map_err(|e| e.to_string()),
         (Some(b), true) => {
             let version = match &b.content {
                 Some(Content::SecretMeta(m)) => m.version,
                 _ => return Err(format!("{a}: no version to restore")),
             };
-            provider.restore_secret(a, version).map(|_| ()).map_err(|e| e.to_string())
+            provider.restore_secret(a, version).map(|l| Some(l.fingerprint)).map_err(|e| e.to_string())
         }
         (Some(b), false) => {
             let content = b.content.clone().ok_or_else(|| format!("{a}: the content before was not read"))?;
             let r = Resource { address: a.clone(), content };
-            provider.put(&r, None, &expect_after).map(|_| ()).map_err(|e| e.to_string())
+            provider.put(&r, None, &expect_after).map(|l| Some(l.fingerprint)).map_err(|e| e.to_string())
         }
     }
 }
@@ -551,8 +700,12 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<S
 }
 
 /// Consistency validation: for every tenant whose management record or ISP configuration
-/// was written, both sides are read again and compared (plan, features, billing gateway).
-fn consistency(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<String> {
+/// was written, both sides are read again and compared (plan, features, billing gateway);
+/// an error when the two sides could not be read.
+fn consistency(
+    providers: &Providers,
+    written: &[(Address, Option<String>)],
+) -> Result<Vec<crate::drift::Difference>, String> {
     use crate::model::ResourceKind;
     let tenants: BTreeSet<&str> = written
         .iter()
@@ -560,7 +713,7 @@ fn consistency(providers: &Providers, written: &[(Address, Option<String>)]) -> 
         .map(|(a, _)| a.tenant.as_str())
         .collect();
     if tenants.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let read = |kind: ResourceKind| {
         let addrs: Vec<Address> = tenants.iter().map(|t| Address::new(t, kind.clone(), None)).collect();
@@ -568,7 +721,7 @@ fn consistency(providers: &Providers, written: &[(Address, Option<String>)]) -> 
     };
     let (mgmt, isp) = match (read(ResourceKind::ManagementTenant), read(ResourceKind::IspConfig)) {
         (Ok(m), Ok(i)) => (m, i),
-        (Err(e), _) | (_, Err(e)) => return vec![format!("consistency validation could not read both sides: {e}")],
+        (Err(e), _) | (_, Err(e)) => return Err(format!("consistency validation could not read both sides: {e}")),
     };
     let isp: HashMap<&str, &str> = isp
         .iter()
@@ -577,18 +730,14 @@ fn consistency(providers: &Providers, written: &[(Address, Option<String>)]) -> 
             _ => None,
         })
         .collect();
-    let mut problems = Vec::new();
-    for m in &mgmt {
-        if let (Some(Content::Json(record)), Some(text)) = (&m.content, isp.get(m.address.tenant.as_str())) {
-            for d in crate::drift::consistency(&m.address.tenant, record, text) {
-                problems.push(format!(
-                    "tenant {}: management and ISP framework disagree on {}: {} vs {} (impact {}): {}",
-                    d.tenant, d.path, d.management_value, d.isp_framework_value, d.impact, d.recommendation
-                ));
-            }
-        }
-    }
-    problems
+    use rayon::prelude::*;
+    Ok(mgmt
+        .par_iter()
+        .flat_map_iter(|m| match (&m.content, isp.get(m.address.tenant.as_str())) {
+            (Some(Content::Json(record)), Some(text)) => crate::drift::consistency(&m.address.tenant, record, text),
+            _ => Vec::new(),
+        })
+        .collect())
 }
 
 /// An audit entry for a change, with before/after masked: fields for updates, fingerprints
@@ -619,7 +768,8 @@ fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &str, message: Option<S
             c.desired
                 .as_ref()
                 .filter(|_| c.action != Action::Delete)
-                .map(|d| json!({"fingerprint": crate::fingerprint::of(d)})),
+                .map(|d| c.desired_fingerprint.clone().unwrap_or_else(|| crate::fingerprint::of(d)))
+                .map(|f| json!({"fingerprint": f})),
         )
     };
     AuditEntry {

@@ -56,7 +56,9 @@ pub fn run(cli: Cli) -> Result<u8> {
             super::ops::cmd_drift(&g, &tenants, format, detailed_exitcode)
         }
         Command::Audit { tenants, since, format } => super::ops::cmd_audit(&g, &tenants, since.as_deref(), format),
-        Command::Secret(super::SecretCommand::Put { tenant, name }) => super::ops::cmd_secret_put(&g, &tenant, &name),
+        Command::Secret(super::SecretCommand::Put { tenant, name, lock_timeout }) => {
+            super::ops::cmd_secret_put(&g, &tenant, &name, &lock_timeout)
+        }
         Command::BenchParse => {
             let root = load::find_root(g.repo.as_deref())?;
             let loaded = load::load(&root, g.rev.as_deref(), &Scope::All)?;
@@ -69,7 +71,41 @@ pub fn run(cli: Cli) -> Result<u8> {
             std::mem::forget(loaded);
             Ok(0)
         }
+        Command::Daemon(args) => cmd_daemon(&g, args),
     }
+}
+
+fn cmd_daemon(g: &Global, a: super::DaemonArgs) -> Result<u8> {
+    use crate::load::settings::parse_duration;
+    if g.rev.is_some() {
+        bail!("the daemon follows a branch (--branch); --rev does not apply");
+    }
+    let duration = |flag: &str, v: &str| {
+        parse_duration(v)
+            .filter(|d| !d.is_zero())
+            .with_context(|| format!("--{flag} `{v}` is not a duration such as 30s, 5m or 1h"))
+    };
+    let interval = a.interval.as_deref().map(|v| duration("interval", v)).transpose()?;
+    if a.concurrency == Some(0) {
+        bail!("--concurrency must be at least 1");
+    }
+    let repo = g.repo.clone().unwrap_or_else(|| std::path::PathBuf::from("."));
+    crate::daemon::run(crate::daemon::Options {
+        repo: repo.to_string_lossy().into_owned(),
+        branch: a.branch,
+        interval,
+        listen: a.listen,
+        auto_apply: a.auto_apply,
+        allow_delete: a.allow_delete,
+        concurrency: a.concurrency,
+        cache_dir: a.cache_dir,
+        election: a.leader_election,
+        lease_name: a.lease_name,
+        lease_namespace: a.lease_namespace,
+        lease_duration: duration("lease-duration", &a.lease_duration)?,
+        shutdown_timeout: duration("shutdown-timeout", &a.shutdown_timeout)?,
+        actor: a.actor,
+    })
 }
 
 pub fn parse_now(now: Option<&str>) -> Result<Timestamp> {

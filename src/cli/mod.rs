@@ -195,6 +195,55 @@ pub enum Command {
     /// nothing else.
     #[command(hide = true, name = "bench-parse")]
     BenchParse,
+    /// Keep live state equal to a git branch, continuously: reconcile loops, HTTP status
+    /// and metrics, notifications, leader election.
+    Daemon(DaemonArgs),
+}
+
+/// `daemon`: `--repo` is a local work tree or a URL to clone (`--rev` does not apply: the
+/// daemon follows `--branch`).
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// The branch to follow (default: a local repository's current branch; a remote's default branch).
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// How often every tenant is checked for drift and a remote repository fetched
+    /// (default: [daemon] interval, else 1m).
+    #[arg(long, value_name = "DURATION")]
+    pub interval: Option<String>,
+    /// Where the HTTP endpoints listen.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    pub listen: std::net::SocketAddr,
+    /// Apply new commits and heal drift (without it, the daemon only reports).
+    #[arg(long)]
+    pub auto_apply: bool,
+    /// Let auto-apply delete resources (tenants or resources removed from the repository).
+    #[arg(long)]
+    pub allow_delete: bool,
+    /// Tenant batches reconciled at the same time (default: [daemon] concurrency, else 2).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Where remote repositories are cloned (default: $XDG_CACHE_HOME/dotmac-gitops).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// How replicas agree on the one that reconciles.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub leader_election: crate::daemon::leader::Election,
+    /// The Lease's name.
+    #[arg(long, default_value = "dotmac-gitops")]
+    pub lease_name: String,
+    /// The Lease's namespace (default: $POD_NAMESPACE, the service account's, else default).
+    #[arg(long)]
+    pub lease_namespace: Option<String>,
+    /// How long a Lease holds without renewal.
+    #[arg(long, value_name = "DURATION", default_value = "15s")]
+    pub lease_duration: String,
+    /// How long a shutdown waits for tenants being applied.
+    #[arg(long, value_name = "DURATION", default_value = "25s")]
+    pub shutdown_timeout: String,
+    /// Who applies, for the audit log.
+    #[arg(long, default_value = "dotmac-gitops-daemon")]
+    pub actor: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -248,6 +297,10 @@ pub enum SecretCommand {
         tenant: String,
         #[arg(long)]
         name: String,
+        /// Wait this long for the state lock (an apply writes the same store; default: fail
+        /// at once, naming the holder).
+        #[arg(long, value_name = "DURATION", default_value = "0s")]
+        lock_timeout: String,
     },
 }
 
@@ -267,21 +320,23 @@ pub fn main() -> ExitCode {
     // One TLS crypto provider for the process (ring); an error means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    init_logging(&cli.global);
+    init_logging(&cli.global, matches!(cli.command, Command::Daemon(_)));
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let color = std::io::stderr().is_terminal();
             let head = if color { "\x1b[1;31merror\x1b[0m" } else { "error" };
-            eprintln!("{head}: {e:#}");
+            eprintln!("{head}: {}", crate::diag::printable(&format!("{e:#}")));
             ExitCode::from(1)
         }
     }
 }
 
-fn init_logging(g: &Global) {
+fn init_logging(g: &Global, daemon: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match g.verbose {
+        // The daemon says what it does (info); the other commands print their results.
+        0 if daemon => "warn,dotmac_gitops=info,vaultrs=off,rustify=off,rustls_platform_verifier=off",
         // vaultrs and rustify log every error answer (a 404 too) at ERROR level, the TLS
         // verifier every refused certificate; the OpenBao provider reports failures itself,
         // with what to do about them.

@@ -263,7 +263,7 @@ pub fn cmd_audit(g: &Global, tenants: &[String], since: Option<&str>, format: Fo
     Ok(0)
 }
 
-pub fn cmd_secret_put(g: &Global, tenant: &str, name: &str) -> Result<u8> {
+pub fn cmd_secret_put(g: &Global, tenant: &str, name: &str, lock_timeout: &str) -> Result<u8> {
     let (settings, state_dir) = open(g)?;
     if settings.providers.secrets.kind == "openbao" {
         let cfg = crate::providers::openbao::Config::from_settings(&settings.providers.secrets)?;
@@ -293,6 +293,12 @@ pub fn cmd_secret_put(g: &Global, tenant: &str, name: &str) -> Result<u8> {
         bail!("no value on stdin");
     }
     let value = SecretValue::from_bytes(raw);
+    // An apply rewrites the tenant's secrets file too: without the lock, one of the two
+    // writes would be lost.
+    let timeout = crate::load::settings::parse_duration(lock_timeout)
+        .with_context(|| format!("--lock-timeout `{lock_timeout}` is not a duration such as 30s or 5m"))?;
+    let state = engine::open_state(&settings, &state_dir)?;
+    let _guard = state.lock(&crate::state::lock::holder_description("secret put"), timeout)?;
     let store = LocalStore::open(&state_dir, ProviderId::Secrets, &settings.providers.secrets)?;
     let address = Address::new(tenant, ResourceKind::OpenbaoSecret, Some(name));
     let live = store.put_external(&address, &value)?;

@@ -223,8 +223,11 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             if !a.args.tenants.is_empty() {
                 bail!("--tenant cannot narrow a saved plan; plan again with --tenant");
             }
-            // The repository as it is now: only to check it did not move.
-            let mut prepared = prepare(g, &[], now, false)?;
+            // The repository as it is now, judged at the plan's time: to check that nothing
+            // moved, and that planning again gives this very plan.
+            let planned_at: Timestamp =
+                plan.now.parse().with_context(|| format!("{} is not a dotmac-gitops plan file", file.display()))?;
+            let mut prepared = prepare(g, &[], planned_at, false)?;
             prepared.scope = match &plan.tenants {
                 None => TenantScope::All,
                 Some(t) => TenantScope::Only(t.iter().cloned().collect()),
@@ -248,6 +251,18 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             if !why.is_empty() {
                 bail!("stale plan, not applied: {}", why.join("; "));
             }
+            // Nothing moved: planning again must give this very plan (at its time).
+            let fresh = prepared.plan(true)?;
+            let edited = plan::differences(&plan, &fresh);
+            if !edited.is_empty() {
+                let n = edited.len();
+                let shown: Vec<String> = edited.into_iter().take(5).collect();
+                bail!(
+                    "the plan file does not match the repository it was made from (edited by hand?), not applied: {}{}",
+                    shown.join("; "),
+                    if n > 5 { format!("; and {} more", n - 5) } else { String::new() }
+                );
+            }
             (prepared, plan, guard)
         }
         None => {
@@ -267,8 +282,16 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
         parallelism: a.parallelism.or(prepared.ws.settings.apply.parallelism).unwrap_or(8),
         actor: actor(a.lock),
         progress: std::io::stderr().is_terminal(),
+        settle_journal: true,
+        cancel: None,
     };
-    if !plan.has_changes() && !plan.changes.iter().any(|c| c.refresh) && plan.errors().next().is_none() {
+    // Nothing to write, record or settle (an interrupted apply's journal is settled by an
+    // apply, even one with nothing left to write).
+    if !plan.has_changes()
+        && !plan.changes.iter().any(|c| c.refresh)
+        && plan.errors().next().is_none()
+        && prepared.state.journal()?.is_empty()
+    {
         return Ok(0);
     }
     apply::preflight(&plan, &opts).map_err(anyhow::Error::msg)?;
@@ -354,6 +377,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
                 risk: if emergency { Risk::Critical } else { Risk::High },
                 reason: if emergency { "emergency rotation".into() } else { "rotation requested".into() },
                 desired: Some(Content::Secret((*s).clone())),
+                desired_fingerprint: None,
                 live_fingerprint: l.map(|l| l.fingerprint.clone()),
                 last_fingerprint: records.iter().find(|r| r.address == address).map(|r| r.fingerprint.clone()),
                 before: l.and_then(|l| l.content.clone()),
@@ -393,6 +417,8 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
         parallelism: if emergency { tenants.len().max(1) } else { 4 },
         actor: actor(l),
         progress: false,
+        settle_journal: false,
+        cancel: None,
     };
     let report = apply::apply(&plan, &p.providers, p.state.as_ref(), &opts)?;
     Ok(print_report(&report))

@@ -14,6 +14,10 @@ pub struct Settings {
     pub render: RenderSettings,
     #[serde(default)]
     pub apply: ApplySettings,
+    #[serde(default)]
+    pub daemon: DaemonSettings,
+    #[serde(default)]
+    pub notifications: NotificationSettings,
 }
 
 impl Default for Settings {
@@ -24,6 +28,8 @@ impl Default for Settings {
             providers: Providers::default(),
             render: RenderSettings::default(),
             apply: ApplySettings::default(),
+            daemon: DaemonSettings::default(),
+            notifications: NotificationSettings::default(),
         }
     }
 }
@@ -107,6 +113,61 @@ fn default_max_output() -> usize {
 pub struct ApplySettings {
     #[serde(default)]
     pub parallelism: Option<usize>,
+}
+
+/// `[daemon]`: how the daemon reconciles this repository. Durations are checked by the
+/// schema; the command line's `--interval` and `--concurrency` win over these.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct DaemonSettings {
+    /// How often every tenant is checked for drift (default 1m).
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// Tenant batches reconciled at the same time (default 2).
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// Self-heal attempts in a row before the daemon stops healing a tenant (default 5).
+    #[serde(default)]
+    pub self_heal_attempts: Option<u32>,
+    /// The first wait after a failure (default 5s); it doubles on each failure in a row.
+    #[serde(default)]
+    pub backoff_initial: Option<String>,
+    /// The longest wait after failures (default 5m).
+    #[serde(default)]
+    pub backoff_max: Option<String>,
+}
+
+/// `[notifications]`: where the daemon reports what it does.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct NotificationSettings {
+    #[serde(default)]
+    pub webhooks: Vec<WebhookSettings>,
+}
+
+/// One `[[notifications.webhooks]]`: events are POSTed to `url` as JSON, signed with
+/// HMAC-SHA256 under the key in the variable `secret_env`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct WebhookSettings {
+    pub url: String,
+    /// The events to send (default: all).
+    #[serde(default)]
+    pub events: Vec<String>,
+    pub secret_env: String,
+    /// Per request (default 10s).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Tries per event (default 5).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    #[serde(default)]
+    pub circuit_breaker: Option<BreakerSettings>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct BreakerSettings {
+    #[serde(default)]
+    pub failures: Option<u32>,
+    #[serde(default)]
+    pub reset_after: Option<String>,
 }
 
 /// Parses a duration setting such as `500ms`, `30s`, `5m`, `1h`.

@@ -416,6 +416,7 @@ mod tests {
             risk,
             reason: "changed | in <templates>".into(),
             desired: Some(Content::Text(String::new())),
+            desired_fingerprint: None,
             live_fingerprint: None,
             last_fingerprint: None,
             before: None,

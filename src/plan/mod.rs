@@ -117,7 +117,10 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
     }
     // A write that was in flight when an apply stopped: if live now holds what it intended,
     // it happened — treat it as recorded rather than as drift.
-    let journal: FxHashMap<&str, &JournalEntry> = inputs.journal.iter().map(|j| (j.address.as_str(), j)).collect();
+    let mut journal: FxHashMap<&str, Vec<&JournalEntry>> = FxHashMap::default();
+    for j in inputs.journal {
+        journal.entry(j.address.as_str()).or_default().push(j);
+    }
     let mut tenants: BTreeSet<&str> = inputs.desired.tenant_ids().into_iter().filter(|t| wanted(t)).collect();
     tenants.extend(rec_by.keys().copied());
     let tenants: Vec<&str> = tenants.into_iter().collect();
@@ -197,7 +200,7 @@ fn plan_tenant(
     desired: &[DesiredEntry],
     live: &[&LiveResource],
     records: &[&Record],
-    journal: &FxHashMap<&str, &JournalEntry>,
+    journal: &FxHashMap<&str, Vec<&JournalEntry>>,
     now: Timestamp,
     options: &diff::Options,
 ) -> (Vec<Change>, Vec<Violation>, Summary) {
@@ -256,10 +259,27 @@ fn plan_tenant(
     let mut summary = Summary::default();
     for a in keys {
         let (dl, ll, rl) = find(a);
-        let journaled = if journal.is_empty() { None } else { journal.get(a.to_string().as_str()).copied() };
-        if let (Some(j), Some(l)) = (journaled, ll)
-            && j.intended.as_deref() == Some(l.fingerprint.as_str())
-        {
+        // Live holds what a journaled write intended: it happened.
+        let happened = if journal.is_empty() {
+            None
+        } else {
+            journal.get(a.to_string().as_str()).and_then(|js| {
+                js.iter().rev().find(|j| j.intended.as_deref() == ll.map(|l| l.fingerprint.as_str())).copied()
+            })
+        };
+        let done = happened.is_some();
+        // A completed delete (gone, or a soft-deleted secret) is as if it was never recorded.
+        let deleted = happened.is_some_and(|j| j.action == "delete");
+        if deleted {
+            let (c, v) = diff::diff(a, dl, ll.filter(|_| dl.is_some()), None, now, options);
+            let c = match (c, rl) {
+                (None, Some(_)) if dl.is_none() => Some(forget(a)),
+                (c, _) => c,
+            };
+            push(&mut changes, &mut violations, &mut summary, c, v, true);
+            continue;
+        }
+        if let (true, Some(l)) = (done, ll) {
             let mut adopted = rl.cloned().unwrap_or(Record {
                 address: a.clone(),
                 fingerprint: String::new(),
@@ -269,11 +289,19 @@ fn plan_tenant(
             });
             adopted.fingerprint = l.fingerprint.clone();
             let (c, v) = diff::diff(a, dl, Some(l), Some(&adopted), now, options);
+            // Nothing more to do, but the state store must learn what happened: once the
+            // tenant is applied, the journal entry is gone.
+            let behind = rl.map(|r| r.fingerprint.as_str()) != Some(l.fingerprint.as_str());
+            let c = match c {
+                None if behind => Some(catch_up(a, dl, l, rl)),
+                c => c,
+            };
             push(&mut changes, &mut violations, &mut summary, c, v, true);
             continue;
         }
         let (mut c, v) = diff::diff(a, dl, ll, rl, now, options);
-        if journaled.is_some()
+        if !journal.is_empty()
+            && journal.contains_key(a.to_string().as_str())
             && let Some(c) = c.as_mut()
             && c.drift
         {
@@ -285,6 +313,44 @@ fn plan_tenant(
         push(&mut changes, &mut violations, &mut summary, c, v, false);
     }
     (changes, violations, summary)
+}
+
+/// The record of a resource an interrupted apply wrote: set to what is live, without drift.
+fn catch_up(a: &Address, desired: Option<&DesiredEntry>, live: &LiveResource, record: Option<&Record>) -> Change {
+    Change {
+        address: a.clone(),
+        action: Action::Noop,
+        drift: false,
+        risk: Risk::Low,
+        reason: String::new(),
+        desired: desired.and_then(|d| d.content.clone()),
+        desired_fingerprint: desired.map(|d| d.fingerprint.clone()),
+        live_fingerprint: Some(live.fingerprint.clone()),
+        last_fingerprint: record.map(|r| r.fingerprint.clone()),
+        before: live.content.clone(),
+        fields: Vec::new(),
+        diff: String::new(),
+        refresh: true,
+    }
+}
+
+/// The record of a resource an interrupted apply deleted: dropped, without drift.
+fn forget(a: &Address) -> Change {
+    Change {
+        address: a.clone(),
+        action: Action::Noop,
+        drift: false,
+        risk: Risk::Low,
+        reason: String::new(),
+        desired: None,
+        desired_fingerprint: None,
+        live_fingerprint: None,
+        last_fingerprint: None,
+        before: None,
+        fields: Vec::new(),
+        diff: String::new(),
+        refresh: true,
+    }
 }
 
 /// One warning per tenant for its development placeholders, rather than one per secret.
@@ -333,7 +399,11 @@ fn push(
         return;
     };
     if journaled && c.action == Action::Noop {
-        c.reason = "written by an apply that was interrupted; recorded now".into();
+        c.reason = if c.desired.is_none() {
+            "deleted by an apply that was interrupted; its record is dropped now".into()
+        } else {
+            "written by an apply that was interrupted; recorded now".into()
+        };
     }
     match c.action {
         Action::Create => summary.create += 1,
@@ -488,6 +558,54 @@ pub fn staleness(
         ));
     }
     why
+}
+
+/// How a saved plan differs from the plan made now of the same repository, state and live
+/// resources (which `staleness` found unmoved, so the two must be the same): changes left
+/// out, added or edited, errors removed, coordination changed. A plan file is data too: an
+/// edited one must not write what the repository does not say, nor half of a tenant.
+pub fn differences(saved: &Plan, fresh: &Plan) -> Vec<String> {
+    let (s, f) = (change_keys(saved), change_keys(fresh));
+    let mut out = Vec::new();
+    for (a, k) in &s {
+        match f.get(a) {
+            None => out.push(format!("{a} ({}) is not planned", k.0)),
+            Some(fk) if fk != k => out.push(format!("{a} ({}) is not what the repository says", k.0)),
+            Some(_) => {}
+        }
+    }
+    for (a, k) in f.iter().filter(|(a, _)| !s.contains_key(*a)) {
+        out.push(format!("{a} ({}) is missing", k.0));
+    }
+    let errors =
+        |p: &Plan| -> BTreeSet<(String, String)> { p.errors().map(|v| (v.tenant.clone(), v.rule.clone())).collect() };
+    for (t, rule) in errors(fresh).difference(&errors(saved)) {
+        out.push(format!("the error {rule} of tenant {t} is missing"));
+    }
+    if saved.coordination != fresh.coordination {
+        out.push("the coordination of the tenants differs".into());
+    }
+    out
+}
+
+/// What must match between a saved plan and the plan made again, per address: action, the
+/// content's fingerprint, the live and recorded fingerprints, whether it only records.
+type ChangeKey<'p> = (&'p str, Option<String>, Option<&'p str>, Option<&'p str>, bool);
+
+fn change_keys(p: &Plan) -> BTreeMap<String, ChangeKey<'_>> {
+    p.changes
+        .iter()
+        .map(|c| {
+            let key = (
+                c.action.as_str(),
+                c.desired.as_ref().map(crate::fingerprint::of),
+                c.live_fingerprint.as_deref(),
+                c.last_fingerprint.as_deref(),
+                c.refresh,
+            );
+            (c.address.to_string(), key)
+        })
+        .collect()
 }
 
 pub fn short(rev: &str) -> &str {

@@ -1,11 +1,22 @@
-//! Fault injection, for testing what a failed write leaves behind.
+//! Fault injection, for testing what a failed write or a crash leaves behind.
 //!
 //! `DOTMAC_FAULTS="isp:put:3,management:delete:1"` makes the 3rd `put` on the ISP provider
 //! and the 1st `delete` on the management provider fail (counted across the whole process,
-//! all threads). `*` as the count fails every call. Two ops stand for the process dying
-//! instead of an error: `crash` (exit right after the nth `put` succeeded) and `crash-at-flush`
-//! (exit when the nth `flush` is asked for, before anything is made durable). Nothing is
-//! injected unless the variable is set; the wrapper is not installed at all then.
+//! all threads). `*` as the count fails every call, `*` as the provider means each provider
+//! (each counts its own calls). A fourth part says how the call fails:
+//!
+//! - `fail` (the default): the call fails without reaching the system;
+//! - `lost`: the call reaches the system and is done there, then fails (its answer is lost,
+//!   as when a connection drops after the server applied a request);
+//! - `kill`: the call is done, then the process kills itself with SIGKILL (a crash right
+//!   after a write, before anything else happens);
+//! - `kill-before`: the process kills itself with SIGKILL instead of making the call;
+//! - `delay=500ms`: the call is slowed down by that much, not failed (to hold an apply open
+//!   long enough for a test to act during it).
+//!
+//! The ops are `put`, `delete`, `list`, `fetch` and `flush` (`flush:1:kill-before`: a crash
+//! after every write of an apply, before any is made durable). Nothing is injected unless
+//! the variable is set; the wrapper is not installed at all then.
 
 use super::secret_value::SecretValue;
 use super::{Expect, LiveResource, Provider, ProviderError, Result, Session, TenantScope};
@@ -13,11 +24,21 @@ use crate::model::{Address, ProviderId, Resource};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Fail,
+    Lost,
+    Kill,
+    KillBefore,
+    Delay(std::time::Duration),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Rule {
     op: String,
     /// `None`: every call.
     nth: Option<usize>,
+    mode: Mode,
 }
 
 pub struct Faulty {
@@ -30,23 +51,44 @@ pub struct Faulty {
     flushes: AtomicUsize,
 }
 
-/// The exit status of a process killed by an injected crash.
-pub const CRASH_STATUS: i32 = 86;
-
 /// Parses the rules of `spec` that concern `provider`.
 fn rules_for(spec: &str, provider: ProviderId) -> Vec<Rule> {
     spec.split(',')
         .filter_map(|r| {
             let mut parts = r.trim().split(':');
             let (p, op, n) = (parts.next()?, parts.next()?, parts.next()?);
-            (p == provider.as_str() || p == "*").then(|| Rule { op: op.to_owned(), nth: n.parse().ok() })
+            let mode = parse_mode(parts.next())?;
+            (p == provider.as_str() || p == "*").then(|| Rule { op: op.to_owned(), nth: n.parse().ok(), mode })
         })
         .collect()
+}
+
+fn parse_mode(m: Option<&str>) -> Option<Mode> {
+    match m {
+        None | Some("fail") => Some(Mode::Fail),
+        Some("lost") => Some(Mode::Lost),
+        Some("kill") => Some(Mode::Kill),
+        Some("kill-before") => Some(Mode::KillBefore),
+        Some(d) => d.strip_prefix("delay=").and_then(|d| crate::load::settings::parse_duration(d)).map(Mode::Delay),
+    }
+}
+
+/// A rule that is not `provider:op:n[:mode]` with a known mode.
+fn malformed(spec: &str) -> Option<&str> {
+    spec.split(',').map(str::trim).find(|r| {
+        let parts: Vec<&str> = r.split(':').collect();
+        !(3..=4).contains(&parts.len()) || parse_mode(parts.get(3).copied()).is_none()
+    })
 }
 
 /// Wraps `inner` if `DOTMAC_FAULTS` names faults for it.
 pub fn wrap(inner: Arc<dyn Provider>) -> Arc<dyn Provider> {
     let Ok(spec) = std::env::var("DOTMAC_FAULTS") else { return inner };
+    if let Some(bad) = malformed(&spec) {
+        // A test facility: a typo must not quietly inject nothing.
+        eprintln!("error: DOTMAC_FAULTS: `{bad}` is not provider:op:n[:fail|lost|kill|kill-before|delay=DUR]");
+        std::process::exit(1);
+    }
     let rules = rules_for(&spec, inner.id());
     if rules.is_empty() {
         return inner;
@@ -62,20 +104,43 @@ pub fn wrap(inner: Arc<dyn Provider>) -> Arc<dyn Provider> {
     })
 }
 
-impl Faulty {
-    fn check(&self, op: &str, counter: &AtomicUsize, what: &str) -> Result<()> {
-        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.rules.iter().any(|r| r.op == op && r.nth.is_none_or(|k| k == n)) {
-            return Err(ProviderError::Unavailable(format!("injected fault: {} {op} #{n} ({what})", self.inner.id())));
-        }
-        Ok(())
+/// Ends the process as `kill -9` would: no destructors, no flushing, nothing written after.
+fn die() -> ! {
+    // SAFETY: sending a signal to our own process.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
     }
+    std::process::abort()
+}
 
-    /// Ends the process, as a `kill -9` would, if a `crash` rule names the `n`th call.
-    fn crash_if(&self, op: &str, n: usize) {
-        if self.rules.iter().any(|r| r.op == op && r.nth.is_none_or(|k| k == n)) {
-            eprintln!("injected crash: {} {op} #{n}", self.inner.id());
-            std::process::exit(CRASH_STATUS);
+impl Faulty {
+    /// Counts a call and runs it (`call`) as the rules say: untouched, failed before or after
+    /// reaching the system, or with the process killed before or after it.
+    fn call<T>(&self, op: &str, counter: &AtomicUsize, what: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let hits = || self.rules.iter().filter(|r| r.op == op && r.nth.is_none_or(|k| k == n));
+        if let Some(d) = hits()
+            .filter_map(|r| match r.mode {
+                Mode::Delay(d) => Some(d),
+                _ => None,
+            })
+            .max()
+        {
+            std::thread::sleep(d);
+        }
+        let Some(rule) = hits().find(|r| !matches!(r.mode, Mode::Delay(_))) else {
+            return call();
+        };
+        let error = || ProviderError::Unavailable(format!("injected fault: {} {op} #{n} ({what})", self.inner.id()));
+        match rule.mode {
+            Mode::Fail => Err(error()),
+            Mode::KillBefore => die(),
+            Mode::Lost => call().and(Err(error())),
+            Mode::Kill => {
+                let _ = call();
+                die()
+            }
+            Mode::Delay(_) => call(),
         }
     }
 }
@@ -88,32 +153,25 @@ impl Provider for Faulty {
         format!("{} with injected faults", self.inner.describe())
     }
     fn list(&self, scope: &TenantScope) -> Result<Vec<LiveResource>> {
-        self.check("list", &self.lists, "all")?;
-        self.inner.list(scope)
+        self.call("list", &self.lists, "all", || self.inner.list(scope))
     }
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {
-        self.check("fetch", &self.fetches, "batch")?;
-        self.inner.fetch(addresses)
+        self.call("fetch", &self.fetches, "batch", || self.inner.fetch(addresses))
     }
     fn put(&self, r: &Resource, secret: Option<&SecretValue>, expect: &Expect) -> Result<LiveResource> {
-        self.check("put", &self.puts, &r.address.to_string())?;
-        let written = self.inner.put(r, secret, expect)?;
-        self.crash_if("crash", self.puts.load(Ordering::SeqCst));
-        Ok(written)
+        self.call("put", &self.puts, &r.address.to_string(), || self.inner.put(r, secret, expect))
     }
     fn delete(&self, a: &Address, expect: &Expect, destroy: bool) -> Result<()> {
-        self.check("delete", &self.deletes, &a.to_string())?;
-        self.inner.delete(a, expect, destroy)
-    }
-    fn close(&self) {
-        self.inner.close()
+        self.call("delete", &self.deletes, &a.to_string(), || self.inner.delete(a, expect, destroy))
     }
     fn deletes_with_tenant(&self) -> bool {
         self.inner.deletes_with_tenant()
     }
+    fn close(&self) {
+        self.inner.close()
+    }
     fn flush(&self) -> Result<()> {
-        self.crash_if("crash-at-flush", self.flushes.fetch_add(1, Ordering::SeqCst) + 1);
-        self.inner.flush()
+        self.call("flush", &self.flushes, "all", || self.inner.flush())
     }
     fn restore_secret(&self, a: &Address, version: u64) -> Result<LiveResource> {
         self.inner.restore_secret(a, version)
@@ -134,12 +192,27 @@ mod tests {
     fn rules_parse() {
         assert_eq!(
             rules_for("isp:put:3,management:delete:*", ProviderId::Isp),
-            vec![Rule { op: "put".into(), nth: Some(3) }]
+            vec![Rule { op: "put".into(), nth: Some(3), mode: Mode::Fail }]
         );
         assert_eq!(
-            rules_for("isp:put:3,management:delete:*", ProviderId::Management),
-            vec![Rule { op: "delete".into(), nth: None }]
+            rules_for("isp:put:3,management:delete:*:lost", ProviderId::Management),
+            vec![Rule { op: "delete".into(), nth: None, mode: Mode::Lost }]
         );
+        assert_eq!(
+            rules_for("*:put:2:kill,isp:put:1:kill-before", ProviderId::Isp),
+            vec![
+                Rule { op: "put".into(), nth: Some(2), mode: Mode::Kill },
+                Rule { op: "put".into(), nth: Some(1), mode: Mode::KillBefore }
+            ]
+        );
+        assert_eq!(
+            rules_for("isp:put:*:delay=500ms", ProviderId::Isp),
+            vec![Rule { op: "put".into(), nth: None, mode: Mode::Delay(std::time::Duration::from_millis(500)) }]
+        );
+        assert!(rules_for("isp:put:*:250ms", ProviderId::Isp).is_empty(), "a fourth part is delay=<duration>");
         assert!(rules_for("isp:put:3", ProviderId::Secrets).is_empty());
+        assert_eq!(malformed("isp:put:3, isp:put:3:sometimes"), Some("isp:put:3:sometimes"));
+        assert_eq!(malformed("isp:put"), Some("isp:put"));
+        assert_eq!(malformed("isp:put:3,*:delete:*:lost"), None);
     }
 }

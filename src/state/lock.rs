@@ -24,6 +24,11 @@ pub fn holder_description(what: &str) -> String {
 
 /// Takes the lock at `path`, waiting up to `timeout` (zero: fail at once).
 pub fn acquire(path: &Path, holder: &str, timeout: Duration) -> Result<LockGuard> {
+    acquire_as(path, holder, timeout, "the state is locked")
+}
+
+/// Like [`acquire`]; a refusal begins with `taken` ("the state is locked").
+pub fn acquire_as(path: &Path, holder: &str, timeout: Duration, taken: &str) -> Result<LockGuard> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -39,7 +44,7 @@ pub fn acquire(path: &Path, holder: &str, timeout: Duration) -> Result<LockGuard
                     let _ = file.read_to_string(&mut who);
                     let who = who.trim();
                     bail!(
-                        "the state is locked: {}{}",
+                        "{taken}: {}{}",
                         if who.is_empty() { "by another process" } else { who },
                         if timeout.is_zero() {
                             " (use --lock-timeout to wait for it)".to_owned()
@@ -61,14 +66,15 @@ pub fn acquire(path: &Path, holder: &str, timeout: Duration) -> Result<LockGuard
     file.write_all(holder.as_bytes())?;
     file.write_all(b"\n")?;
     file.flush()?;
+    tracing::info!(lock = %path.display(), holder, "took the state lock");
     Ok(LockGuard { file, path: path.to_path_buf() })
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        tracing::info!(lock = %self.path.display(), "releasing the state lock");
         let _ = self.file.set_len(0);
         let _ = self.file.unlock();
-        let _ = &self.path;
     }
 }
 

@@ -61,7 +61,8 @@ pub struct AuditEntry {
 }
 
 /// A write about to happen: recorded before the write, cleared with the state commit, so
-/// that after a crash the next run knows what may have happened.
+/// that after a crash the next run knows what may have happened. An address may have one
+/// entry per plan: an apply that dies while recovering from another leaves both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalEntry {
     pub address: String,
@@ -78,12 +79,20 @@ pub struct Commit {
     pub upserts: Vec<(Address, String, Option<Content>)>,
     pub forget: Vec<Address>,
     pub audit: Vec<AuditEntry>,
+    /// Addresses whose journal entries (of every plan) are settled: their records say what is live.
     pub clear_journal: Vec<String>,
+    /// (address, plan id): one plan's entries that did not happen or were undone; entries of
+    /// other plans for the address stay.
+    pub drop_journal: Vec<(String, String)>,
 }
 
 impl Commit {
     pub fn is_empty(&self) -> bool {
-        self.upserts.is_empty() && self.forget.is_empty() && self.audit.is_empty() && self.clear_journal.is_empty()
+        self.upserts.is_empty()
+            && self.forget.is_empty()
+            && self.audit.is_empty()
+            && self.clear_journal.is_empty()
+            && self.drop_journal.is_empty()
     }
 }
 
@@ -113,6 +122,13 @@ pub trait StateStore: Send + Sync {
     /// Takes the state's lock for `holder` (a description naming who), waiting up to
     /// `timeout` (zero: fail at once, naming the current holder).
     fn lock(&self, holder: &str, timeout: std::time::Duration) -> Result<Box<dyn StateLock>>;
+    /// Takes the daemons' leader lock, apart from the state lock (a leader holds it for its
+    /// whole life while people still apply): the daemon replica holding it reconciles.
+    /// Released like the state lock when its holder dies. A backend without one says so.
+    fn leader_lock(&self, holder: &str, timeout: std::time::Duration) -> Result<Box<dyn StateLock>> {
+        let _ = (holder, timeout);
+        anyhow::bail!("this state backend has no leader lock; run one daemon replica with --leader-election none")
+    }
     fn meta(&self) -> Result<StateMeta>;
     /// Records (without content) of the tenants in scope.
     fn records(&self, scope: &TenantScope) -> Result<Vec<Record>>;

@@ -49,6 +49,18 @@ const MIGRATIONS: &[&str] = &[
         action TEXT NOT NULL,
         intended TEXT,
         started_at TEXT NOT NULL);",
+    // 2: one journal entry per address and plan, so that an apply recovering from a killed
+    // one does not overwrite what the killed one was doing
+    "CREATE TABLE journal2 (
+        address TEXT NOT NULL,
+        plan_id TEXT NOT NULL,
+        action TEXT NOT NULL,
+        intended TEXT,
+        started_at TEXT NOT NULL,
+        PRIMARY KEY (address, plan_id));
+     INSERT INTO journal2 SELECT address, plan_id, action, intended, started_at FROM journal;
+     DROP TABLE journal;
+     ALTER TABLE journal2 RENAME TO journal;",
 ];
 
 impl SqliteStore {
@@ -94,6 +106,10 @@ impl SqliteStore {
 impl StateStore for SqliteStore {
     fn lock(&self, holder: &str, timeout: std::time::Duration) -> Result<Box<dyn super::StateLock>> {
         Ok(Box::new(super::lock::acquire(&self.dir.join("lock"), holder, timeout)?))
+    }
+
+    fn leader_lock(&self, holder: &str, timeout: std::time::Duration) -> Result<Box<dyn super::StateLock>> {
+        Ok(Box::new(super::lock::acquire_as(&self.dir.join("leader.lock"), holder, timeout, "another daemon leads")?))
     }
 
     fn meta(&self) -> Result<StateMeta> {
@@ -219,6 +235,10 @@ impl StateStore for SqliteStore {
             for a in &c.clear_journal {
                 cj.execute(params![a])?;
             }
+            let mut dj = tx.prepare_cached("DELETE FROM journal WHERE address = ?1 AND plan_id = ?2")?;
+            for (a, plan) in &c.drop_journal {
+                dj.execute(params![a, plan])?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -241,8 +261,9 @@ impl StateStore for SqliteStore {
 
     fn journal(&self) -> Result<Vec<JournalEntry>> {
         let conn = self.conn();
-        let mut st =
-            conn.prepare("SELECT address, plan_id, action, intended, started_at FROM journal ORDER BY address")?;
+        let mut st = conn.prepare(
+            "SELECT address, plan_id, action, intended, started_at FROM journal ORDER BY address, started_at",
+        )?;
         let rows = st.query_map([], |r| {
             Ok(JournalEntry {
                 address: r.get(0)?,

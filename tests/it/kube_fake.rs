@@ -81,6 +81,13 @@ pub struct State {
     rollout: HashMap<Key, u8>,
 }
 
+/// The cluster's objects at one moment (see `Fake::snapshot`).
+pub struct KubeSnapshot {
+    objects: BTreeMap<Key, Value>,
+    rv: u64,
+    uid: u64,
+}
+
 pub struct Fake {
     state: Arc<Mutex<State>>,
     pub url: String,
@@ -164,6 +171,23 @@ impl Fake {
             status,
             times,
         });
+    }
+
+    /// The cluster's objects, to put back with `restore`.
+    pub fn snapshot(&self) -> KubeSnapshot {
+        let s = self.lock();
+        KubeSnapshot { objects: s.objects.clone(), rv: s.rv, uid: s.uid }
+    }
+
+    /// Puts a snapshot's objects back and forgets requests, faults and rollouts in progress.
+    pub fn restore(&self, snap: &KubeSnapshot) {
+        let mut s = self.lock();
+        s.objects = snap.objects.clone();
+        s.rv = snap.rv;
+        s.uid = snap.uid;
+        s.requests.clear();
+        s.faults.clear();
+        s.rollout.clear();
     }
 
     /// RBAC says no to `verb` (get, list, patch, delete) on `plural`.

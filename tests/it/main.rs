@@ -2,12 +2,17 @@
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
 mod bao;
+mod concurrency;
+mod crash;
+mod daemon_util;
 mod fake_github;
+mod faults;
 mod pg;
 mod util;
 
 mod action;
-
+mod daemon;
+mod hostile;
 mod http;
 mod kube_fake;
 mod kubernetes;
@@ -18,6 +23,7 @@ mod plan_apply;
 mod platform;
 mod pr_comment;
 mod prdiff;
+mod recovery;
 mod render;
 mod sandbox;
 mod secrets;

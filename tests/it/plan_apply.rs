@@ -180,8 +180,8 @@ fn an_apply_killed_mid_way_or_before_its_writes_are_durable_heals_on_the_next_pl
     let live = r.join(".dotmac/live/management/tenant-123.tenant.yaml");
     // Killed right after its first write: the journal stays, and the next plan adopts the
     // write it finds done instead of calling it drift.
-    let out = run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "management:crash:1")]);
-    assert_eq!(out.code, dotmac_gitops::providers::fault::CRASH_STATUS, "{}{}", out.stdout, out.stderr);
+    let out = run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "management:put:1:kill")]);
+    assert_ne!(out.code, 0, "{}{}", out.stdout, out.stderr);
     let p = plan_json(r);
     assert_eq!(p["summary"]["drift"], 0, "{p}");
     assert_eq!(dm(r, &["apply", "--auto-approve", "--now", NOW]).code, 0);
@@ -193,8 +193,8 @@ fn an_apply_killed_mid_way_or_before_its_writes_are_durable_heals_on_the_next_pl
     let before = std::fs::read_to_string(&live).unwrap();
     edit(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
     let out =
-        run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "management:crash-at-flush:1")]);
-    assert_eq!(out.code, dotmac_gitops::providers::fault::CRASH_STATUS, "{}{}", out.stdout, out.stderr);
+        run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "management:flush:1:kill-before")]);
+    assert_ne!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert_ne!(std::fs::read_to_string(&live).unwrap(), before, "the write happened");
     std::fs::write(&live, &before).unwrap();
     let p = plan_json(r);

@@ -103,6 +103,13 @@ impl State {
 
 type Shared = Arc<Mutex<State>>;
 
+/// The platform's state at one moment (see `Platform::snapshot`).
+pub struct PlatformSnapshot {
+    counter: u64,
+    tenants: BTreeMap<String, TenantRec>,
+    instances: BTreeMap<String, Instance>,
+}
+
 pub struct Platform {
     pub addr: SocketAddr,
     state: Shared,
@@ -205,6 +212,25 @@ impl Platform {
 
     pub fn clear_requests(&self) {
         self.lock().requests.clear();
+    }
+
+    /// The platform's and the instances' data, to put back with `restore`.
+    pub fn snapshot(&self) -> PlatformSnapshot {
+        let s = self.lock();
+        PlatformSnapshot { counter: s.counter, tenants: s.tenants.clone(), instances: s.instances.clone() }
+    }
+
+    /// Puts the data of a snapshot back (etags included) and forgets requests, audit events
+    /// and faults.
+    pub fn restore(&self, snap: &PlatformSnapshot) {
+        let mut s = self.lock();
+        s.counter = snap.counter;
+        s.tenants = snap.tenants.clone();
+        s.instances = snap.instances.clone();
+        s.audit.clear();
+        s.requests.clear();
+        s.faults.clear();
+        s.not_before.clear();
     }
 
     /// How many requests with this method had a path containing `path_contains`.

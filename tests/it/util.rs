@@ -85,7 +85,9 @@ pub fn run(args: &[&str], cwd: &Path) -> Output {
     run_env(args, cwd, &[])
 }
 
-pub fn run_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
+/// The binary, ready to spawn with `args` in `cwd`: the memory limit set, stdin empty, both
+/// streams piped, no colour, `DOTMAC_LOG` unset unless `env` sets it.
+pub fn command(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dotmac-gitops"));
     cmd.args(args)
         .current_dir(cwd)
@@ -105,7 +107,11 @@ pub fn run_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
             Ok(())
         });
     }
-    let child = cmd.spawn().expect("the binary runs");
+    cmd
+}
+
+pub fn run_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
+    let child = command(args, cwd, env).spawn().expect("the binary runs");
     let start = Instant::now();
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -203,4 +209,41 @@ pub fn put_secret(repo: &Path, tenant: &str, name: &str, value: &str) {
     for s in [&out.stdout, &out.stderr] {
         assert!(!String::from_utf8_lossy(s).contains(value.trim()), "secret put printed the value");
     }
+}
+
+/// A small seeded random number generator (splitmix64), so that a randomized test repeats
+/// exactly: the seed comes from `$DOTMAC_TEST_SEED` or the test's default, and is printed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn seeded(test: &str, default: u64) -> Rng {
+        let seed = std::env::var("DOTMAC_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+        eprintln!("{test}: seed {seed} (set DOTMAC_TEST_SEED to repeat another)");
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// True with probability `num / den`.
+    pub fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.below(den) < num
+    }
+}
+
+/// Replaces `from` by `to` in a file (the first occurrence), which must contain it.
+pub fn edit_file(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} has no `{from}`", path.display());
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
 }

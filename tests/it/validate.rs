@@ -5,7 +5,7 @@
 use crate::util::*;
 
 /// Cases that are valid on purpose (they show what is accepted).
-const VALID: &[&str] = &["yaml-bom-crlf", "values-are-data"];
+const VALID: &[&str] = &["yaml-bom-crlf", "values-are-data", "yaml-many-documents"];
 
 fn cases() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(fixtures())
@@ -33,6 +33,10 @@ fn every_fixture_case_is_reported_with_its_file_and_the_right_exit_code() {
         }
         if transcript.contains("panicked") {
             failures.push(format!("{case}: panicked"));
+        }
+        // Hostile names and files never reach the terminal as control characters.
+        if let Some(c) = transcript.chars().find(|c| c.is_control() && !matches!(c, '\n' | '\t')) {
+            failures.push(format!("{case}: prints the control character {c:?}"));
         }
         if want == 1 && !(out.stdout.contains("-->") || out.stderr.contains("error")) {
             failures.push(format!("{case}: no located message"));
@@ -121,4 +125,28 @@ fn a_symlink_out_of_the_repository_in_a_commit_is_not_followed() {
     assert!(out.stdout.contains("tenants/t1/passwd.yaml"), "{}", out.stdout);
     assert!(out.stdout.contains("outside the repository"), "{}", out.stdout);
     assert!(!out.stdout.contains("root:"), "the linked file's content leaked: {}", out.stdout);
+}
+
+#[test]
+fn files_just_under_the_size_limit_are_read_within_the_memory_limit() {
+    // One 7.5 MiB string, and a million-item list, each in a file just under 8 MiB: read,
+    // validated and rendered (or refused) under the harness's address-space limit and hang
+    // guard.
+    let repo = fixture_repo("_base");
+    let big = "x".repeat(7_500_000);
+    std::fs::write(
+        repo.path().join("environments/big.yaml"),
+        format!("kind: Environment\nname: big\nvalues:\n  blob: \"{big}\"\n"),
+    )
+    .unwrap();
+    let items = "1, ".repeat(1_000_000);
+    std::fs::write(
+        repo.path().join("environments/long.yaml"),
+        format!("kind: Environment\nname: long\nvalues:\n  list: [{items}]\n"),
+    )
+    .unwrap();
+    let out = run(&["validate", "--repo", repo.path().to_str().unwrap(), "--now", NOW], repo.path());
+    assert!(out.code == 0 || out.code == 1, "{}{}", out.stdout, out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert_eq!(out.code, 0, "both files are valid:\n{}{}", out.stdout, out.stderr);
 }

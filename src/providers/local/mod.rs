@@ -544,7 +544,9 @@ impl LocalStore {
         Ok(LiveResource { address: a.clone(), fingerprint: fp, content: Some(content) })
     }
 
-    /// Adds a version holding `value` to a secret (creating it).
+    /// Adds a version holding `value` to a secret (creating it). `written`: when the value
+    /// was first written, for a restored old value (its age, and so its rotation, goes on
+    /// from then); `None`: now.
     fn write_secret_version(
         &self,
         n: usize,
@@ -553,6 +555,7 @@ impl LocalStore {
         value: &[u8],
         expect: &Expect,
         placeholder: bool,
+        written: Option<String>,
     ) -> Result<LiveResource> {
         let key = a.to_string();
         self.prepare(n, s)?;
@@ -571,7 +574,7 @@ impl LocalStore {
             rec.created = now.clone();
         }
         rec.current_version = version;
-        rec.updated = now.clone();
+        rec.updated = written.unwrap_or_else(|| now.clone());
         rec.deleted = false;
         rec.placeholder = placeholder;
         rec.versions.push(StoredVersion { version, created: now, nonce: hex(&nonce), ciphertext: hex(&ciphertext) });
@@ -614,7 +617,7 @@ impl LocalStore {
         let n = self.home(a)?;
         let mut slot = self.loaded(n)?;
         let s = slot.get_or_insert_with(Shard::absent);
-        self.write_secret_version(n, s, a, value.expose(), &Expect::Any, false)
+        self.write_secret_version(n, s, a, value.expose(), &Expect::Any, false, None)
     }
 
     /// The value of a secret's current version. Used only to deliver a secret where it is
@@ -878,7 +881,7 @@ impl Provider for LocalStore {
             let value = secret.ok_or_else(|| ProviderError::Other(format!("{a}: no value to write")))?;
             let placeholder =
                 matches!(&r.content, Content::Secret(s) if matches!(s.source, crate::model::SecretSource::External));
-            return self.write_secret_version(n, s, a, value.expose(), expect, placeholder);
+            return self.write_secret_version(n, s, a, value.expose(), expect, placeholder, None);
         }
         let text = match &r.content {
             Content::Text(t) => t.clone(),
@@ -938,7 +941,10 @@ impl Provider for LocalStore {
             .record(n, s, &a.to_string())?
             .ok_or_else(|| ProviderError::Other(format!("{a}: no such secret to restore")))?;
         let value = self.read_version(a, &rec, version)?;
-        self.write_secret_version(n, s, a, value.expose(), &Expect::Any, rec.placeholder)
+        // The restored value is as old as the version it comes from: its age, and so its
+        // rotation, goes on from then.
+        let written = rec.versions.iter().find(|v| v.version == version).map(|v| v.created.clone());
+        self.write_secret_version(n, s, a, value.expose(), &Expect::Any, rec.placeholder, written)
     }
 }
 
@@ -1104,6 +1110,13 @@ mod tests {
         let same = (1..).map(|i| format!("t{i}")).find(|t| shard_of(t) == shard_of(&first)).unwrap();
         let other = (1..).map(|i| format!("t{i}")).find(|t| shard_of(t) != shard_of(&first)).unwrap();
         (first, same, other)
+    }
+
+    /// A secret's whole record, as the store holds it.
+    fn record_of(s: &LocalStore, a: &Address) -> SecretRecord {
+        let n = shard_of(&a.tenant);
+        let mut slot = s.current(n).unwrap();
+        s.record(n, slot.as_mut().unwrap(), &a.to_string()).unwrap().unwrap()
     }
 
     fn edit(path: &Path, from: &str, to: &str) {
@@ -1276,6 +1289,9 @@ mod tests {
         assert_eq!(s.reveal(&a).unwrap().unwrap().expose(), b"second");
         let back = s.restore_secret(&a, 1).unwrap();
         assert_eq!(back.fingerprint, "v3");
+        // The restored value is as old as version 1: its rotation is not put off.
+        let rec = record_of(&s, &a);
+        assert_eq!(rec.updated, rec.versions[0].created);
         assert_eq!(s.reveal(&a).unwrap().unwrap().expose(), b"first-value-PLANTED");
         s.delete(&a, &Expect::Any, false).unwrap();
         assert_eq!(s.fetch(std::slice::from_ref(&a)).unwrap()[0].fingerprint, "v3-deleted");
@@ -1373,10 +1389,7 @@ mod tests {
         let s = store(d.path(), ProviderId::Secrets);
         let a = Address::parse("t1/openbao.secret[db/password]").unwrap();
         s.put_external(&a, &SecretValue::from_bytes(b"PLANTED".to_vec())).unwrap();
-        let key = a.to_string();
-        let mut slot = s.lock(shard_of("t1"));
-        let rec = s.record(shard_of("t1"), slot.as_mut().unwrap(), &key).unwrap().unwrap();
-        drop(slot);
+        let rec = record_of(&s, &a);
         std::mem::forget(s);
         let old = json!({"secrets": {"db/password": rec}});
         std::fs::create_dir_all(dir.join("secrets")).unwrap();
