@@ -440,9 +440,7 @@ fn a_remote_repository_is_cloned_fetched_and_fetched_at_once_on_the_webhook() {
     git(w, &["push", "--quiet", remote.to_str().unwrap(), "HEAD:refs/heads/main"]);
     assert_eq!(d.post("/api/v1/webhook/git", &[], b"{\"ref\":\"refs/heads/main\"}").0, 202);
     d.wait_all("Synced", &c2);
-    assert!(
-        live_entry(&state, "tenant-123/isp.config").unwrap().contains("sync_interval_minutes: 55")
-    );
+    assert!(live_entry(&state, "tenant-123/isp.config").unwrap().contains("sync_interval_minutes: 55"));
     let (code, log) = d.stop();
     assert_eq!(code, 0, "{log}");
     assert!(!log.contains("file-urls-ignore-it"));

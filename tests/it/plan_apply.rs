@@ -203,7 +203,8 @@ fn an_apply_killed_mid_way_or_before_its_writes_are_durable_heals_on_the_next_pl
     assert_eq!(p["summary"]["drift"], 0, "{p}");
     // The management store is flushed first, so the ISP and Kubernetes writes died unflushed
     // too: all three are applied again.
-    let again = ["tenant-123/management.tenant", "tenant-123/isp.config", "tenant-123/kubernetes.Deployment[isp-framework]"];
+    let again =
+        ["tenant-123/management.tenant", "tenant-123/isp.config", "tenant-123/kubernetes.Deployment[isp-framework]"];
     assert_eq!(changed_addresses(&p), again, "{p}");
     for c in p["changes"].as_array().unwrap() {
         assert!(c["reason"].as_str().unwrap().contains("interrupted apply"), "{c}");

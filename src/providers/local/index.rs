@@ -239,12 +239,27 @@ mod tests {
         let shard_file = d.path().join("03.live");
         std::fs::write(&shard_file, b"x").unwrap();
         let stamp = Stamp::of(&std::fs::metadata(&shard_file).unwrap());
-        let meta = SecretMeta { version: 2, updated: "u".into(), created: "c".into(), deleted: false, placeholder: true };
+        let meta =
+            SecretMeta { version: 2, updated: "u".into(), created: "c".into(), deleted: false, placeholder: true };
         let sha = format!("sha256:{}", "ab".repeat(32));
         let mut w = Writer::default();
         let entries = [
-            Cached { address: "t1/openbao.secret[db]", start: 0, end: 10, hash: &[7; 32], fingerprint: "v2", meta: Some(&meta) },
-            Cached { address: "t1/openbao.policy[p]", start: 10, end: 20, hash: &[8; 32], fingerprint: &sha, meta: None },
+            Cached {
+                address: "t1/openbao.secret[db]",
+                start: 0,
+                end: 10,
+                hash: &[7; 32],
+                fingerprint: "v2",
+                meta: Some(&meta),
+            },
+            Cached {
+                address: "t1/openbao.policy[p]",
+                start: 10,
+                end: 20,
+                hash: &[8; 32],
+                fingerprint: &sha,
+                meta: None,
+            },
         ];
         w.shard(3, &stamp, entries.into_iter());
         let written = w.save(d.path()).unwrap();

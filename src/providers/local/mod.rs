@@ -175,9 +175,7 @@ fn address_problem(a: &Address) -> Option<&'static str> {
         ResourceKind::Kubernetes(k) => {
             k.chars().all(|c| c.is_ascii_alphanumeric()) && !k.is_empty() && name.is_some_and(plain)
         }
-        ResourceKind::OpenbaoSecret => {
-            name.is_some_and(|n| crate::validate::checks::secret_name_problem(n).is_none())
-        }
+        ResourceKind::OpenbaoSecret => name.is_some_and(|n| crate::validate::checks::secret_name_problem(n).is_none()),
     };
     (!ok).then_some("the name cannot be stored")
 }
@@ -351,7 +349,10 @@ impl LocalStore {
         for raw in raws {
             let address = self.address_in(n, raw.address).map_err(|msg| at(raw.line, &msg))?;
             if let Some(first) = lines.insert(raw.address, raw.line) {
-                return Err(at(raw.line, &format!("a second entry for {} (the first is on line {first})", raw.address)));
+                return Err(at(
+                    raw.line,
+                    &format!("a second entry for {} (the first is on line {first})", raw.address),
+                ));
             }
             let framed = &text[raw.start..raw.end];
             let hash = digest(framed.as_bytes());
@@ -360,7 +361,8 @@ impl LocalStore {
                 Some(e) => (e.fingerprint.clone(), e.meta.clone()),
                 None => {
                     let (_, body) = shard::unframe(framed).ok_or_else(|| at(raw.line, "not an entry"))?;
-                    let content = decode(&address, body).map_err(|msg| at(raw.line, &format!("{}: {msg}", raw.address)))?;
+                    let content =
+                        decode(&address, body).map_err(|msg| at(raw.line, &format!("{}: {msg}", raw.address)))?;
                     let meta = match &content {
                         Content::SecretMeta(m) => Some(m.clone()),
                         _ => None,
@@ -503,7 +505,8 @@ impl LocalStore {
             Some((text, fingerprint, meta)) => {
                 let mut framed = Vec::with_capacity(text.len() + text.len() / 16 + key.len() + 32);
                 shard::frame(&mut framed, &key, text);
-                let entry = Entry { address: a.clone(), fingerprint, meta, hash: digest(&framed), body: Body::New(framed) };
+                let entry =
+                    Entry { address: a.clone(), fingerprint, meta, hash: digest(&framed), body: Body::New(framed) };
                 s.changed.entry(key.clone()).or_insert(base);
                 s.entries.insert(key, entry);
             }
@@ -865,7 +868,11 @@ impl Provider for LocalStore {
                         decode(a, text).map_err(|msg| ProviderError::Other(format!("{key}: {msg}")))?
                     }
                 };
-                out.push(LiveResource { address: a.clone(), fingerprint: fingerprint::of(&content), content: Some(content) });
+                out.push(LiveResource {
+                    address: a.clone(),
+                    fingerprint: fingerprint::of(&content),
+                    content: Some(content),
+                });
             }
         }
         Ok(out)
@@ -956,25 +963,24 @@ impl Drop for LocalStore {
 
 /// Writes a file at `path` through a temp file in `dir` (what `write` writes, buffered),
 /// synced before the rename; returns the new file's `stat`.
-fn write_durably(
-    dir: &Path,
-    path: &Path,
-    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> Result<Stamp> {
+fn write_durably(dir: &Path, path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<Stamp> {
     static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard");
     let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-    let result = (|| {
+    let written = (|| {
         let mut w = std::io::BufWriter::with_capacity(1 << 18, std::fs::File::create(&tmp)?);
         write(&mut w)?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
-        let stamp = Stamp::of(&f.metadata()?);
-        std::fs::rename(&tmp, path)?;
-        Ok::<_, std::io::Error>(stamp)
+        Ok::<_, std::io::Error>(Stamp::of(&f.metadata()?))
     })();
-    result.map_err(|e| {
+    #[cfg(test)]
+    if tests::crashes_before_rename(dir) {
+        // As if the process died here: the temp file stays, the rename never happens.
+        return Err(io_error(path, "the process died before the rename (a test's doing)"));
+    }
+    written.and_then(|stamp| std::fs::rename(&tmp, path).map(|()| stamp)).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io_error(path, e)
     })
@@ -1085,7 +1091,6 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1110,6 +1115,13 @@ mod tests {
         let same = (1..).map(|i| format!("t{i}")).find(|t| shard_of(t) == shard_of(&first)).unwrap();
         let other = (1..).map(|i| format!("t{i}")).find(|t| shard_of(t) != shard_of(&first)).unwrap();
         (first, same, other)
+    }
+
+    /// Store folders whose next shard write dies between the temp file and the rename.
+    static CRASH_BEFORE_RENAME: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    pub(super) fn crashes_before_rename(dir: &Path) -> bool {
+        CRASH_BEFORE_RENAME.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|d| d == dir)
     }
 
     /// A secret's whole record, as the store holds it.
@@ -1249,7 +1261,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path(), ProviderId::Kubernetes);
         let pod = |t: &str, kind: &str, n: &str| Address::new(t, ResourceKind::Kubernetes(kind.into()), Some(n));
-        for a in [pod("..", "Pod", "p"), pod("a/b", "Pod", "p"), pod("t1", "Pod", "../p"), pod("t1", "Pod", "p q"), pod("t1", "Po.d", "p"), pod("", "Pod", "p"), pod("t1", "Pod", "p]\n=== x")] {
+        for a in [
+            pod("..", "Pod", "p"),
+            pod("a/b", "Pod", "p"),
+            pod("t1", "Pod", "../p"),
+            pod("t1", "Pod", "p q"),
+            pod("t1", "Po.d", "p"),
+            pod("", "Pod", "p"),
+            pod("t1", "Pod", "p]\n=== x"),
+        ] {
             let r = Resource { address: a.clone(), content: Content::Json(json!({})) };
             assert!(s.put(&r, None, &Expect::Any).is_err(), "{a:?}");
             assert!(s.fetch(std::slice::from_ref(&a)).is_err(), "{a:?}");
@@ -1412,5 +1432,156 @@ mod tests {
             .filter(|n| !n.starts_with('.'))
             .collect();
         assert_eq!(names, vec![shard::file_name(shard_of("t1"))]);
+    }
+
+    #[test]
+    fn an_editor_removing_the_final_newline_changes_nothing_and_the_next_flush_puts_it_back() {
+        let d = tempfile::tempdir().unwrap();
+        let (t1, t2, _) = neighbours();
+        let s = store(d.path(), ProviderId::Isp);
+        for t in [&t1, &t2] {
+            s.put(&res(&format!("{t}/isp.config"), Content::Text("a: 1\nb: 2\n".into())), None, &Expect::Absent)
+                .unwrap();
+        }
+        s.close();
+        let before = fingerprints(&s);
+        let path = shard_path(d.path(), ProviderId::Isp, &t1);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.strip_suffix('\n').unwrap()).unwrap();
+        // The last entry reads as it did: no drift, in this store or a new one.
+        let again = store(d.path(), ProviderId::Isp);
+        for st in [&s, &again] {
+            assert_eq!(fingerprints(st), before);
+            let addrs: Vec<Address> = before.keys().map(|a| Address::parse(a).unwrap()).collect();
+            for got in st.fetch(&addrs).unwrap() {
+                assert_eq!(got.content, Some(Content::Text("a: 1\nb: 2\n".into())), "{}", got.address);
+            }
+        }
+        // A write to the other entry copies the edited one byte for byte, newline restored.
+        let last = before.keys().last().unwrap().clone();
+        let first = before.keys().next().unwrap().clone();
+        again.put(&res(&first, Content::Text("a: 3\n".into())), None, &Expect::Any).unwrap();
+        again.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with(&format!("=== {last}\n  a: 1\n  b: 2\n")), "{text}");
+        let fresh = store(d.path(), ProviderId::Isp);
+        assert_eq!(fingerprints(&fresh)[&last], before[&last]);
+        assert_ne!(fingerprints(&fresh)[&first], before[&first]);
+    }
+
+    #[test]
+    fn a_crash_between_the_temp_file_and_the_rename_leaves_the_old_shard() {
+        let d = tempfile::tempdir().unwrap();
+        let s = store(d.path(), ProviderId::Isp);
+        let a = "t1/isp.config";
+        s.put(&res(a, Content::Text("old\n".into())), None, &Expect::Absent).unwrap();
+        s.close();
+        let path = shard_path(d.path(), ProviderId::Isp, "t1");
+        let old = std::fs::read(&path).unwrap();
+        let dir = d.path().join("live/isp");
+        CRASH_BEFORE_RENAME.lock().unwrap().push(dir.clone());
+        s.put(&res(a, Content::Text("new\n".into())), None, &Expect::Any).unwrap();
+        assert!(s.flush().is_err());
+        CRASH_BEFORE_RENAME.lock().unwrap().retain(|x| *x != dir);
+        std::mem::forget(s);
+        // The temp file is there, complete; the shard is the old one, and reads as such.
+        let temps: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "tmp") && !p.ends_with(".index.tmp"))
+            .collect();
+        assert_eq!(temps.len(), 1, "{temps:?}");
+        assert!(std::fs::read_to_string(&temps[0]).unwrap().contains("  new\n"));
+        assert_eq!(std::fs::read(&path).unwrap(), old);
+        let next = store(d.path(), ProviderId::Isp);
+        let got = next.fetch(&[Address::parse(a).unwrap()]).unwrap();
+        assert_eq!(got[0].content, Some(Content::Text("old\n".into())));
+        // The next process writes over it as usual; an hour on, the dead temp file is cleared.
+        next.put(&res(a, Content::Text("newer\n".into())), None, &Expect::Any).unwrap();
+        next.close();
+        assert!(std::fs::read_to_string(&path).unwrap().contains("  newer\n"));
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options().write(true).open(&temps[0]).unwrap().set_modified(hour_ago).unwrap();
+        fingerprints(&store(d.path(), ProviderId::Isp));
+        assert!(!temps[0].exists());
+    }
+
+    #[test]
+    fn a_stale_index_is_not_believed() {
+        let d = tempfile::tempdir().unwrap();
+        let (t1, t2, t3) = neighbours();
+        let s = store(d.path(), ProviderId::Isp);
+        for t in [&t1, &t2, &t3] {
+            s.put(&res(&format!("{t}/isp.config"), Content::Text("level: info\n".into())), None, &Expect::Absent)
+                .unwrap();
+        }
+        s.close();
+        drop(s);
+        let before = fingerprints(&store(d.path(), ProviderId::Isp));
+        let path = shard_path(d.path(), ProviderId::Isp, &t2);
+        let addr = |t: &str| Address::parse(&format!("{t}/isp.config")).unwrap();
+
+        // An ordinary edit changes the file's stat: the index's view of that shard is
+        // dropped, the file read again, and only the edited entry moves.
+        edit(&path, &format!("=== {t2}/isp.config\n  level: info"), &format!("=== {t2}/isp.config\n  level: debug"));
+        let s = store(d.path(), ProviderId::Isp);
+        let after = fingerprints(&s);
+        assert_ne!(after[&addr(&t2).to_string()], before[&addr(&t2).to_string()]);
+        assert_eq!(after[&addr(&t1).to_string()], before[&addr(&t1).to_string()]);
+        assert_eq!(after[&addr(&t3).to_string()], before[&addr(&t3).to_string()]);
+        s.close();
+        drop(s);
+
+        // An edit that keeps the stat (same size, same inode, mtime put back) fools the
+        // stat check, but not a read: the entry's bytes no longer hash as the index says, so
+        // the file is parsed again and the edited content comes back.
+        let trusted = fingerprints(&store(d.path(), ProviderId::Isp));
+        let m = std::fs::metadata(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let edited = text.replacen("  level: debug", "  level: trace", 1);
+        assert_eq!(edited.len(), text.len());
+        std::fs::write(&path, &edited).unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(m.modified().unwrap()).unwrap();
+        assert_eq!(Stamp::of(&std::fs::metadata(&path).unwrap()), Stamp::of(&m));
+        // A put checks against what the file holds, not the index, even as its first call.
+        let writer = store(d.path(), ProviderId::Isp);
+        let stale = Expect::Fingerprint(trusted[&addr(&t2).to_string()].clone());
+        let r = res(&format!("{t2}/isp.config"), Content::Text("x\n".into()));
+        assert!(matches!(writer.put(&r, None, &stale), Err(ProviderError::Conflict { .. })));
+        let s = store(d.path(), ProviderId::Isp);
+        let got = s.fetch(&[addr(&t2), addr(&t1)]).unwrap();
+        assert_eq!(got[0].content, Some(Content::Text("level: trace\n".into())));
+        assert_ne!(got[0].fingerprint, trusted[&addr(&t2).to_string()]);
+        assert_eq!(got[1].content, Some(Content::Text("level: info\n".into())));
+        assert_eq!(fingerprints(&s)[&addr(&t2).to_string()], got[0].fingerprint, "listing agrees once read");
+        writer.put(&r, None, &Expect::Fingerprint(got[0].fingerprint.clone())).unwrap();
+    }
+
+    #[test]
+    fn two_stores_writing_one_shard_keep_each_others_entries() {
+        let d = tempfile::tempdir().unwrap();
+        let (t1, t2, _) = neighbours();
+        let (a1, a2) = (format!("{t1}/isp.config"), format!("{t2}/isp.config"));
+        let one = store(d.path(), ProviderId::Isp);
+        let two = store(d.path(), ProviderId::Isp);
+        // Both read the (empty) shard, then each adds its own tenant.
+        assert!(fingerprints(&one).is_empty() && fingerprints(&two).is_empty());
+        one.put(&res(&a1, Content::Text("one\n".into())), None, &Expect::Absent).unwrap();
+        two.put(&res(&a2, Content::Text("two\n".into())), None, &Expect::Absent).unwrap();
+        one.flush().unwrap();
+        two.flush().unwrap();
+        let both = fingerprints(&store(d.path(), ProviderId::Isp));
+        assert_eq!(both.keys().collect::<Vec<_>>(), vec![&a1, &a2]);
+        // Both change the same entry: the second flush keeps the first's and says so.
+        one.put(&res(&a1, Content::Text("one again\n".into())), None, &Expect::Any).unwrap();
+        two.put(&res(&a1, Content::Text("two's\n".into())), None, &Expect::Any).unwrap();
+        one.flush().unwrap();
+        match two.flush() {
+            Err(ProviderError::Conflict { address, .. }) => assert_eq!(address, a1),
+            other => panic!("{other:?}"),
+        }
+        let text = std::fs::read_to_string(shard_path(d.path(), ProviderId::Isp, &t1)).unwrap();
+        assert!(text.contains("  one again\n") && !text.contains("two's"), "{text}");
+        assert_eq!(fingerprints(&two), fingerprints(&one), "the loser sees the file as it is");
     }
 }
