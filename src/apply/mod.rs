@@ -273,8 +273,8 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    // Everything written is made durable once (a local store: one syncfs), then the journal
-    // is settled: until then the next plan knows these writes were in flight.
+    // Everything written is made durable once (a local store: each changed shard file once),
+    // then the journal is settled: until then the next plan knows these writes were in flight.
     let durable = ProviderId::ALL.iter().try_for_each(|p| providers.get(*p).flush());
     let cleared = durable.map_err(anyhow::Error::from).and_then(|_| state.commit(serial, settle));
     if let Err(e) = cleared

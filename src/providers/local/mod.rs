@@ -547,19 +547,16 @@ impl LocalStore {
         Ok(LiveResource { address: a.clone(), fingerprint: fp, content: Some(content) })
     }
 
-    /// Adds a version holding `value` to a secret (creating it). `written`: when the value
-    /// was first written, for a restored old value (its age, and so its rotation, goes on
-    /// from then); `None`: now.
+    /// Adds a version to a secret (creating it).
     fn write_secret_version(
         &self,
         n: usize,
         s: &mut Shard,
         a: &Address,
-        value: &[u8],
+        v: NewVersion<'_>,
         expect: &Expect,
-        placeholder: bool,
-        written: Option<String>,
     ) -> Result<LiveResource> {
+        let NewVersion { value, placeholder, written } = v;
         let key = a.to_string();
         self.prepare(n, s)?;
         self.check(s, a, &key, expect)?;
@@ -620,7 +617,8 @@ impl LocalStore {
         let n = self.home(a)?;
         let mut slot = self.loaded(n)?;
         let s = slot.get_or_insert_with(Shard::absent);
-        self.write_secret_version(n, s, a, value.expose(), &Expect::Any, false, None)
+        let v = NewVersion { value: value.expose(), placeholder: false, written: None };
+        self.write_secret_version(n, s, a, v, &Expect::Any)
     }
 
     /// The value of a secret's current version. Used only to deliver a secret where it is
@@ -888,7 +886,8 @@ impl Provider for LocalStore {
             let value = secret.ok_or_else(|| ProviderError::Other(format!("{a}: no value to write")))?;
             let placeholder =
                 matches!(&r.content, Content::Secret(s) if matches!(s.source, crate::model::SecretSource::External));
-            return self.write_secret_version(n, s, a, value.expose(), expect, placeholder, None);
+            let v = NewVersion { value: value.expose(), placeholder, written: None };
+            return self.write_secret_version(n, s, a, v, expect);
         }
         let text = match &r.content {
             Content::Text(t) => t.clone(),
@@ -951,7 +950,8 @@ impl Provider for LocalStore {
         // The restored value is as old as the version it comes from: its age, and so its
         // rotation, goes on from then.
         let written = rec.versions.iter().find(|v| v.version == version).map(|v| v.created.clone());
-        self.write_secret_version(n, s, a, value.expose(), &Expect::Any, rec.placeholder, written)
+        let v = NewVersion { value: value.expose(), placeholder: rec.placeholder, written };
+        self.write_secret_version(n, s, a, v, &Expect::Any)
     }
 }
 
@@ -984,6 +984,16 @@ fn write_durably(dir: &Path, path: &Path, write: impl FnOnce(&mut dyn Write) -> 
         let _ = std::fs::remove_file(&tmp);
         io_error(path, e)
     })
+}
+
+/// A secret version to add.
+struct NewVersion<'a> {
+    value: &'a [u8],
+    /// It stands in for an external secret nobody has put yet.
+    placeholder: bool,
+    /// When the value was first written, for a restored old value (its age, and so its
+    /// rotation, goes on from then); `None`: now.
+    written: Option<String>,
 }
 
 /// The on-disk record of one secret.
