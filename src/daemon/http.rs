@@ -46,6 +46,32 @@ impl AuditSlot {
     fn get(&self) -> Option<Arc<Backends>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// Reads the audit log on a blocking thread; the error as people read it.
+    pub async fn read(&self, q: AuditQuery) -> Result<Vec<crate::state::AuditEntry>, String> {
+        let Some(b) = self.get() else {
+            return Err("the state store is not open yet".into());
+        };
+        let r = tokio::task::spawn_blocking(move || {
+            let r = b.state.audit(&q);
+            drop(b);
+            r
+        })
+        .await;
+        match r {
+            Ok(Ok(entries)) => Ok(entries),
+            Ok(Err(e)) => Err(format!("reading the audit log: {e:#}")),
+            Err(e) => Err(format!("reading the audit log: {e}")),
+        }
+    }
+}
+
+/// `--auth-token-env`: the token every protected request must show.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// The Basic user name (`--auth-user`).
+    pub user: String,
+    pub token: Arc<SecretValue>,
 }
 
 #[derive(Clone)]
@@ -104,20 +130,16 @@ async fn tenant(State(app): State<App>, Path(id): Path<String>) -> Response {
     let Some(mut v) = app.shared.read().tenants.get(&id).and_then(|t| serde_json::to_value(t).ok()) else {
         return problem(StatusCode::NOT_FOUND, format!("no tenant `{id}`"));
     };
-    if let Some(b) = app.audit.get() {
-        let since = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_hours(24 * 7)).ok();
-        let q = AuditQuery { tenants: vec![id.clone()], since: since.map(|t| t.to_string()), limit: Some(10_000) };
-        let entries = tokio::task::spawn_blocking(move || {
-            let r = b.state.audit(&q);
-            drop(b);
-            r
-        })
-        .await;
-        if let Ok(Ok(mut entries)) = entries {
-            let keep = entries.len().saturating_sub(50);
-            entries.drain(..keep);
-            v["audit"] = json!(entries);
-        }
+    let since = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_hours(24 * 7)).ok();
+    let q = AuditQuery {
+        tenants: vec![id.clone()],
+        since: since.map(|t| t.to_string()),
+        limit: Some(50),
+        newest: true,
+        ..Default::default()
+    };
+    if let Ok(entries) = app.audit.read(q).await {
+        v["audit"] = json!(entries);
     }
     axum::Json(v).into_response()
 }
@@ -137,6 +159,12 @@ struct AuditParams {
     tenant: Option<String>,
     since: Option<String>,
     limit: Option<usize>,
+    action: Option<String>,
+    outcome: Option<String>,
+    actor: Option<String>,
+    /// `true`: the latest `limit` entries rather than the first.
+    #[serde(default)]
+    newest: bool,
 }
 
 async fn audit(State(app): State<App>, Query(p): Query<AuditParams>) -> Response {
@@ -145,24 +173,22 @@ async fn audit(State(app): State<App>, Query(p): Query<AuditParams>) -> Response
     {
         return problem(StatusCode::BAD_REQUEST, format!("since `{s}` is not an RFC 3339 time"));
     }
-    let Some(b) = app.audit.get() else {
+    if app.audit.get().is_none() {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "the state store is not open yet");
-    };
+    }
     let q = AuditQuery {
         tenants: p.tenant.into_iter().collect(),
         since: p.since,
         limit: Some(p.limit.unwrap_or(500).clamp(1, 10_000)),
+        newest: p.newest,
+        before: None,
+        action: p.action,
+        outcome: p.outcome,
+        actor: p.actor,
     };
-    let r = tokio::task::spawn_blocking(move || {
-        let r = b.state.audit(&q);
-        drop(b);
-        r
-    })
-    .await;
-    match r {
-        Ok(Ok(entries)) => axum::Json(json!({"entries": entries})).into_response(),
-        Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the audit log: {e:#}")),
-        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the audit log: {e}")),
+    match app.audit.read(q).await {
+        Ok(entries) => axum::Json(json!({"entries": entries})).into_response(),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
