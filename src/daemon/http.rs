@@ -11,6 +11,8 @@
 //! | `GET /api/v1/audit?tenant=&since=&limit=` | the audit log |
 //! | `POST /api/v1/webhook/git` | fetch the branch now (a push webhook) |
 //!
+//! The dashboard's pages (`GET /`, `/tenants/{id}`, `/audit`, `/assets/…`) are served here
+//! too (`super::dashboard`).
 //!
 //! Every answer carries a Content-Security-Policy (only this daemon's own script, style and
 //! images; no inline script; no frames, forms only to itself) and `nosniff`, `no-referrer`,
@@ -100,6 +102,7 @@ pub struct App {
 pub fn router(app: App) -> Router {
     let guard = Guard { auth: app.auth.clone(), loopback: app.loopback };
     Router::new()
+        .merge(super::dashboard::routes())
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

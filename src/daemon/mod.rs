@@ -4,7 +4,8 @@
 //! source (branch tip) ──tips──▶ reconcile::Controller ──batches──▶ blocking pool:
 //!   local: notify + interval        │  per-tenant schedule,             Workspace::plan,
 //!   remote: git fetch + webhook     │  backoff, self-heal limit         state lock + apply
-//!                                   ├──▶ status::Shared ◀── http (axum): status, tenants, audit
+//!                                   ├──▶ status::Shared ◀── http (axum): status, tenants, audit,
+//!                                   │                        dashboard (HTML pages)
 //!                                   ├──▶ metrics (prometheus-client) ◀── http /metrics
 //!                                   └──▶ notifications (webhooks: HMAC, retries, breaker)
 //! leader: a Kubernetes Lease or the state store's leader lock gates the controller.
@@ -14,6 +15,7 @@
 //! notifications; everything that touches the engine (which is synchronous, and whose
 //! providers may block on runtimes of their own) runs on the blocking pool.
 
+pub mod dashboard;
 pub mod http;
 pub mod leader;
 pub mod metrics;
