@@ -170,6 +170,7 @@ mod tests {
     use super::*;
     use crate::daemon::status::{Handle, SourceStatus, Status, TenantState};
     use std::time::Instant;
+    use view::ListQuery;
 
     const HOSTILE: &str = "<img src=x onerror=alert(1)>";
 
@@ -216,6 +217,58 @@ mod tests {
         assert!(pages[0].contains("&lt;img src=x onerror=alert(1)&gt;"), "{}", pages[0]);
         assert!(pages[1].contains("value=\"&lt;x&gt;&quot;&#x27;\""), "the search box keeps the query, escaped");
         assert!(pages[2].contains("&lt;&#x2f;td&gt;&lt;b onmouseover=x&gt;"));
+    }
+
+    /// Times the tenant list of 10,000 tenants (`/` and its filters: view model and HTML) and
+    /// prints the figures; not a timed assertion (a loaded machine would make it flaky).
+    /// `cargo test --release --lib render_time_of_10000_tenants -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement: run it by name and read what it prints"]
+    fn render_time_of_10000_tenants() {
+        let h = Handle::new(true, SourceStatus { repo: "/r".into(), branch: "main".into(), ..Default::default() });
+        {
+            let mut s = h.write();
+            s.revision = Some("0123456789abcdef0123456789abcdef01234567".into());
+            for i in 0..10_000 {
+                let id = format!("tenant-{i:05}");
+                let mut t = TenantState::new(&id, Instant::now());
+                t.label.name = format!("ISP number {i} <{}>", ["north", "south", "east", "west"][i % 4]);
+                t.label.plan = ["basic", "premium", "enterprise"][i % 3].into();
+                t.label.environment = "production".into();
+                t.status = Status::ALL[i % Status::ALL.len()];
+                t.last_sync = Some(Timestamp::now());
+                t.synced_revision = s.revision.clone();
+                if t.status == Status::Failed {
+                    t.last_error = Some("the ISP instance answered 503 Service Unavailable".into());
+                }
+                s.tenants.insert(id, t);
+            }
+        }
+        let cases = [
+            ("/", ListQuery::parse(None, None, None, None, None)),
+            ("/?sort=status", ListQuery::parse(None, None, Some("status"), None, None)),
+            ("/?sort=name&page=50", ListQuery::parse(None, None, Some("name"), Some("50"), None)),
+            ("/?q=south", ListQuery::parse(None, Some("south"), None, None, None)),
+            ("/?status=Drifted", ListQuery::parse(Some("Drifted"), None, None, None, None)),
+            ("/?per=1000", ListQuery::parse(None, None, None, None, Some("1000"))),
+        ];
+        for (path, q) in cases {
+            let mut times = Vec::new();
+            let mut bytes = 0;
+            for _ in 0..20 {
+                let start = Instant::now();
+                let page = view::list(&h.read(), &q, Timestamp::now());
+                bytes = render("index.html", "tenants", &page).unwrap().len();
+                times.push(start.elapsed());
+            }
+            times.sort();
+            println!(
+                "10,000 tenants, GET {path}: median {:.1} ms, max {:.1} ms ({} KiB of HTML)",
+                times[times.len() / 2].as_secs_f64() * 1e3,
+                times[times.len() - 1].as_secs_f64() * 1e3,
+                bytes / 1024
+            );
+        }
     }
 
     #[test]

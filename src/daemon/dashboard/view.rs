@@ -536,6 +536,8 @@ pub struct AuditRow {
     pub outcome_class: &'static str,
     pub actor: String,
     pub correlation_id: String,
+    /// The plan id part of the correlation id (`plan-…@revision`), what the table shows.
+    pub plan: String,
     pub message: Option<String>,
 }
 
@@ -557,6 +559,7 @@ pub fn audit_row(e: &AuditEntry, now: Timestamp) -> AuditRow {
         },
         actor: e.actor.clone(),
         correlation_id: e.correlation_id.clone(),
+        plan: e.correlation_id.split('@').next().unwrap_or("").to_owned(),
         message: e.message.clone(),
     }
 }
@@ -1115,6 +1118,7 @@ mod tests {
         assert_eq!(page.rows.len(), AUDIT_PAGE);
         assert_eq!(page.rows[0].id, AUDIT_PAGE as i64 + 1, "newest first");
         assert_eq!(page.rows[0].address, "isp.config");
+        assert_eq!(page.rows[0].plan, "plan-1");
         assert_eq!(page.older.as_deref(), Some("/audit?tenant=t1&action=update&range=24h&before=2"));
         assert!(page.newest.is_none());
         let f = AuditFilter::parse(None, None, None, None, None, Some("2"));

@@ -47,7 +47,11 @@
   if (form) {
     const apply = () => {
       const params = new URLSearchParams();
-      for (const [k, v] of new FormData(form)) if (v !== "") params.append(k, v);
+      // Empty fields and defaults are left out: the address stays the one a link gives.
+      for (const e of form.elements) {
+        if (!e.name || e.value === "" || e.value === e.dataset.default) continue;
+        params.append(e.name, e.value);
+      }
       const qs = params.toString();
       url = form.getAttribute("action") + (qs ? "?" + qs : "");
       history.replaceState(null, "", url);
