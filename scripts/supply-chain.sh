@@ -21,6 +21,11 @@ if ! command -v cargo-deny >/dev/null || [ "$(cargo-deny --version)" != "cargo-d
 fi
 cargo-deny --version
 
+# cargo-deny reads `cargo metadata` for every target platform, so every package in Cargo.lock
+# (Windows- and Redox-only ones included) must be in cargo's cache before an offline run: a
+# clean clone has only what the host build needed, or nothing yet.
+cargo fetch --locked --quiet
+
 cargo deny --offline check licenses bans sources
 
 db="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs/advisory-db-3157b0e258782691"
