@@ -351,7 +351,7 @@ pub fn list(s: &Shared, q: &ListQuery, now: Timestamp) -> ListPage {
     // The map is ordered by id: the sorts are stable, ties stay in id order.
     match q.sort {
         Sort::Id => {}
-        Sort::Name => matched.sort_by(|a, b| a.label.name.to_lowercase().cmp(&b.label.name.to_lowercase())),
+        Sort::Name => matched.sort_by_cached_key(|t| t.label.name.to_lowercase()),
         Sort::Status => matched.sort_by_key(|t| rank(t.status)),
         Sort::Sync => matched.sort_by_key(|t| t.last_sync),
     }
