@@ -182,6 +182,8 @@ pub struct Workspace {
 pub struct DesiredTenant {
     pub unit: String,
     pub coordination: Coordination,
+    /// Name, plan and environment, for status pages.
+    pub label: crate::model::TenantLabel,
     pub entries: Vec<DesiredEntry>,
 }
 
@@ -291,8 +293,15 @@ impl Workspace {
         for (id, resources) in rendered {
             let t = &desired.tenants[&id];
             let entries = resources.into_iter().map(DesiredEntry::rendered).collect();
-            tenants
-                .insert(id, DesiredTenant { unit: t.unit.clone(), coordination: t.spec.coordination.clone(), entries });
+            tenants.insert(
+                id,
+                DesiredTenant {
+                    unit: t.unit.clone(),
+                    coordination: t.spec.coordination.clone(),
+                    label: crate::model::TenantLabel::of(&t.spec),
+                    entries,
+                },
+            );
         }
         for u in &loaded.skipped_units {
             let Some(e) = cache.units.get(u) else { continue };
@@ -308,7 +317,12 @@ impl Workspace {
                     .collect();
                 tenants.insert(
                     ct.id.clone(),
-                    DesiredTenant { unit: u.clone(), coordination: ct.coordination.clone(), entries },
+                    DesiredTenant {
+                        unit: u.clone(),
+                        coordination: ct.coordination.clone(),
+                        label: ct.label.clone(),
+                        entries,
+                    },
                 );
             }
         }
@@ -341,6 +355,7 @@ impl Workspace {
                         .map(|t| CachedTenant {
                             id: t.id.clone(),
                             coordination: t.spec.coordination.clone(),
+                            label: crate::model::TenantLabel::of(&t.spec),
                             resources: tenants[&t.id]
                                 .entries
                                 .iter()
