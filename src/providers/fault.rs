@@ -69,7 +69,7 @@ fn parse_mode(m: Option<&str>) -> Option<Mode> {
         Some("lost") => Some(Mode::Lost),
         Some("kill") => Some(Mode::Kill),
         Some("kill-before") => Some(Mode::KillBefore),
-        Some(d) => d.strip_prefix("delay=").and_then(|d| crate::load::settings::parse_duration(d)).map(Mode::Delay),
+        Some(d) => d.strip_prefix("delay=").and_then(crate::load::settings::parse_duration).map(Mode::Delay),
     }
 }
 
