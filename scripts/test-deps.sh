@@ -4,8 +4,9 @@
 # static binary) for the OpenBao provider's tests, the checkers of the GitHub Action
 # (check-jsonschema with GitHub's vendored schemas, shellcheck, actionlint), and Debian's
 # PostgreSQL server for the shared state backend's tests (they start private clusters of
-# their own; the package's default cluster is not used). Safe to run on a developer machine;
-# CI runs it from .ci/run.
+# their own; the package's default cluster is not used), and Debian's Chromium for the
+# dashboard's browser tests (driven headless over its DevTools pipe, no driver binary).
+# Safe to run on a developer machine; CI runs it from .ci/run.
 set -euo pipefail
 
 pip_install() {
@@ -67,3 +68,18 @@ if ! have_postgres; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql openssl >/dev/null
 fi
 have_postgres || { echo "PostgreSQL's initdb and postgres are required (apt-get install postgresql)" >&2; exit 1; }
+
+# Chromium: the dashboard's end-to-end tests run it headless (tests/it/browser.rs).
+have_chromium() {
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null
+}
+if ! have_chromium; then
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "Chromium is required: apt-get install chromium (as root)" >&2; exit 1; }
+    sudo="sudo"
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+have_chromium || { echo "Chromium is required for the dashboard's browser tests (apt-get install chromium)" >&2; exit 1; }

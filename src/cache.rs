@@ -7,16 +7,17 @@
 //! also records the window of time in which its licenses' validity stays as it was. Only
 //! folders that validated without a single diagnostic are cached.
 //!
-//! Entries hold fingerprints (and secret declarations, which the diff reads), not content:
+//! Entries hold fingerprints (and secret declarations, which the diff reads, and each
+//! tenant's name, plan and environment, which the daemon's dashboard shows), not content:
 //! a tenant that turns out to need a change is rendered again. The cache lives in
 //! `.dotmac/cache/render.bin`; losing it costs time, never correctness.
 
-use crate::model::{Address, Charset, Coordination, SecretSource, SecretSpec, Strategy};
+use crate::model::{Address, Charset, Coordination, SecretSource, SecretSpec, Strategy, TenantLabel};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"DMRC0002";
+const MAGIC: &[u8; 8] = b"DMRC0003";
 
 /// One resource a cached tenant renders.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +32,7 @@ pub struct CachedResource {
 pub struct CachedTenant {
     pub id: String,
     pub coordination: Coordination,
+    pub label: TenantLabel,
     pub resources: Vec<CachedResource>,
 }
 
@@ -127,6 +129,9 @@ fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
                 Strategy::Synchronized => 1,
             });
             out.push(u8::from(t.coordination.rollback_on_failure));
+            put_str(&mut out, &t.label.name);
+            put_str(&mut out, &t.label.plan);
+            put_str(&mut out, &t.label.environment);
             out.extend_from_slice(&(t.resources.len() as u32).to_le_bytes());
             for r in &t.resources {
                 // The address without the tenant, which every resource of the entry shares.
@@ -211,6 +216,8 @@ fn decode(b: &[u8], shared: &str) -> Option<HashMap<String, UnitEntry>> {
             let id = r.str()?.to_owned();
             let strategy = if r.u8()? == 1 { Strategy::Synchronized } else { Strategy::ManagementFirst };
             let rollback_on_failure = r.u8()? != 0;
+            let label =
+                TenantLabel { name: r.str()?.to_owned(), plan: r.str()?.to_owned(), environment: r.str()?.to_owned() };
             let m = r.u32()? as usize;
             let mut resources = Vec::with_capacity(m.min(1 << 16));
             for _ in 0..m {
@@ -240,7 +247,12 @@ fn decode(b: &[u8], shared: &str) -> Option<HashMap<String, UnitEntry>> {
                 };
                 resources.push(CachedResource { address, fingerprint, secret });
             }
-            tenants.push(CachedTenant { id, coordination: Coordination { strategy, rollback_on_failure }, resources });
+            tenants.push(CachedTenant {
+                id,
+                coordination: Coordination { strategy, rollback_on_failure },
+                label,
+                resources,
+            });
         }
         units.insert(unit, UnitEntry { digest, not_before, not_after, tenants });
     }
@@ -263,6 +275,11 @@ mod tests {
             tenants: vec![CachedTenant {
                 id: "t1".into(),
                 coordination: Coordination::default(),
+                label: TenantLabel {
+                    name: "Tenant <1>".into(),
+                    plan: "basic".into(),
+                    environment: "production".into(),
+                },
                 resources: vec![
                     CachedResource {
                         address: Address::parse("t1/isp.config").unwrap(),

@@ -182,6 +182,8 @@ pub struct Workspace {
 pub struct DesiredTenant {
     pub unit: String,
     pub coordination: Coordination,
+    /// Name, plan and environment, for status pages.
+    pub label: crate::model::TenantLabel,
     pub entries: Vec<DesiredEntry>,
 }
 
@@ -274,7 +276,7 @@ impl Workspace {
             if use_cache { RenderCache::open(&state_dir, &shared_digest(&raw)) } else { RenderCache::default() };
         let now_s = now.as_second();
         let loaded = raw.parse(&|u, d| cache.hit(u, d, now_s).is_none());
-        tracing::debug!(files = loaded.files.len(), cached = loaded.skipped_units.len(), elapsed = ?t.elapsed(), "read");
+        tracing::debug!(files = loaded.files.len(), cached = loaded.skipped_units.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read");
         let mut known: BTreeMap<String, String> = BTreeMap::new();
         for u in &loaded.skipped_units {
             if let Some(e) = cache.units.get(u) {
@@ -285,14 +287,21 @@ impl Workspace {
         let renderer = Renderer::new(&desired);
         let (rendered, render_diags) = renderer.render_all(&desired, None);
         diagnostics.extend(render_diags);
-        tracing::debug!(rendered = rendered.len(), elapsed = ?t.elapsed(), "validated and rendered");
+        tracing::debug!(rendered = rendered.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "validated and rendered");
 
         let mut tenants: BTreeMap<String, DesiredTenant> = BTreeMap::new();
         for (id, resources) in rendered {
             let t = &desired.tenants[&id];
             let entries = resources.into_iter().map(DesiredEntry::rendered).collect();
-            tenants
-                .insert(id, DesiredTenant { unit: t.unit.clone(), coordination: t.spec.coordination.clone(), entries });
+            tenants.insert(
+                id,
+                DesiredTenant {
+                    unit: t.unit.clone(),
+                    coordination: t.spec.coordination.clone(),
+                    label: crate::model::TenantLabel::of(&t.spec),
+                    entries,
+                },
+            );
         }
         for u in &loaded.skipped_units {
             let Some(e) = cache.units.get(u) else { continue };
@@ -308,7 +317,12 @@ impl Workspace {
                     .collect();
                 tenants.insert(
                     ct.id.clone(),
-                    DesiredTenant { unit: u.clone(), coordination: ct.coordination.clone(), entries },
+                    DesiredTenant {
+                        unit: u.clone(),
+                        coordination: ct.coordination.clone(),
+                        label: ct.label.clone(),
+                        entries,
+                    },
                 );
             }
         }
@@ -341,6 +355,7 @@ impl Workspace {
                         .map(|t| CachedTenant {
                             id: t.id.clone(),
                             coordination: t.spec.coordination.clone(),
+                            label: crate::model::TenantLabel::of(&t.spec),
                             resources: tenants[&t.id]
                                 .entries
                                 .iter()
@@ -363,7 +378,7 @@ impl Workspace {
                 tracing::warn!(error = %e, "could not save the render cache");
             }
         }
-        tracing::info!(tenants = tenants.len(), cached_units = loaded.skipped_units.len(), elapsed = ?t.elapsed(), "desired state ready");
+        tracing::info!(tenants = tenants.len(), cached_units = loaded.skipped_units.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "desired state ready");
         let cached_units = loaded.skipped_units.len();
         let mut ws =
             Workspace { loaded, settings: desired.settings, state_dir, tenants, diagnostics, now, cached_units };
@@ -446,7 +461,7 @@ impl Workspace {
         let t = std::time::Instant::now();
         let skip = disabled(&self.settings);
         let records = state.records(scope)?;
-        tracing::debug!(records = records.len(), elapsed = ?t.elapsed(), "read the state store");
+        tracing::debug!(records = records.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read the state store");
         let plan_id = plan::new_id("plan");
         let coordination: BTreeMap<String, Coordination> =
             self.tenants.iter().map(|(id, t)| (id.clone(), t.coordination.clone())).collect();
@@ -460,10 +475,10 @@ impl Workspace {
             coordination.clone(),
         );
         let Live { resources: mut live, unreadable } = read_live(providers, scope, &skip)?;
-        tracing::debug!(live = live.len(), elapsed = ?t.elapsed(), "read live state");
+        tracing::debug!(live = live.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read live state");
         let journal = state.journal()?;
         let meta = state.meta()?;
-        tracing::debug!(live = live.len(), records = records.len(), elapsed = ?t.elapsed(), "read live state and records");
+        tracing::debug!(live = live.len(), records = records.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read live state and records");
         let options = diff::Options {
             dev_placeholders: self.settings.providers.secrets.kind == "local"
                 && self
@@ -536,7 +551,17 @@ impl Workspace {
             plan = build(&Overlay { base: &self.tenants, fresh: &fresh }, &live, meta);
         }
         tracing::info!(plan = %plan.plan_id, create = plan.summary.create, update = plan.summary.update,
-            rotate = plan.summary.rotate, delete = plan.summary.delete, drift = plan.summary.drift, elapsed = ?t.elapsed(), "planned");
+            rotate = plan.summary.rotate, delete = plan.summary.delete, drift = plan.summary.drift, elapsed = ?t.elapsed(), rss_mib = rss_mib(), "planned");
         Ok(plan)
     }
+}
+
+/// The process's resident memory in MiB, for the debug log of each stage (0 where
+/// `/proc` is not there).
+fn rss_mib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf only reads a constant of the system.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    pages * page / (1024 * 1024)
 }

@@ -75,6 +75,20 @@ pub struct TenantDoc {
     pub coordination: Coordination,
 }
 
+/// What people call a tenant, besides its id: for status pages (the daemon's dashboard).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TenantLabel {
+    pub name: String,
+    pub plan: String,
+    pub environment: String,
+}
+
+impl TenantLabel {
+    pub fn of(spec: &TenantDoc) -> TenantLabel {
+        TenantLabel { name: spec.name.clone(), plan: spec.plan.clone(), environment: spec.environment.clone() }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct LicensesDoc {
     pub tenant: String,

@@ -90,6 +90,21 @@ fn cmd_daemon(g: &Global, a: super::DaemonArgs) -> Result<u8> {
         bail!("--concurrency must be at least 1");
     }
     let repo = g.repo.clone().unwrap_or_else(|| std::path::PathBuf::from("."));
+    let auth = match &a.auth_token_env {
+        None => None,
+        Some(var) => {
+            let token = std::env::var(var).ok().filter(|t| !t.is_empty()).with_context(|| {
+                format!("--auth-token-env names `{var}`, which is not set or empty: export the token in it")
+            })?;
+            if a.auth_user.contains(':') {
+                bail!("--auth-user cannot contain `:` (HTTP Basic separates user and password with it)");
+            }
+            Some(crate::daemon::http::Auth {
+                user: a.auth_user.clone(),
+                token: std::sync::Arc::new(crate::providers::secret_value::SecretValue::from_bytes(token.into_bytes())),
+            })
+        }
+    };
     crate::daemon::run(crate::daemon::Options {
         repo: repo.to_string_lossy().into_owned(),
         branch: a.branch,
@@ -105,6 +120,7 @@ fn cmd_daemon(g: &Global, a: super::DaemonArgs) -> Result<u8> {
         lease_duration: duration("lease-duration", &a.lease_duration)?,
         shutdown_timeout: duration("shutdown-timeout", &a.shutdown_timeout)?,
         actor: a.actor,
+        auth,
     })
 }
 

@@ -244,6 +244,14 @@ pub struct DaemonArgs {
     /// Who applies, for the audit log.
     #[arg(long, default_value = "dotmac-gitops-daemon")]
     pub actor: String,
+    /// Require a token on the HTTP endpoints (dashboard and API; not the probes, the metrics
+    /// or the git webhook): the name of the environment variable that holds it. Send it as
+    /// `Authorization: Bearer …`, or as the Basic password of --auth-user from a browser.
+    #[arg(long, value_name = "VAR")]
+    pub auth_token_env: Option<String>,
+    /// The user name for Basic authentication (with --auth-token-env).
+    #[arg(long, value_name = "NAME", default_value = "dotmac", requires = "auth_token_env")]
+    pub auth_user: String,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -201,8 +201,11 @@ pub fn cmd_audit(g: &Global, tenants: &[String], since: Option<&str>, format: Fo
     }
     let (settings, state_dir) = open(g)?;
     let state = engine::open_state(&settings, &state_dir)?;
-    let entries =
-        state.audit(&AuditQuery { tenants: tenants.to_vec(), since: since.map(str::to_owned), limit: None })?;
+    let entries = state.audit(&AuditQuery {
+        tenants: tenants.to_vec(),
+        since: since.map(str::to_owned),
+        ..Default::default()
+    })?;
     #[derive(Default, Serialize)]
     struct PerTenant {
         changes: usize,

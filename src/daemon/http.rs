@@ -11,6 +11,18 @@
 //! | `GET /api/v1/audit?tenant=&since=&limit=` | the audit log |
 //! | `POST /api/v1/webhook/git` | fetch the branch now (a push webhook) |
 //!
+//! The dashboard's pages (`GET /`, `/tenants/{id}`, `/audit`, `/assets/…`) are served here
+//! too (`super::dashboard`).
+//!
+//! Every answer carries a Content-Security-Policy (only this daemon's own script, style and
+//! images; no inline script; no frames, forms only to itself) and `nosniff`, `no-referrer`,
+//! `no-store`. With `--auth-token-env VAR`, everything but the probes, the metrics and the git
+//! webhook (which has its own secret) needs `Authorization: Bearer $VAR`, or, for GET, HTTP
+//! Basic with `--auth-user` and `$VAR` as the password (what a browser asks for). While the
+//! daemon listens on a loopback address, requests must name a loopback host (`Host:
+//! 127.0.0.1…`, `localhost…`, `[::1]…`): a web page cannot read the dashboard through DNS
+//! rebinding.
+//!
 //! When `$DOTMAC_WEBHOOK_SECRET` is set, the git webhook needs proof of it: GitHub's
 //! `X-Hub-Signature-256` or our `X-DotMac-Signature-256` (HMAC-SHA256 of the body), or
 //! GitLab's `X-Gitlab-Token`; without the variable it is open (it only triggers a fetch).
@@ -46,6 +58,32 @@ impl AuditSlot {
     fn get(&self) -> Option<Arc<Backends>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// Reads the audit log on a blocking thread; the error as people read it.
+    pub async fn read(&self, q: AuditQuery) -> Result<Vec<crate::state::AuditEntry>, String> {
+        let Some(b) = self.get() else {
+            return Err("the state store is not open yet".into());
+        };
+        let r = tokio::task::spawn_blocking(move || {
+            let r = b.state.audit(&q);
+            drop(b);
+            r
+        })
+        .await;
+        match r {
+            Ok(Ok(entries)) => Ok(entries),
+            Ok(Err(e)) => Err(format!("reading the audit log: {e:#}")),
+            Err(e) => Err(format!("reading the audit log: {e}")),
+        }
+    }
+}
+
+/// `--auth-token-env`: the token every protected request must show.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// The Basic user name (`--auth-user`).
+    pub user: String,
+    pub token: Arc<SecretValue>,
 }
 
 #[derive(Clone)]
@@ -56,10 +94,15 @@ pub struct App {
     pub commands: mpsc::Sender<Command>,
     pub webhook_secret: Option<Arc<SecretValue>>,
     pub audit: AuditSlot,
+    pub auth: Option<Auth>,
+    /// Listening on a loopback address: requests must name a loopback host.
+    pub loopback: bool,
 }
 
 pub fn router(app: App) -> Router {
+    let guard = Guard { auth: app.auth.clone(), loopback: app.loopback };
     Router::new()
+        .merge(super::dashboard::routes())
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -68,7 +111,134 @@ pub fn router(app: App) -> Router {
         .route("/api/v1/tenants/{id}/reconcile", post(reconcile))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/webhook/git", post(webhook_git))
+        .layer(axum::middleware::from_fn_with_state(guard, check_access))
+        .layer(axum::middleware::from_fn(security_headers))
         .with_state(app)
+}
+
+/// The policy of every answer: this daemon's own script, style and images only; no inline
+/// script or style, no plugins, frames or other origins; forms submit only to it.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+    connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
+
+async fn security_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_SECURITY_POLICY, header::HeaderValue::from_static(CSP));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, header::HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_FRAME_OPTIONS, header::HeaderValue::from_static("DENY"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    }
+    res
+}
+
+#[derive(Clone)]
+struct Guard {
+    auth: Option<Auth>,
+    loopback: bool,
+}
+
+/// Paths open without the token: probes, metrics (counts only, no tenant names), and the
+/// git webhook (it has a secret of its own).
+fn open_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/api/v1/webhook/git")
+}
+
+/// Whether `host` (a Host header) names this machine's loopback interface.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host
+            .rsplit_once(':')
+            .map_or(host, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host }),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name == "::1"
+        || name.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Why a request is refused: (status, message, ask for Basic credentials).
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    Host,
+    NoCredentials,
+    Wrong,
+    BasicForWrite,
+}
+
+fn access(
+    auth: Option<&Auth>,
+    loopback: bool,
+    method: &http::Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<(), Refusal> {
+    if loopback && !open_path(path) {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        if !loopback_host(host) {
+            return Err(Refusal::Host);
+        }
+    }
+    let Some(auth) = auth else { return Ok(()) };
+    if open_path(path) {
+        return Ok(());
+    }
+    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()) else {
+        return Err(Refusal::NoCredentials);
+    };
+    let (scheme, rest) = given.split_once(' ').unwrap_or((given, ""));
+    let token = auth.token.expose();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return if ct_eq(rest.trim().as_bytes(), token) { Ok(()) } else { Err(Refusal::Wrong) };
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).unwrap_or_default();
+        let (user, password) = match decoded.iter().position(|b| *b == b':') {
+            Some(i) => (&decoded[..i], &decoded[i + 1..]),
+            None => (&decoded[..], &[][..]),
+        };
+        // Both compared, always: the time does not tell which one was wrong.
+        let ok = ct_eq(user, auth.user.as_bytes()) & ct_eq(password, token);
+        if !ok {
+            return Err(Refusal::Wrong);
+        }
+        // A browser sends Basic credentials by itself, also for a form another site posts:
+        // only reading is allowed with them.
+        return if matches!(*method, http::Method::GET | http::Method::HEAD) {
+            Ok(())
+        } else {
+            Err(Refusal::BasicForWrite)
+        };
+    }
+    Err(Refusal::Wrong)
+}
+
+async fn check_access(State(g): State<Guard>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match access(g.auth.as_ref(), g.loopback, req.method(), req.uri().path(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(Refusal::Host) => {
+            (StatusCode::MISDIRECTED_REQUEST, "this daemon listens on a loopback address: use 127.0.0.1 or localhost\n")
+                .into_response()
+        }
+        Err(r) => {
+            let message = match r {
+                Refusal::BasicForWrite => "this request needs the token as `Authorization: Bearer …`\n",
+                Refusal::NoCredentials => "authentication required\n",
+                _ => "wrong credentials\n",
+            };
+            let mut res = (StatusCode::UNAUTHORIZED, message).into_response();
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"dotmac-gitops\", charset=\"UTF-8\""),
+            );
+            res
+        }
+    }
 }
 
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
@@ -104,20 +274,16 @@ async fn tenant(State(app): State<App>, Path(id): Path<String>) -> Response {
     let Some(mut v) = app.shared.read().tenants.get(&id).and_then(|t| serde_json::to_value(t).ok()) else {
         return problem(StatusCode::NOT_FOUND, format!("no tenant `{id}`"));
     };
-    if let Some(b) = app.audit.get() {
-        let since = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_hours(24 * 7)).ok();
-        let q = AuditQuery { tenants: vec![id.clone()], since: since.map(|t| t.to_string()), limit: Some(10_000) };
-        let entries = tokio::task::spawn_blocking(move || {
-            let r = b.state.audit(&q);
-            drop(b);
-            r
-        })
-        .await;
-        if let Ok(Ok(mut entries)) = entries {
-            let keep = entries.len().saturating_sub(50);
-            entries.drain(..keep);
-            v["audit"] = json!(entries);
-        }
+    let since = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_hours(24 * 7)).ok();
+    let q = AuditQuery {
+        tenants: vec![id.clone()],
+        since: since.map(|t| t.to_string()),
+        limit: Some(50),
+        newest: true,
+        ..Default::default()
+    };
+    if let Ok(entries) = app.audit.read(q).await {
+        v["audit"] = json!(entries);
     }
     axum::Json(v).into_response()
 }
@@ -137,6 +303,12 @@ struct AuditParams {
     tenant: Option<String>,
     since: Option<String>,
     limit: Option<usize>,
+    action: Option<String>,
+    outcome: Option<String>,
+    actor: Option<String>,
+    /// `true`: the latest `limit` entries rather than the first.
+    #[serde(default)]
+    newest: bool,
 }
 
 async fn audit(State(app): State<App>, Query(p): Query<AuditParams>) -> Response {
@@ -145,24 +317,22 @@ async fn audit(State(app): State<App>, Query(p): Query<AuditParams>) -> Response
     {
         return problem(StatusCode::BAD_REQUEST, format!("since `{s}` is not an RFC 3339 time"));
     }
-    let Some(b) = app.audit.get() else {
+    if app.audit.get().is_none() {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "the state store is not open yet");
-    };
+    }
     let q = AuditQuery {
         tenants: p.tenant.into_iter().collect(),
         since: p.since,
         limit: Some(p.limit.unwrap_or(500).clamp(1, 10_000)),
+        newest: p.newest,
+        before: None,
+        action: p.action,
+        outcome: p.outcome,
+        actor: p.actor,
     };
-    let r = tokio::task::spawn_blocking(move || {
-        let r = b.state.audit(&q);
-        drop(b);
-        r
-    })
-    .await;
-    match r {
-        Ok(Ok(entries)) => axum::Json(json!({"entries": entries})).into_response(),
-        Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the audit log: {e:#}")),
-        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the audit log: {e}")),
+    match app.audit.read(q).await {
+        Ok(entries) => axum::Json(json!({"entries": entries})).into_response(),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -212,5 +382,61 @@ mod tests {
         assert!(authentic(&secret, &g, body));
         g.insert("x-gitlab-token", "hook-secreT".parse().unwrap());
         assert!(!authentic(&secret, &g, body));
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_loopback_listener_answers_only_loopback_host_names() {
+        for ok in ["127.0.0.1:9090", "localhost:9090", "LOCALHOST", "[::1]:9090", "127.1.2.3", "app.localhost:1"] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in ["evil.example:9090", "10.0.0.1", "127.0.0.1.nip.io", "", "[::2]:80", "localhost.evil.example"] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+        let get = http::Method::GET;
+        assert_eq!(access(None, true, &get, "/", &headers(&[("host", "attacker.example")])), Err(Refusal::Host));
+        assert_eq!(access(None, true, &get, "/", &headers(&[("host", "127.0.0.1:1")])), Ok(()));
+        assert_eq!(access(None, true, &get, "/healthz", &HeaderMap::new()), Ok(()), "probes use any name");
+        assert_eq!(access(None, false, &get, "/", &headers(&[("host", "dotmac.example")])), Ok(()));
+    }
+
+    #[test]
+    fn the_token_is_needed_as_bearer_or_as_the_basic_password_for_reading() {
+        use base64::Engine;
+        let auth = Auth { user: "ops".into(), token: Arc::new(SecretValue::from_bytes(b"t0ken-value".to_vec())) };
+        let a = Some(&auth);
+        let (get, post) = (http::Method::GET, http::Method::POST);
+        let basic = |u: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(u));
+        let check = |m: &http::Method, path: &str, authz: Option<&str>| {
+            let mut h = headers(&[("host", "localhost")]);
+            if let Some(v) = authz {
+                h.insert("authorization", v.parse().unwrap());
+            }
+            access(a, true, m, path, &h)
+        };
+        assert_eq!(check(&get, "/", None), Err(Refusal::NoCredentials));
+        assert_eq!(check(&get, "/api/v1/status", Some("Bearer t0ken-value")), Ok(()));
+        assert_eq!(check(&get, "/", Some("bearer t0ken-value")), Ok(()));
+        assert_eq!(check(&get, "/", Some("Bearer t0ken-valuE")), Err(Refusal::Wrong));
+        assert_eq!(check(&get, "/", Some(&basic("ops:t0ken-value"))), Ok(()));
+        assert_eq!(check(&get, "/", Some(&basic("root:t0ken-value"))), Err(Refusal::Wrong));
+        assert_eq!(check(&get, "/", Some(&basic("ops:"))), Err(Refusal::Wrong));
+        assert_eq!(check(&get, "/", Some("Basic !!!")), Err(Refusal::Wrong));
+        assert_eq!(
+            check(&post, "/api/v1/tenants/t/reconcile", Some(&basic("ops:t0ken-value"))),
+            Err(Refusal::BasicForWrite)
+        );
+        assert_eq!(check(&post, "/api/v1/tenants/t/reconcile", Some("Bearer t0ken-value")), Ok(()));
+        for open in ["/healthz", "/readyz", "/metrics", "/api/v1/webhook/git"] {
+            assert_eq!(check(&get, open, None), Ok(()), "{open}");
+        }
+        assert_eq!(format!("{auth:?}").matches("t0ken").count(), 0, "Debug hides the token");
     }
 }

@@ -4,7 +4,8 @@
 //! source (branch tip) ──tips──▶ reconcile::Controller ──batches──▶ blocking pool:
 //!   local: notify + interval        │  per-tenant schedule,             Workspace::plan,
 //!   remote: git fetch + webhook     │  backoff, self-heal limit         state lock + apply
-//!                                   ├──▶ status::Shared ◀── http (axum): status, tenants, audit
+//!                                   ├──▶ status::Shared ◀── http (axum): status, tenants, audit,
+//!                                   │                        dashboard (HTML pages)
 //!                                   ├──▶ metrics (prometheus-client) ◀── http /metrics
 //!                                   └──▶ notifications (webhooks: HMAC, retries, breaker)
 //! leader: a Kubernetes Lease or the state store's leader lock gates the controller.
@@ -14,6 +15,7 @@
 //! notifications; everything that touches the engine (which is synchronous, and whose
 //! providers may block on runtimes of their own) runs on the blocking pool.
 
+pub mod dashboard;
 pub mod http;
 pub mod leader;
 pub mod metrics;
@@ -48,6 +50,8 @@ pub struct Options {
     pub lease_duration: Duration,
     pub shutdown_timeout: Duration,
     pub actor: String,
+    /// The token the HTTP endpoints ask for (`--auth-token-env`), if any.
+    pub auth: Option<http::Auth>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; the exit code.
@@ -211,10 +215,16 @@ async fn serve(opts: Options) -> Result<u8> {
         commands: commands_tx,
         webhook_secret,
         audit: audit.clone(),
+        auth: opts.auth.clone(),
+        loopback: opts.listen.ip().is_loopback(),
     };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", opts.listen))?;
+    if opts.auth.is_none() && !opts.listen.ip().is_loopback() {
+        tracing::warn!(listen = %opts.listen,
+            "the dashboard and the API are open to anyone who reaches this address: set --auth-token-env to require a token");
+    }
     tracing::info!(listen = %listener.local_addr()?, repo = %src.describe(), branch = %src.branch,
         auto_apply = opts.auto_apply, "daemon started");
     let mut http_shutdown = shutdown.clone();

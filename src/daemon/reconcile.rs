@@ -808,13 +808,24 @@ impl Controller {
             let mut changed = 0usize;
             for (id, digest) in &ctx.digests {
                 let t = s.tenants.entry(id.clone()).or_insert_with(|| TenantState::new(id, now));
+                if let Some(d) = ctx.ws.tenants.get(id)
+                    && t.label != d.label
+                {
+                    t.label = d.label.clone();
+                }
                 if t.desired.as_deref() == Some(digest.as_str()) {
                     if t.status == Status::Synced {
                         t.revision = Some(ctx.revision.clone());
+                        t.synced_revision = Some(ctx.revision.clone());
                     }
                     continue;
                 }
                 t.desired = Some(digest.clone());
+                if let Some(d) = ctx.ws.tenants.get(id) {
+                    let prefix = id.len() + 1;
+                    t.resources = d.entries.iter().map(|e| e.address.to_string().split_off(prefix)).collect();
+                    t.resources.sort();
+                }
                 changed += 1;
                 // The repository changed this tenant: check it now, forgetting old failures.
                 t.failures = 0;
@@ -985,6 +996,7 @@ fn transition(
             } else {
                 t.status = Status::Synced;
                 t.last_sync = Some(now);
+                t.synced_revision = Some(revision.to_owned());
                 t.last_error = None;
                 t.failures = 0;
                 // In sync without a heal: the drift (if any came before) did not come back.
@@ -1043,6 +1055,7 @@ fn transition(
             if a.view.ok {
                 t.status = Status::Synced;
                 t.last_sync = Some(now);
+                t.synced_revision = Some(revision.to_owned());
                 t.last_error = None;
                 t.failures = 0;
                 metrics.applied_changes.inc_by(a.view.applied as u64);

@@ -7,6 +7,7 @@
 
 use crate::diff::{Action, Change};
 use crate::drift::Difference;
+use crate::model::TenantLabel;
 use jiff::Timestamp;
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
@@ -133,11 +134,18 @@ pub struct HistoryEntry {
 #[derive(Debug, Clone, Serialize)]
 pub struct TenantState {
     pub tenant: String,
+    /// Name, plan and environment at the revision read (kept when the tenant leaves it).
+    #[serde(flatten)]
+    pub label: TenantLabel,
     pub status: Status,
     /// The commit the status refers to.
     pub revision: Option<String>,
     /// The last time live was found (or made) equal to the repository.
     pub last_sync: Option<Timestamp>,
+    /// The commit it was equal to then.
+    pub synced_revision: Option<String>,
+    /// The desired resources at the revision read, as addresses without the tenant.
+    pub resources: Vec<String>,
     pub last_check: Option<Timestamp>,
     pub last_error: Option<String>,
     /// Failures in a row (the backoff doubles with each; a success resets it).
@@ -177,8 +185,11 @@ impl TenantState {
         TenantState {
             tenant: tenant.to_owned(),
             status: Status::Progressing,
+            label: TenantLabel::default(),
             revision: None,
             last_sync: None,
+            synced_revision: None,
+            resources: Vec::new(),
             last_check: None,
             last_error: None,
             failures: 0,
@@ -232,9 +243,13 @@ impl TenantState {
     pub fn summary(&self) -> serde_json::Value {
         serde_json::json!({
             "tenant": self.tenant,
+            "name": self.label.name,
+            "plan": self.label.plan,
+            "environment": self.label.environment,
             "status": self.status,
             "revision": self.revision,
             "last_sync": self.last_sync,
+            "synced_revision": self.synced_revision,
             "last_error": self.last_error,
             "drift": self.drift.len(),
             "failures": self.failures,

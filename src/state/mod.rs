@@ -102,6 +102,15 @@ pub struct AuditQuery {
     /// RFC 3339; entries at or after it.
     pub since: Option<String>,
     pub limit: Option<usize>,
+    /// With `limit`: the latest entries rather than the first (still returned oldest first).
+    pub newest: bool,
+    /// Entries older than this id (a timeline's next page).
+    pub before: Option<i64>,
+    /// Only entries with this action (`create`, `update`, …), outcome (`applied`,
+    /// `failed`, …) or actor.
+    pub action: Option<String>,
+    pub outcome: Option<String>,
+    pub actor: Option<String>,
 }
 
 /// A held state lock: released when dropped, and by the operating system (or the database

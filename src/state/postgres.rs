@@ -820,19 +820,22 @@ impl StateStore for PgStore {
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
         let since = q.since.clone().unwrap_or_default();
         let limit = q.limit.map(|l| l.min(i64::MAX as usize) as i64);
+        let sql = format!(
+            "SELECT id, time, correlation_id, actor, tenant, address, action, risk, outcome, before::text,
+                after::text, message
+             FROM dotmac_audit
+             WHERE time >= $1 AND (cardinality($2::text[]) = 0 OR tenant = ANY($2))
+               AND ($4::bigint IS NULL OR id < $4) AND ($5::text IS NULL OR action = $5)
+               AND ($6::text IS NULL OR outcome = $6) AND ($7::text IS NULL OR actor = $7)
+             ORDER BY id {} LIMIT $3",
+            if q.newest { "DESC" } else { "ASC" }
+        );
         let rows = self
             .conn()?
-            .query(
-                "SELECT id, time, correlation_id, actor, tenant, address, action, risk, outcome, before::text,
-                    after::text, message
-                 FROM dotmac_audit
-                 WHERE time >= $1 AND (cardinality($2::text[]) = 0 OR tenant = ANY($2))
-                 ORDER BY id LIMIT $3",
-                &[&since, &q.tenants, &limit],
-            )
+            .query(&sql, &[&since, &q.tenants, &limit, &q.before, &q.action, &q.outcome, &q.actor])
             .map_err(self.err("reading the audit log"))?;
         let json = |t: Option<String>| t.and_then(|t| serde_json::from_str(&t).ok());
-        Ok(rows
+        let mut entries: Vec<AuditEntry> = rows
             .iter()
             .map(|r| AuditEntry {
                 id: r.get(0),
@@ -848,7 +851,11 @@ impl StateStore for PgStore {
                 after: json(r.get(10)),
                 message: r.get(11),
             })
-            .collect())
+            .collect();
+        if q.newest {
+            entries.reverse();
+        }
+        Ok(entries)
     }
 }
 

@@ -280,20 +280,19 @@ impl StateStore for SqliteStore {
         let conn = self.conn();
         let mut sql = String::from(
             "SELECT id, time, correlation_id, actor, tenant, address, action, risk, outcome, before, after, message
-             FROM audit WHERE time >= ?1",
+             FROM audit WHERE time >= ?1
+               AND (?2 = '[]' OR tenant IN (SELECT value FROM json_each(?2)))
+               AND (?3 IS NULL OR id < ?3) AND (?4 IS NULL OR action = ?4)
+               AND (?5 IS NULL OR outcome = ?5) AND (?6 IS NULL OR actor = ?6)",
         );
-        if !q.tenants.is_empty() {
-            sql.push_str(" AND tenant IN (SELECT value FROM json_each(?2))");
-        } else {
-            sql.push_str(" AND ?2 IS NOT NULL");
-        }
-        sql.push_str(" ORDER BY id");
+        sql.push_str(if q.newest { " ORDER BY id DESC" } else { " ORDER BY id" });
         if let Some(l) = q.limit {
             sql.push_str(&format!(" LIMIT {l}"));
         }
         let mut st = conn.prepare(&sql)?;
         let tenants = serde_json::to_string(&q.tenants)?;
-        let rows = st.query_map(params![q.since.clone().unwrap_or_default(), tenants], |r| {
+        let args = params![q.since.clone().unwrap_or_default(), tenants, q.before, q.action, q.outcome, q.actor];
+        let rows = st.query_map(args, |r| {
             let json = |i: usize| -> rusqlite::Result<Option<serde_json::Value>> {
                 Ok(r.get::<_, Option<String>>(i)?.and_then(|t| serde_json::from_str(&t).ok()))
             };
@@ -312,7 +311,11 @@ impl StateStore for SqliteStore {
                 message: r.get(11)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        let mut entries = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        if q.newest {
+            entries.reverse();
+        }
+        Ok(entries)
     }
 }
 

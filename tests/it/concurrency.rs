@@ -4,8 +4,9 @@
 //! times), whose hold intervals must be disjoint, and the audit log, where each apply's
 //! entries must form one block of ids. `secret put` takes the same lock.
 //!
-//! For the daemon (issue 8): a daemon's apply is another holder of the same lock; add it
-//! as one more process to `start_together` and its log to the trace.
+//! The daemon is one more holder of the same lock: `daemon.rs` shows a person's apply refused
+//! while the daemon applies, the daemon waiting for a person's lock, and a daemon killed with
+//! SIGKILL mid-apply leaving the lock free and the next apply converging.
 
 use crate::util::*;
 use serde_json::Value;

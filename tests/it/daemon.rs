@@ -693,3 +693,41 @@ fn a_tenant_removed_from_the_repository_is_deleted_only_with_allow_delete() {
     assert_eq!(d.stop().0, 0);
     assert_eq!(run(&["plan", "--detailed-exitcode"], r).code, 0);
 }
+
+#[test]
+fn a_daemon_killed_mid_apply_leaves_no_lock_and_the_next_apply_converges() {
+    let (repo, _) = committed_example();
+    let r = repo.path();
+    let p = r.join("dotmac.toml");
+    std::fs::write(&p, std::fs::read_to_string(&p).unwrap() + "\n[apply]\nparallelism = 1\n").unwrap();
+    let c = git_commit_all(r, "one tenant at a time");
+    // Each ISP write takes a second, so the kill lands inside the apply of the five tenants.
+    let d = Daemon::start(r, &["--auto-apply", "--interval", "1m"], &[("DOTMAC_FAULTS", "isp:put:*:delay=1s")]);
+    let lock = r.join(".dotmac/state/lock");
+    d.wait("the daemon applying", |_| {
+        std::fs::read_to_string(&lock).ok().filter(|h| h.starts_with("daemon by")).map(|_| ())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (code, log) = d.signal(libc::SIGKILL);
+    assert_eq!(code, -1, "killed by the signal, not exited:\n{log}");
+
+    // The lock died with the daemon: a person's apply takes it at once (no --lock-timeout),
+    // and what the interrupted apply left is finished, not reported as someone else's drift.
+    let plan = run(&["plan", "--format", "json"], r);
+    assert_eq!(plan.code, 0, "{}", plan.stderr);
+    let plan: Value = serde_json::from_str(&plan.stdout).unwrap();
+    assert!(!plan["changes"].as_array().unwrap().is_empty(), "the kill came after the whole apply");
+    let out = apply_cli(r, &[]);
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(run(&["plan", "--detailed-exitcode"], r).code, 0, "converged after one apply");
+    let drift = run(&["drift", "--format", "json"], r);
+    let drift: Value = serde_json::from_str(&drift.stdout).unwrap();
+    assert_eq!(drift["drift_detected"], false, "{drift:#}");
+    // The state store is whole: the audit log reads, and a new daemon finds nothing to do.
+    let audit: Value = serde_json::from_str(&run(&["audit", "--format", "json"], r).stdout).unwrap();
+    assert!(!audit["entries"].as_array().unwrap().is_empty());
+    let d = Daemon::start(r, &["--auto-apply", "--interval", "1m"], &[]);
+    d.wait_all("Synced", &c);
+    assert_eq!(d.metric("dotmac_apply_failures_total"), 0.0);
+    assert_eq!(d.stop().0, 0);
+}

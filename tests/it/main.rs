@@ -2,6 +2,7 @@
 //! They drive the real `dotmac-gitops` binary against repositories made in temp folders.
 
 mod bao;
+mod cdp;
 mod concurrency;
 mod crash;
 mod daemon_util;
@@ -11,7 +12,9 @@ mod pg;
 mod util;
 
 mod action;
+mod browser;
 mod daemon;
+mod dashboard;
 mod hostile;
 mod http;
 mod kube_fake;

@@ -156,6 +156,21 @@ fn exercise(s: &dyn StateStore) -> Vec<String> {
         audit(AuditQuery { since: Some("2026-01-02T00:00:00Z".into()), ..Default::default() })
     ));
     seen.push(format!("audit limit {:?}", audit(AuditQuery { limit: Some(1), ..Default::default() })));
+    // The dashboard's timeline: the latest first page, the page before it, filters.
+    let newest = |limit: usize, before: Option<i64>| {
+        let q = AuditQuery { limit: Some(limit), newest: true, before, ..Default::default() };
+        s.audit(&q).unwrap().into_iter().map(|e| (e.id, e.time)).collect::<Vec<_>>()
+    };
+    let latest = newest(2, None);
+    assert_eq!(latest.len(), 2);
+    assert!(latest[0].0 < latest[1].0, "returned oldest first");
+    seen.push(format!("audit newest {:?}", latest.iter().map(|e| &e.1).collect::<Vec<_>>()));
+    seen.push(format!("audit before {:?}", newest(2, Some(latest[0].0)).iter().map(|e| &e.1).collect::<Vec<_>>()));
+    seen.push(format!(
+        "audit failed {:?}",
+        audit(AuditQuery { outcome: Some("failed".into()), action: Some("create".into()), ..Default::default() })
+    ));
+    seen.push(format!("audit actor {:?}", audit(AuditQuery { actor: Some("nobody".into()), ..Default::default() })));
     // A second apply: forget one, keep the others.
     let serial = s.begin_apply().unwrap();
     assert_eq!(serial, 2);
