@@ -2,6 +2,7 @@
 """The engine side by side with the peer (the seeds' Python/Jinja2 stack), in one run.
 
     bench/bench.py [--tenants 10000] [--also 100000] [--runs 3] [--change 10] [--keep DIR]
+                   [--no-peer] [--only cold] [--engine PATH]
 
 For each size it generates a repository with bench/peer/gen_repo.py (with a second commit
 editing one tenant, for `diff`), then times, on the same files:
@@ -14,7 +15,9 @@ editing one tenant, for `diff`), then times, on the same files:
 
 and prints a table: measure, engine, peer, ratio, peak RSS of each. Times are medians of
 --runs runs (the cold apply starts from a clean state each time). The engine is the release
-build of this checkout (built if missing). Not a test: nothing here asserts a number.
+build of this checkout (under $CARGO_TARGET_DIR if set; built if missing), or --engine.
+--no-peer times the engine only; --only cold stops after the cold plan + apply. Not a
+test: nothing here asserts a number.
 """
 import argparse
 import json
@@ -32,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GEN = os.path.join(HERE, "peer", "gen_repo.py")
 PEER = os.path.join(HERE, "peer", "peer_plan.py")
-ENGINE = os.path.join(ROOT, "target", "release", "dotmac-gitops")
+ENGINE = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release", "dotmac-gitops")
 NOW = "2026-11-22T00:00:00Z"
 
 PEER_PARSE = r"""
@@ -98,7 +101,7 @@ def edit_tenants(repo, k, value):
     return edited
 
 
-def bench_size(tenants, runs, change, workdir):
+def bench_size(tenants, runs, change, workdir, peer=True, only=None):
     repo = os.path.join(workdir, f"repo-{tenants}")
     out = subprocess.run(
         [sys.executable, GEN, "--tenants", str(tenants), "--out", repo, "--git", "--change", "1"],
@@ -117,7 +120,7 @@ def bench_size(tenants, runs, change, workdir):
 
     # Parse-only floor.
     e = median([engine(repo, "bench-parse")[:2] for _ in range(runs)])
-    p = median([run([sys.executable, "-c", PEER_PARSE, repo])[:2] for _ in range(runs)])
+    p = median([run([sys.executable, "-c", PEER_PARSE, repo])[:2] for _ in range(runs)]) if peer else None
     rows.append(("parse-only floor", e, p))
 
     # Plan + apply from empty.
@@ -125,20 +128,23 @@ def bench_size(tenants, runs, change, workdir):
     for _ in range(runs):
         shutil.rmtree(os.path.join(repo, ".dotmac"), ignore_errors=True)
         samples_e.append(engine(repo, "apply", "--auto-approve", "--now", NOW)[:2])
-        shutil.rmtree(live, ignore_errors=True)
-        samples_p.append(run([sys.executable, PEER, repo, "--live", live, "--apply", "--now", NOW])[:2])
-    rows.append(("plan + apply, from empty", median(samples_e), median(samples_p)))
+        if peer:
+            shutil.rmtree(live, ignore_errors=True)
+            samples_p.append(run([sys.executable, PEER, repo, "--live", live, "--apply", "--now", NOW])[:2])
+    rows.append(("plan + apply, from empty", median(samples_e), median(samples_p) if peer else None))
+    if only == "cold":
+        return rows, rows[0][1][0], None
 
     # No-op plan (the first one after an apply is included in the runs).
     e = median([engine(repo, "plan", "--now", NOW)[:2] for _ in range(runs)])
-    p = median([run([sys.executable, PEER, repo, "--live", live, "--now", NOW])[:2] for _ in range(runs)])
+    p = median([run([sys.executable, PEER, repo, "--live", live, "--now", NOW])[:2] for _ in range(runs)]) if peer else None
     rows.append(("no-op plan", e, p))
     floor_e = rows[0][1][0]
 
     # A plan after editing K tenants.
     edited = edit_tenants(repo, change, 47)
     e = median([engine(repo, "plan", "--now", NOW)[:2] for _ in range(runs)])
-    p = median([run([sys.executable, PEER, repo, "--live", live, "--now", NOW])[:2] for _ in range(runs)])
+    p = median([run([sys.executable, PEER, repo, "--live", live, "--now", NOW])[:2] for _ in range(runs)]) if peer else None
     rows.append((f"plan, {edited} tenants edited", e, p))
     subprocess.run(["git", "-C", repo, "checkout", "-q", "--", "tenants"], check=True)
 
@@ -161,25 +167,34 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--change", type=int, default=10, help="tenants edited for the third measure")
     ap.add_argument("--keep", help="work in this folder and keep it")
+    ap.add_argument("--no-peer", action="store_true", help="time the engine only")
+    ap.add_argument("--only", choices=["cold"], help="cold: stop after the cold plan + apply")
+    ap.add_argument("--engine", help="the binary to time (default: this checkout's release build)")
     a = ap.parse_args()
+    global ENGINE
+    if a.engine:
+        ENGINE = os.path.abspath(a.engine)
 
     if not os.path.exists(ENGINE):
         subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
     try:
         import jinja2, yaml  # noqa: F401
     except ImportError:
-        sys.exit("the peer needs jinja2 and pyyaml: pip install jinja2 pyyaml (scripts/test-deps.sh does)")
+        if not a.no_peer:
+            sys.exit("the peer needs jinja2 and pyyaml: pip install jinja2 pyyaml (scripts/test-deps.sh does)")
 
     workdir = a.keep or tempfile.mkdtemp(prefix="dotmac-bench-")
     os.makedirs(workdir, exist_ok=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, {platform.platform()}; "
           f"load {os.getloadavg()[0]:.2f}")
-    print(f"engine: {ENGINE}; peer: {PEER} (Python {platform.python_version()}); {a.runs} runs, median\n")
+    peer = "none" if a.no_peer else f"{PEER} (Python {platform.python_version()})"
+    print(f"engine: {ENGINE}; peer: {peer}; {a.runs} runs, median\n")
     try:
         for n in [a.tenants, *a.also]:
-            rows, floor, per_tenant = bench_size(n, a.runs, a.change, workdir)
-            print(f"### {n:,} tenants (about {n * per_tenant:,} resources)\n")
+            rows, floor, per_tenant = bench_size(n, a.runs, a.change, workdir, not a.no_peer, a.only)
+            about = f" (about {n * per_tenant:,} resources)" if per_tenant else ""
+            print(f"### {n:,} tenants{about}\n")
             print("| measure | engine | peer | ratio | engine peak RSS | peer peak RSS |")
             print("| --- | ---: | ---: | ---: | ---: | ---: |")
             for name, (et, er), p in rows:
@@ -188,8 +203,9 @@ def main():
                 else:
                     pt, pr = p
                     print(f"| {name} | {fmt_s(et)} | {fmt_s(pt)} | {pt / et:.1f}× | {er:.0f} MiB | {pr:.0f} MiB |")
-            noop = next(r for r in rows if r[0] == "no-op plan")[1][0]
-            print(f"\nno-op plan / parse-only floor: {noop / floor:.2f}×\n", flush=True)
+            noop = next((r for r in rows if r[0] == "no-op plan"), None)
+            if noop:
+                print(f"\nno-op plan / parse-only floor: {noop[1][0] / floor:.2f}×\n", flush=True)
     finally:
         if not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -162,6 +162,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     // The journal: every write this apply may do, recorded before the first one, and cleared
     // only once all of them are durable. An apply that dies leaves it for the next plan,
     // which treats those addresses as in flight (finished or not), not as drift.
+    let started_at = std::time::Instant::now();
     let started = jiff::Timestamp::now().to_string();
     let journal: Vec<JournalEntry> = by_tenant
         .values()
@@ -273,9 +274,15 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    // Everything written is made durable once (a local store: one syncfs), then the journal
-    // is settled: until then the next plan knows these writes were in flight.
-    let durable = ProviderId::ALL.iter().try_for_each(|p| providers.get(*p).flush());
+    tracing::debug!(tenants = report.outcomes.len(), elapsed = ?started_at.elapsed(), "applied and recorded");
+    // Everything written is made durable once (a local store: each changed shard file once),
+    // then the journal is settled: until then the next plan knows these writes were in flight.
+    let durable = ProviderId::ALL.iter().try_for_each(|p| {
+        let t = std::time::Instant::now();
+        let r = providers.get(*p).flush();
+        tracing::debug!(provider = %p, elapsed = ?t.elapsed(), "flushed");
+        r
+    });
     let cleared = durable.map_err(anyhow::Error::from).and_then(|_| state.commit(serial, settle));
     if let Err(e) = cleared
         && commit_error.is_none()
@@ -285,7 +292,9 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     if let Some(e) = commit_error {
         return Err(e.context("the changes were applied but could not be recorded in the state store; the next plan re-reads live state and records them"));
     }
+    tracing::debug!(elapsed = ?started_at.elapsed(), "durable, journal settled");
     report.verification = verify(providers, &written_all);
+    tracing::debug!(elapsed = ?started_at.elapsed(), "read back");
     match consistency(providers, &written_all) {
         Ok(differences) => {
             report.verification.extend(differences.iter().map(|d| {

@@ -8,7 +8,7 @@ use crate::load::{self, source};
 use crate::model::{Address, Content, ProviderId, ResourceKind};
 use crate::providers::local::LocalStore;
 use crate::providers::secret_value::SecretValue;
-use crate::providers::{LiveResource, Providers, TenantScope};
+use crate::providers::{LiveResource, Provider, Providers, TenantScope};
 use crate::state::AuditQuery;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -305,6 +305,7 @@ pub fn cmd_secret_put(g: &Global, tenant: &str, name: &str, lock_timeout: &str) 
     let store = LocalStore::open(&state_dir, ProviderId::Secrets, &settings.providers.secrets)?;
     let address = Address::new(tenant, ResourceKind::OpenbaoSecret, Some(name));
     let live = store.put_external(&address, &value)?;
+    store.flush()?;
     println!("{address}: stored as {} ({} bytes, encrypted)", live.fingerprint, value.len());
     Ok(0)
 }

@@ -9,7 +9,10 @@
 //! - `lost`: the call reaches the system and is done there, then fails (its answer is lost,
 //!   as when a connection drops after the server applied a request);
 //! - `kill`: the call is done, then the process kills itself with SIGKILL (a crash right
-//!   after a write, before anything else happens);
+//!   after a write, before anything else happens). A local store holds writes in memory until
+//!   `flush`; `kill` flushes it first, so that the write (and the provider's earlier ones)
+//!   survive the crash as a remote system's would. Writes not flushed when a process dies are
+//!   lost: `kill-before` on a later call shows that;
 //! - `kill-before`: the process kills itself with SIGKILL instead of making the call;
 //! - `delay=500ms`: the call is slowed down by that much, not failed (to hold an apply open
 //!   long enough for a test to act during it).
@@ -138,6 +141,12 @@ impl Faulty {
             Mode::Lost => call().and(Err(error())),
             Mode::Kill => {
                 let _ = call();
+                // Done means in the system: a store that holds writes until `flush` (the
+                // local store) writes them out first. Without that, no crash could come
+                // after a local write and before its record, the case the journal is for.
+                if op != "flush" {
+                    let _ = self.inner.flush();
+                }
                 die()
             }
             Mode::Delay(_) => call(),

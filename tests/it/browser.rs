@@ -96,11 +96,11 @@ fn dashboard_in_headless_chromium() {
     tab.wait_until(&mut b, "every tenant back", &format!("{ROWS}.length === 5"));
 
     // Drift on tenant-123's live ISP config: the open page shows it by itself.
-    let live = r.join(".dotmac/live/isp/tenant-123.isp_config.yaml");
-    let text = std::fs::read_to_string(&live).unwrap();
+    let state = r.join(".dotmac");
+    let text = live_entry(&state, "tenant-123/isp.config").expect("tenant-123's ISP config in live");
     let line = text.lines().find(|l| l.contains("sync_interval_minutes:")).expect("the interval in live").to_owned();
     let drifted = format!("{}sync_interval_minutes: 99", &line[..line.find('s').unwrap()]);
-    std::fs::write(&live, text.replacen(&line, &drifted, 1)).unwrap();
+    edit_live(&state, "tenant-123/isp.config", &line, &drifted);
     tab.wait_until(
         &mut b,
         "the page to refresh itself with the drift",

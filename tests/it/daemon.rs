@@ -8,8 +8,14 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-fn isp_file(repo: &Path, tenant: &str) -> std::path::PathBuf {
-    repo.join(format!(".dotmac/live/isp/{tenant}.isp_config.yaml"))
+/// A tenant's ISP configuration in the local store (its entry in the tenant's shard file).
+fn isp_config(repo: &Path, tenant: &str) -> Option<String> {
+    live_entry(&repo.join(".dotmac"), &format!("{tenant}/isp.config"))
+}
+
+/// Edits a tenant's ISP configuration by hand, out of band.
+fn edit_isp(repo: &Path, tenant: &str, from: &str, to: &str) {
+    edit_live(&repo.join(".dotmac"), &format!("{tenant}/isp.config"), from, to);
 }
 
 /// Changes tenant-123's sync interval to `minutes` and commits; the new commit.
@@ -45,13 +51,13 @@ fn the_daemon_syncs_reconciles_new_commits_and_heals_drift() {
     assert_eq!(s["revision"], c1.as_str());
     assert_eq!(s["tenants"].as_array().unwrap().len(), 5);
     assert_eq!(s["summary"]["Synced"], 5);
-    assert!(isp_file(r, "tenant-123").exists(), "the apply wrote live state");
+    assert!(isp_config(r, "tenant-123").is_some(), "the apply wrote live state");
 
     // A new commit reaches the live state within seconds; only its tenant is rendered again.
     let c2 = commit_interval(r, 17);
     let t = d.wait_tenant("tenant-123", "synced at the new commit", |t| t["status"] == "Synced" && t["revision"] == c2);
     assert!(d.log().contains("changed=1 cached_units=4"), "{}", d.log());
-    assert!(std::fs::read_to_string(isp_file(r, "tenant-123")).unwrap().contains("sync_interval_minutes: 17"));
+    assert!(isp_config(r, "tenant-123").unwrap().contains("sync_interval_minutes: 17"));
     assert_eq!(t["last_apply"]["ok"], true);
     assert!(t["last_plan"]["changes"].as_array().unwrap().iter().any(|c| c["address"] == "tenant-123/isp.config"));
     // The other tenants did not change: synced at the new commit too.
@@ -67,10 +73,9 @@ fn the_daemon_syncs_reconciles_new_commits_and_heals_drift() {
 
     // An out-of-band edit of a live resource is healed.
     let healed_before = d.metric("dotmac_drift_healed_total");
-    let live = isp_file(r, "tenant-123");
-    edit(&live, "sync_interval_minutes: 17", "sync_interval_minutes: 99");
+    edit_isp(r, "tenant-123", "sync_interval_minutes: 17", "sync_interval_minutes: 99");
     d.wait("the drift healed", |d| (d.metric("dotmac_drift_healed_total") > healed_before).then_some(()));
-    assert!(std::fs::read_to_string(&live).unwrap().contains("sync_interval_minutes: 17"), "live restored");
+    assert!(isp_config(r, "tenant-123").unwrap().contains("sync_interval_minutes: 17"), "live restored");
     let t = d.wait_tenant("tenant-123", "synced", |t| t["status"] == "Synced");
     assert!(t["history"].as_array().unwrap().iter().any(|h| h["event"] == "applied (healed drift)"), "{t}");
     assert!(d.metric("dotmac_drift_detected_total") >= 1.0);
@@ -112,15 +117,14 @@ fn without_auto_apply_the_daemon_only_reports() {
     assert_eq!(d.status()["auto_apply"], false);
 
     // Drift is reported, not healed.
-    let live = isp_file(r, "tenant-123");
-    edit(&live, "sync_interval_minutes: 15", "sync_interval_minutes: 99");
+    edit_isp(r, "tenant-123", "sync_interval_minutes: 15", "sync_interval_minutes: 99");
     let t = d.wait_tenant("tenant-123", "drifted", |t| t["status"] == "Drifted");
     assert_eq!(t["drift"], json!(["tenant-123/isp.config"]));
     assert!(t["last_plan"]["changes"][0]["drift"].as_bool().unwrap());
     assert!(t["last_plan"]["changes"][0]["diff"].as_str().unwrap().contains("99"));
     assert_eq!(d.metric("dotmac_drift_healed_total"), 0.0);
     assert_eq!(d.metric("dotmac_drift_detected_total"), 1.0);
-    edit(&live, "sync_interval_minutes: 99", "sync_interval_minutes: 15");
+    edit_isp(r, "tenant-123", "sync_interval_minutes: 99", "sync_interval_minutes: 15");
     d.wait_tenant("tenant-123", "back in sync after the edit was undone", |t| t["status"] == "Synced");
 
     // A new commit is out of sync, not applied; the tenants it does not touch are synced at it.
@@ -129,7 +133,7 @@ fn without_auto_apply_the_daemon_only_reports() {
         t["status"] == "OutOfSync" && t["revision"] == c2
     });
     assert!(t["last_error"].is_null());
-    assert!(std::fs::read_to_string(&live).unwrap().contains("sync_interval_minutes: 15"), "not applied");
+    assert!(isp_config(r, "tenant-123").unwrap().contains("sync_interval_minutes: 15"), "not applied");
     d.wait("the others synced at the new commit", |d| {
         let s = d.status();
         s["tenants"]
@@ -175,7 +179,7 @@ fn a_failing_provider_backs_off_then_recovers_and_the_backoff_resets() {
     assert_eq!(t["last_apply"]["ok"], true);
     assert_eq!(d.metric("dotmac_apply_failures_total"), 2.0);
     assert_eq!(d.metric("dotmac_provider_request_errors_total{provider=\"isp\",operation=\"put\"}"), 2.0);
-    assert!(std::fs::read_to_string(isp_file(r, "tenant-123")).unwrap().contains("sync_interval_minutes: 33"));
+    assert!(isp_config(r, "tenant-123").unwrap().contains("sync_interval_minutes: 33"));
     let (code, log) = d.stop();
     assert_eq!(code, 0, "{log}");
 }
@@ -246,12 +250,12 @@ fn the_daemon_waits_for_the_state_lock_and_then_applies() {
         t["last_error"].as_str().is_some_and(|e| e.contains("waiting for the state lock") && e.contains("alice@laptop"))
     });
     assert_eq!(t["status"], "Progressing");
-    assert!(std::fs::read_to_string(isp_file(r, "tenant-123")).unwrap().contains("sync_interval_minutes: 15"));
+    assert!(isp_config(r, "tenant-123").unwrap().contains("sync_interval_minutes: 15"));
     assert!(d.log().contains("apply by alice@laptop"), "the log says who holds the lock");
     assert!(d.metric("dotmac_state_lock_waits_total") >= 1.0);
     drop(held);
     d.wait_tenant("tenant-123", "applied once the lock is free", |t| t["status"] == "Synced" && t["revision"] == c2);
-    assert!(std::fs::read_to_string(isp_file(r, "tenant-123")).unwrap().contains("sync_interval_minutes: 44"));
+    assert!(isp_config(r, "tenant-123").unwrap().contains("sync_interval_minutes: 44"));
     assert_eq!(d.stop().0, 0);
 }
 
@@ -272,7 +276,7 @@ fn a_commit_that_does_not_validate_is_reported_and_not_reconciled() {
     assert!(s["revision_error"].as_str().unwrap().contains("tenants/tenant-123/tenant.yaml"), "{s}");
     // Drift is still healed against the last good commit.
     let before = d.metric("dotmac_drift_healed_total");
-    edit(&isp_file(r, "tenant-123"), "sync_interval_minutes: 15", "sync_interval_minutes: 99");
+    edit_isp(r, "tenant-123", "sync_interval_minutes: 15", "sync_interval_minutes: 99");
     d.wait("healed", |d| (d.metric("dotmac_drift_healed_total") > before).then_some(()));
     assert_eq!(d.stop().0, 0);
 }
@@ -375,7 +379,7 @@ fn notifications_are_signed_retried_and_no_secret_leaks_anywhere() {
         assert_eq!(e["revision"], c.as_str());
     }
     // Drift: detected and healed, each an event.
-    edit(&isp_file(r, "tenant-123"), "sync_interval_minutes: 15", "sync_interval_minutes: 99");
+    edit_isp(r, "tenant-123", "sync_interval_minutes: 15", "sync_interval_minutes: 99");
     d.wait("drift events", |_| {
         let ev = rx.events();
         let has = |name: &str| ev.iter().any(|(_, e)| e["event"] == name && e["tenant"] == "tenant-123");
@@ -430,17 +434,13 @@ fn a_remote_repository_is_cloned_fetched_and_fetched_at_once_on_the_webhook() {
     );
     let s = d.wait_all("Synced", &c1);
     assert_eq!(s["source"]["branch"], "main");
-    assert!(state.join("live/isp/tenant-123.isp_config.yaml").exists(), "state where DOTMAC_STATE_DIR says");
+    assert!(live_entry(&state, "tenant-123/isp.config").is_some(), "state where DOTMAC_STATE_DIR says");
     // A push is seen at once through the webhook (the interval is an hour).
     let c2 = commit_interval(w, 55);
     git(w, &["push", "--quiet", remote.to_str().unwrap(), "HEAD:refs/heads/main"]);
     assert_eq!(d.post("/api/v1/webhook/git", &[], b"{\"ref\":\"refs/heads/main\"}").0, 202);
     d.wait_all("Synced", &c2);
-    assert!(
-        std::fs::read_to_string(state.join("live/isp/tenant-123.isp_config.yaml"))
-            .unwrap()
-            .contains("sync_interval_minutes: 55")
-    );
+    assert!(live_entry(&state, "tenant-123/isp.config").unwrap().contains("sync_interval_minutes: 55"));
     let (code, log) = d.stop();
     assert_eq!(code, 0, "{log}");
     assert!(!log.contains("file-urls-ignore-it"));
@@ -637,11 +637,9 @@ fn a_self_heal_that_keeps_being_undone_stops_and_says_so() {
     let d = Daemon::start(r, &["--auto-apply", "--interval", "1s"], &[]);
     d.wait_all("Synced", &c);
     // Something else (another controller, a person) keeps changing the ISP configuration back.
-    let live = isp_file(r, "tenant-123");
     let undo = || {
-        let text = std::fs::read_to_string(&live).unwrap();
-        if text.contains("sync_interval_minutes: 15") {
-            std::fs::write(&live, text.replace("sync_interval_minutes: 15", "sync_interval_minutes: 99")).unwrap();
+        if isp_config(r, "tenant-123").unwrap().contains("sync_interval_minutes: 15") {
+            edit_isp(r, "tenant-123", "sync_interval_minutes: 15", "sync_interval_minutes: 99");
         }
     };
     let t = d.wait_tenant("tenant-123", "self-heal stopped", |t| {
@@ -661,11 +659,11 @@ fn a_self_heal_that_keeps_being_undone_stops_and_says_so() {
             .is_some_and(|h| h["event"] == "not applied" && h["count"].as_u64() >= Some(3))
     });
     assert_eq!(d.metric("dotmac_drift_healed_total"), healed);
-    assert!(std::fs::read_to_string(&live).unwrap().contains("sync_interval_minutes: 99"));
+    assert!(isp_config(r, "tenant-123").unwrap().contains("sync_interval_minutes: 99"));
     // An operator asks for it again: it heals.
     assert_eq!(d.post("/api/v1/tenants/tenant-123/reconcile", &[], b"").0, 202);
     d.wait_tenant("tenant-123", "healed on request", |t| t["status"] == "Synced" && t["heal_stopped"] == false);
-    assert!(std::fs::read_to_string(&live).unwrap().contains("sync_interval_minutes: 15"));
+    assert!(isp_config(r, "tenant-123").unwrap().contains("sync_interval_minutes: 15"));
     assert_eq!(d.post("/api/v1/tenants/nobody/reconcile", &[], b"").0, 404);
     assert_eq!(d.stop().0, 0);
 }
@@ -677,12 +675,11 @@ fn a_tenant_removed_from_the_repository_is_deleted_only_with_allow_delete() {
     assert_eq!(apply_cli(r, &[]).code, 0);
     std::fs::remove_dir_all(r.join("tenants/pampas-telecom")).unwrap();
     let c2 = git_commit_all(r, "pampas-telecom leaves");
-    let live = isp_file(r, "pampas-telecom");
     let d = Daemon::start(r, &["--auto-apply", "--interval", "1s"], &[]);
     let t =
         d.wait_tenant("pampas-telecom", "deletion held", |t| t["status"] == "OutOfSync" && !t["last_error"].is_null());
     assert!(t["last_error"].as_str().unwrap().contains("--allow-delete"), "{t:#}");
-    assert!(live.exists());
+    assert!(isp_config(r, "pampas-telecom").is_some());
     assert_eq!(d.stop().0, 0);
 
     let d = Daemon::start(r, &["--auto-apply", "--allow-delete", "--interval", "1s"], &[]);
@@ -691,7 +688,7 @@ fn a_tenant_removed_from_the_repository_is_deleted_only_with_allow_delete() {
         let ts = s["tenants"].as_array().unwrap();
         (ts.len() == 4 && ts.iter().all(|t| t["status"] == "Synced" && t["revision"] == c2)).then_some(())
     });
-    assert!(!live.exists());
+    assert!(isp_config(r, "pampas-telecom").is_none());
     assert_eq!(d.get("/api/v1/tenants/pampas-telecom").0, 404);
     assert_eq!(d.stop().0, 0);
     assert_eq!(run(&["plan", "--detailed-exitcode"], r).code, 0);

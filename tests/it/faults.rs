@@ -35,18 +35,23 @@ fn by_tenant(plan: &Value) -> BTreeMap<String, BTreeSet<(String, String)>> {
 /// Makes a tenant's local secrets look written `days` ago (their versions are unchanged, so
 /// this is not drift): generated ones are then due for rotation.
 pub fn age_secrets(repo: &Path, tenant: &str, days: i64) {
-    let path = repo.join(format!(".dotmac/live/secrets/{tenant}.secrets.json"));
-    let mut file: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let state = repo.join(".dotmac");
     let now: jiff::Timestamp = NOW.parse().unwrap();
     let then = now.checked_sub(jiff::SignedDuration::from_hours(days * 24)).unwrap().to_string();
-    for (_, s) in file["secrets"].as_object_mut().unwrap() {
+    let secrets: Vec<String> = live_addresses(&state, dotmac_gitops::model::ProviderId::Secrets, tenant)
+        .into_iter()
+        .filter(|a| a.contains("/openbao.secret["))
+        .collect();
+    assert!(!secrets.is_empty(), "{tenant} has no local secrets");
+    for address in secrets {
+        let mut s: Value = serde_json::from_str(&live_entry(&state, &address).unwrap()).unwrap();
         s["updated"] = Value::String(then.clone());
         s["created"] = Value::String(then.clone());
         for v in s["versions"].as_array_mut().unwrap() {
             v["created"] = Value::String(then.clone());
         }
+        set_live(&state, &address, Some(&(serde_json::to_string_pretty(&s).unwrap() + "\n")));
     }
-    std::fs::write(&path, serde_json::to_string_pretty(&file).unwrap()).unwrap();
 }
 
 /// The changes every sweep applies, on an example repository already applied.

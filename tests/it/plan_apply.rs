@@ -84,8 +84,9 @@ fn the_whole_sequence_on_the_example_repository() {
     edit(&r.join("tenants/tenant-123/tenant.yaml"), "sync_interval_minutes: 20", "sync_interval_minutes: 25");
     let out = dm(r, &["plan", "--out", plan_file.to_str().unwrap(), "--now", NOW]);
     assert_eq!(out.code, 0);
-    let live_isp = r.join(".dotmac/live/isp/tenant-123.isp_config.yaml");
-    edit(&live_isp, "level: info", "level: debug");
+    // By hand, in the tenant's shard file of the local ISP store.
+    let state = r.join(".dotmac");
+    edit_live(&state, "tenant-123/isp.config", "level: info", "level: debug");
     let out = dm(r, &["apply", plan_file.to_str().unwrap()]);
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("live state moved: tenant-123/isp.config changed"), "{}", out.stderr);
@@ -100,7 +101,7 @@ fn the_whole_sequence_on_the_example_repository() {
     assert!(out.stdout.contains("tenant-123/isp.config changed"), "{}", out.stdout);
     let out = dm(r, &["apply", "--auto-approve", "--now", NOW]);
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-    assert!(std::fs::read_to_string(&live_isp).unwrap().contains("level: info"));
+    assert!(live_entry(&state, "tenant-123/isp.config").unwrap().contains("level: info"));
     assert_eq!(dm(r, &["drift", "--detailed-exitcode"]).code, 0);
     assert_eq!(dm(r, &["plan", "--detailed-exitcode", "--now", NOW]).code, 0);
 
@@ -114,10 +115,10 @@ fn the_whole_sequence_on_the_example_repository() {
     let out = dm(r, &["apply", "--auto-approve", "--now", NOW]);
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("pass --allow-delete"), "{}", out.stderr);
-    assert!(r.join(".dotmac/live/management/bluesky-net.tenant.yaml").exists(), "nothing was deleted");
+    assert!(live_entry(&state, "bluesky-net/management.tenant").is_some(), "nothing was deleted");
     let out = dm(r, &["apply", "--auto-approve", "--allow-delete", "--now", NOW]);
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-    assert!(!r.join(".dotmac/live/management/bluesky-net.tenant.yaml").exists());
+    assert!(live_entry(&state, "bluesky-net/management.tenant").is_none());
     assert_eq!(dm(r, &["plan", "--detailed-exitcode", "--now", NOW]).code, 0);
 
     // The audit log holds every change applied.
@@ -151,14 +152,14 @@ fn a_failure_mid_apply_rolls_the_tenant_back_and_leaves_state_consistent() {
     assert_eq!(dm(r, &["apply", "--auto-approve", "--now", NOW]).code, 0);
     edit(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
     edit(&r.join("tenants/northwind-isp/tenant.yaml"), "name: Northwind Broadband", "name: Northwind Two");
-    let before_mgmt = std::fs::read_to_string(r.join(".dotmac/live/management/tenant-123.tenant.yaml")).unwrap();
+    let before_mgmt = live_entry(&r.join(".dotmac"), "tenant-123/management.tenant").unwrap();
     // tenant-123 is applied management first: its management write succeeds, then the ISP
     // write fails. Every ISP write fails, so both tenants fail and are rolled back.
     let out = run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "isp:put:*")]);
     assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
     assert!(out.stderr.contains("failed: northwind-isp (rolled back)"), "{}", out.stderr);
     assert!(out.stderr.contains("failed: tenant-123 (rolled back)"), "{}", out.stderr);
-    assert_eq!(std::fs::read_to_string(r.join(".dotmac/live/management/tenant-123.tenant.yaml")).unwrap(), before_mgmt);
+    assert_eq!(live_entry(&r.join(".dotmac"), "tenant-123/management.tenant").unwrap(), before_mgmt);
     // State matches live: the next plan shows the same changes again, and no drift.
     let p = plan_json(r);
     assert_eq!(p["summary"]["drift"], 0, "{p}");
@@ -177,9 +178,10 @@ fn a_failure_mid_apply_rolls_the_tenant_back_and_leaves_state_consistent() {
 fn an_apply_killed_mid_way_or_before_its_writes_are_durable_heals_on_the_next_plan() {
     let repo = example_repo();
     let r = repo.path();
-    let live = r.join(".dotmac/live/management/tenant-123.tenant.yaml");
-    // Killed right after its first write: the journal stays, and the next plan adopts the
-    // write it finds done instead of calling it drift.
+    let state = r.join(".dotmac");
+    // Killed right after its first write (which the local store had not flushed, so it is
+    // lost with the process): the journal stays, and the next plan neither calls anything
+    // drift nor misses the write.
     let out = run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "management:put:1:kill")]);
     assert_ne!(out.code, 0, "{}{}", out.stdout, out.stderr);
     let p = plan_json(r);
@@ -187,24 +189,29 @@ fn an_apply_killed_mid_way_or_before_its_writes_are_durable_heals_on_the_next_pl
     assert_eq!(dm(r, &["apply", "--auto-approve", "--now", NOW]).code, 0);
     assert_eq!(dm(r, &["plan", "--detailed-exitcode", "--now", NOW]).code, 0);
 
-    // Killed after recording but before the final flush, then a power loss takes the
-    // renamed file back to what it was: the record says "renamed", live says otherwise, and
-    // the journal says an apply was writing it, so it is applied again, not drift.
-    let before = std::fs::read_to_string(&live).unwrap();
+    // Killed after recording but before the final flush: the local store's writes die with
+    // the process (as a power loss would take them). The record says "renamed", live says
+    // otherwise, and the journal says an apply was writing it, so it is applied again, not
+    // drift.
+    let before = live_entry(&state, "tenant-123/management.tenant").unwrap();
     edit(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
     let out =
         run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "management:flush:1:kill-before")]);
     assert_ne!(out.code, 0, "{}{}", out.stdout, out.stderr);
-    assert_ne!(std::fs::read_to_string(&live).unwrap(), before, "the write happened");
-    std::fs::write(&live, &before).unwrap();
+    assert_eq!(live_entry(&state, "tenant-123/management.tenant").unwrap(), before, "nothing was made durable");
     let p = plan_json(r);
     assert_eq!(p["summary"]["drift"], 0, "{p}");
-    assert_eq!(changed_addresses(&p), vec!["tenant-123/management.tenant"], "{p}");
-    let reason = p["changes"].as_array().unwrap().iter().find(|c| c["action"] == "update").unwrap()["reason"].clone();
-    assert!(reason.as_str().unwrap().contains("interrupted apply"), "{reason}");
+    // The management store is flushed first, so the ISP and Kubernetes writes died unflushed
+    // too: all three are applied again.
+    let again =
+        ["tenant-123/management.tenant", "tenant-123/isp.config", "tenant-123/kubernetes.Deployment[isp-framework]"];
+    assert_eq!(changed_addresses(&p), again, "{p}");
+    for c in p["changes"].as_array().unwrap() {
+        assert!(c["reason"].as_str().unwrap().contains("interrupted apply"), "{c}");
+    }
     assert_eq!(dm(r, &["apply", "--auto-approve", "--now", NOW]).code, 0);
     assert_eq!(dm(r, &["plan", "--detailed-exitcode", "--now", NOW]).code, 0);
-    assert!(std::fs::read_to_string(&live).unwrap().contains("Demo ISP Renamed"));
+    assert!(live_entry(&state, "tenant-123/management.tenant").unwrap().contains("Demo ISP Renamed"));
 }
 
 #[test]

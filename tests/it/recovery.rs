@@ -109,14 +109,14 @@ fn regression_a_write_adopted_from_the_journal_is_recorded_so_later_drift_shows(
     let repo = example_repo();
     let r = repo.path();
     assert_eq!(apply_at(r, NOW, "").code, 0);
-    let live = r.join(".dotmac/live/isp/tenant-123.isp_config.yaml");
-    let before = std::fs::read_to_string(&live).unwrap();
+    let state = r.join(".dotmac");
+    let before = live_entry(&state, "tenant-123/isp.config").unwrap();
     edit_file(&r.join("tenants/tenant-123/tenant.yaml"), "sync_interval_minutes: 15", "sync_interval_minutes: 20");
     // ISP configuration written, then the crash: only the Deployment is left to do.
     killed(r, NOW, "isp:put:1:kill");
     converges(r);
     // Someone puts the old configuration back by hand: that is drift, and must say so.
-    std::fs::write(&live, before).unwrap();
+    set_live(&state, "tenant-123/isp.config", Some(&before));
     let plan = plan_json(r, NOW);
     let c = change(&plan, "tenant-123/isp.config").expect("the edit is seen");
     assert_eq!(c["drift"], true, "{c:#}");
@@ -143,8 +143,8 @@ fn regression_a_write_whose_answer_was_lost_is_rolled_back_too() {
     let repo = example_repo();
     let r = repo.path();
     assert_eq!(apply_at(r, NOW, "").code, 0);
-    let record = r.join(".dotmac/live/management/tenant-123.tenant.yaml");
-    let before = std::fs::read_to_string(&record).unwrap();
+    let state = r.join(".dotmac");
+    let before = live_entry(&state, "tenant-123/management.tenant").unwrap();
     edit_file(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
     // The management write is done, then reported failed: the tenant is rolled back, that
     // write included.
@@ -152,7 +152,7 @@ fn regression_a_write_whose_answer_was_lost_is_rolled_back_too() {
     assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
     assert!(out.stderr.contains("(it was done nevertheless)"), "{}", out.stderr);
     assert!(out.stderr.contains("failed: tenant-123 (rolled back)"), "{}", out.stderr);
-    assert_eq!(std::fs::read_to_string(&record).unwrap(), before);
+    assert_eq!(live_entry(&state, "tenant-123/management.tenant").unwrap(), before);
     assert_eq!(drifted(&plan_json(r, NOW)), Vec::<String>::new());
     converges(r);
 }

@@ -192,7 +192,7 @@ fn planted_secret_values_never_appear_in_anything_the_engine_writes() {
     ev.output("stale apply", &run_env(&["apply", pf], r, &trace));
     let lost = [("DOTMAC_LOG", "trace"), ("DOTMAC_FAULTS", "secrets:put:1:lost")];
     ev.output("lost answer", &run_env(&["rotate", "--tenant", "tenant-123", "-vvv"], r, &lost));
-    let secrets_file = r.join(".dotmac/live/secrets/tenant-123.secrets.json");
+    let secrets_file = live_file(&r.join(".dotmac"), "tenant-123/openbao.secret[database/password]");
     let intact = std::fs::read(&secrets_file).unwrap();
     std::fs::write(&secrets_file, &intact[..intact.len() / 2]).unwrap();
     ev.output("damaged store", &run_env(&["apply", "--auto-approve", "--now", NOW, "-vvv"], r, &trace));

@@ -247,3 +247,94 @@ pub fn edit_file(path: &Path, from: &str, to: &str) {
     assert!(text.contains(from), "{} has no `{from}`", path.display());
     std::fs::write(path, text.replacen(from, to, 1)).unwrap();
 }
+
+/// The file of a local store that holds `address` (`tenant-123/isp.config`), under a state
+/// folder (`<repo>/.dotmac`): the tenant's shard of the address's provider.
+pub fn live_file(state_dir: &Path, address: &str) -> PathBuf {
+    let a = dotmac_gitops::model::Address::parse(address).unwrap_or_else(|| panic!("`{address}` is not an address"));
+    dotmac_gitops::providers::local::shard_path(state_dir, a.provider(), &a.tenant)
+}
+
+/// Where the entry for `address` is in a shard file's text: its header line and its
+/// content lines (up to the next header), and whether the header says `(no final newline)`.
+/// Read the way a person reads the file, not through the store's code.
+fn find_entry(text: &str, address: &str) -> Option<(std::ops::Range<usize>, bool)> {
+    let plain = format!("=== {address}\n");
+    let no_eol = format!("=== {address} (no final newline)\n");
+    let mut pos = 0;
+    let mut found: Option<(usize, bool)> = None;
+    for line in text.split_inclusive('\n') {
+        if let Some((start, eol)) = found {
+            if line.starts_with("=== ") {
+                return Some((start..pos, eol));
+            }
+        } else if line == plain || line == no_eol {
+            found = Some((pos, line == no_eol));
+        }
+        pos += line.len();
+    }
+    found.map(|(start, eol)| (start..text.len(), eol))
+}
+
+/// The content of `address`'s entry in its shard file (indentation removed), if there is one.
+pub fn live_entry(state_dir: &Path, address: &str) -> Option<String> {
+    let text = std::fs::read_to_string(live_file(state_dir, address)).ok()?;
+    let (range, no_eol) = find_entry(&text, address)?;
+    let body = text[range].split_once('\n').map_or("", |(_, b)| b);
+    let mut content: String =
+        body.split_inclusive('\n').map(|l| if l == "\n" { l } else { l.strip_prefix("  ").unwrap() }).collect();
+    if no_eol {
+        content.pop();
+    }
+    Some(content)
+}
+
+/// Edits `address`'s entry in its shard file by hand, as a person would (an out-of-band
+/// change): replaces `from` by `to` in the entry's content (first occurrence), writing the
+/// lines back indented; the rest of the file is untouched.
+pub fn edit_live(state_dir: &Path, address: &str, from: &str, to: &str) {
+    let content = live_entry(state_dir, address)
+        .unwrap_or_else(|| panic!("no entry for {address} in {}", live_file(state_dir, address).display()));
+    assert!(content.contains(from), "{address} has no `{from}`:\n{content}");
+    set_live(state_dir, address, Some(&content.replacen(from, to, 1)));
+}
+
+/// Replaces `address`'s entry by one holding `content`, or removes it (`None`), by hand.
+pub fn set_live(state_dir: &Path, address: &str, content: Option<&str>) {
+    let path = live_file(state_dir, address);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let Some((range, _)) = find_entry(&text, address) else { panic!("no entry for {address} in {}", path.display()) };
+    let mut entry = String::new();
+    if let Some(c) = content {
+        let (body, no_eol) = match c.strip_suffix('\n') {
+            Some(b) => (Some(b), false),
+            None => ((!c.is_empty()).then_some(c), !c.is_empty()),
+        };
+        entry = format!("=== {address}{}\n", if no_eol { " (no final newline)" } else { "" });
+        for line in body.into_iter().flat_map(|b| b.split('\n')) {
+            if !line.is_empty() {
+                entry.push_str("  ");
+                entry.push_str(line);
+            }
+            entry.push('\n');
+        }
+    }
+    // Through a rename, as many editors save: a daemon reading beside the test never sees
+    // half a file.
+    let tmp = path.with_extension("edit");
+    std::fs::write(&tmp, format!("{}{entry}{}", &text[..range.start], &text[range.end..])).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+/// The addresses of `tenant`'s entries in its shard file of a local store, in file order.
+pub fn live_addresses(state_dir: &Path, provider: dotmac_gitops::model::ProviderId, tenant: &str) -> Vec<String> {
+    let path = dotmac_gitops::providers::local::shard_path(state_dir, provider, tenant);
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mine = format!("{tenant}/");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("=== "))
+        .map(|a| a.strip_suffix(" (no final newline)").unwrap_or(a))
+        .filter(|a| a.starts_with(&mine))
+        .map(str::to_owned)
+        .collect()
+}

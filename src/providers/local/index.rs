@@ -1,18 +1,18 @@
-//! A stat cache for a local store, like git's index: for every live file, the `stat` data
-//! it had when it was last read or written, and the resources (fingerprints, secret
-//! metadata) it held. Listing a store then costs one `stat` per file instead of reading and
-//! parsing it; a file whose `stat` changed, or whose mtime is not older than the index file
-//! itself (git's "racily clean" rule), is read again.
+//! The cache beside a store's shard files (`.index`), like git's index: for every shard, the
+//! `stat` data its file had when it was last read or written, and for every entry in it the
+//! address, the byte range, a SHA-256 of the entry's bytes, the fingerprint and (secrets) the
+//! metadata. A `list` then costs one `stat` per shard instead of reading and parsing it; a
+//! shard whose `stat` changed, or whose mtime is not older than the index file itself (git's
+//! "racily clean" rule), is read again, and only its entries whose bytes changed are parsed.
 //!
 //! The index is a cache: losing it, or a stale one, costs time, never correctness.
 
 use crate::model::SecretMeta;
-use rustc_hash::FxHashMap as HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"DMIDX001";
+const MAGIC: &[u8; 8] = b"DMLIDX02";
 
 /// The `stat` data that says a file is unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,123 +24,142 @@ pub struct Stamp {
 }
 
 impl Stamp {
+    pub const ZERO: Stamp = Stamp { mtime: 0, mtime_ns: 0, size: 0, ino: 0 };
+
     pub fn of(m: &std::fs::Metadata) -> Stamp {
         Stamp { mtime: m.mtime(), mtime_ns: m.mtime_nsec(), size: m.size(), ino: m.ino() }
     }
-    fn nanos(&self) -> i128 {
+    pub fn nanos(&self) -> i128 {
         i128::from(self.mtime) * 1_000_000_000 + i128::from(self.mtime_ns)
     }
 }
 
-/// One resource a file holds.
+/// One entry as the index remembers it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Held {
-    /// The address without its tenant prefix (`isp.config`, `openbao.secret[db]`).
-    pub local: String,
+pub struct CachedEntry {
+    pub address: String,
+    pub start: usize,
+    pub end: usize,
+    pub hash: [u8; 32],
     pub fingerprint: String,
     pub meta: Option<SecretMeta>,
 }
 
-#[derive(Debug, Clone)]
-pub struct Entry {
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedShard {
+    pub shard: usize,
     pub stamp: Stamp,
-    pub held: Vec<Held>,
+    pub entries: Vec<CachedEntry>,
 }
 
-#[derive(Debug, Default)]
-pub struct Index {
-    pub entries: HashMap<String, Entry>,
-    /// The index file's mtime when it was loaded (nanoseconds); entries not older are re-read.
-    written: i128,
-    pub dirty: bool,
+/// An index as loaded: its shards, and the index file's mtime (nanoseconds), against which
+/// the racily clean rule judges them.
+#[derive(Debug)]
+pub struct Loaded {
+    pub shards: Vec<CachedShard>,
+    pub written: i128,
 }
 
-impl Index {
-    /// The entry for `name` if it still describes the file with `stamp`.
-    pub fn valid(&self, name: &str, stamp: &Stamp) -> Option<&Entry> {
-        let e = self.entries.get(name)?;
-        (e.stamp == *stamp && stamp.nanos() < self.written).then_some(e)
-    }
-
-    pub fn record(&mut self, name: String, entry: Entry) {
-        self.entries.insert(name, entry);
-        self.dirty = true;
-    }
-
-    pub fn forget(&mut self, name: &str) {
-        if self.entries.remove(name).is_some() {
-            self.dirty = true;
-        }
-    }
-
-    pub fn path(dir: &Path) -> PathBuf {
-        dir.join(".index")
-    }
-
-    /// Loads the index of a store folder; an absent or unreadable one is empty.
-    pub fn load(dir: &Path) -> Index {
-        let path = Self::path(dir);
-        let Ok(mut f) = std::fs::File::open(&path) else { return Index::default() };
-        let Ok(meta) = f.metadata() else { return Index::default() };
-        let mut bytes = Vec::with_capacity(meta.size() as usize);
-        if f.read_to_end(&mut bytes).is_err() {
-            return Index::default();
-        }
-        match decode(&bytes) {
-            Some(entries) => Index { entries, written: Stamp::of(&meta).nanos(), dirty: false },
-            None => Index::default(),
-        }
-    }
-
-    /// Writes the index (atomically) if it changed.
-    pub fn save(&mut self, dir: &Path) -> std::io::Result<()> {
-        if !self.dirty {
-            return Ok(());
-        }
-        let bytes = encode(&self.entries);
-        let tmp = dir.join(format!(".index.{}.tmp", std::process::id()));
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-        }
-        std::fs::rename(&tmp, Self::path(dir))?;
-        self.dirty = false;
-        Ok(())
-    }
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(".index")
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
+/// Loads the index of a store folder; `None` if absent, unreadable or of another version.
+pub fn load(dir: &Path) -> Option<Loaded> {
+    let mut f = std::fs::File::open(path(dir)).ok()?;
+    let meta = f.metadata().ok()?;
+    let mut bytes = Vec::with_capacity(meta.size() as usize);
+    f.read_to_end(&mut bytes).ok()?;
+    Some(Loaded { shards: decode(&bytes)?, written: Stamp::of(&meta).nanos() })
 }
 
-fn encode(entries: &HashMap<String, Entry>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(entries.len() * 160);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    for (name, e) in entries {
-        put_str(&mut out, name);
-        out.extend_from_slice(&e.stamp.mtime.to_le_bytes());
-        out.extend_from_slice(&e.stamp.mtime_ns.to_le_bytes());
-        out.extend_from_slice(&e.stamp.size.to_le_bytes());
-        out.extend_from_slice(&e.stamp.ino.to_le_bytes());
-        out.extend_from_slice(&(e.held.len() as u32).to_le_bytes());
-        for h in &e.held {
-            put_str(&mut out, &h.local);
-            put_str(&mut out, &h.fingerprint);
-            match &h.meta {
+/// The encoded index, one shard at a time.
+#[derive(Default)]
+pub struct Writer {
+    out: Vec<u8>,
+    shards: u32,
+    /// The newest mtime of the shards written in (nanoseconds).
+    newest: i128,
+}
+
+impl Writer {
+    pub fn shard<'a>(&mut self, shard: usize, stamp: &Stamp, entries: impl ExactSizeIterator<Item = Cached<'a>>) {
+        self.shards += 1;
+        self.newest = self.newest.max(stamp.nanos());
+        let out = &mut self.out;
+        out.push(shard as u8);
+        out.extend_from_slice(&stamp.mtime.to_le_bytes());
+        out.extend_from_slice(&stamp.mtime_ns.to_le_bytes());
+        out.extend_from_slice(&stamp.size.to_le_bytes());
+        out.extend_from_slice(&stamp.ino.to_le_bytes());
+        out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+        for e in entries {
+            put_str(out, e.address);
+            out.extend_from_slice(&(e.start as u64).to_le_bytes());
+            out.extend_from_slice(&(e.end as u64).to_le_bytes());
+            out.extend_from_slice(e.hash);
+            // Most fingerprints are `sha256:` and 64 hex digits: kept as 32 bytes.
+            match e.fingerprint.strip_prefix("sha256:").and_then(super::unhex).filter(|d| d.len() == 32) {
+                Some(digest) => {
+                    out.push(1);
+                    out.extend_from_slice(&digest);
+                }
+                None => {
+                    out.push(0);
+                    put_str(out, e.fingerprint);
+                }
+            }
+            match e.meta {
                 None => out.push(0),
                 Some(m) => {
                     out.push(1);
                     out.extend_from_slice(&m.version.to_le_bytes());
-                    put_str(&mut out, &m.updated);
-                    put_str(&mut out, &m.created);
+                    put_str(out, &m.updated);
+                    put_str(out, &m.created);
                     out.push(u8::from(m.deleted) | (u8::from(m.placeholder) << 1));
                 }
             }
         }
     }
-    out
+
+    /// Writes the index (through a temp file and a rename) and returns its mtime, which is
+    /// made later than every shard's: a shard written just before is then trusted by the next
+    /// run instead of being read again as "racily clean".
+    pub fn save(self, dir: &Path) -> std::io::Result<i128> {
+        let tmp = dir.join(format!(".index.{}.tmp", std::process::id()));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(MAGIC)?;
+        f.write_all(&self.shards.to_le_bytes())?;
+        f.write_all(&self.out)?;
+        let mut written = Stamp::of(&f.metadata()?).nanos();
+        // File times come from a clock that ticks every few milliseconds: wait out the tick.
+        for _ in 0..50 {
+            if written > self.newest {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            f.set_modified(std::time::SystemTime::now())?;
+            written = Stamp::of(&f.metadata()?).nanos();
+        }
+        drop(f);
+        std::fs::rename(&tmp, path(dir))?;
+        Ok(written)
+    }
+}
+
+/// An entry as it goes into the index (borrowed from the store's image).
+pub struct Cached<'a> {
+    pub address: &'a str,
+    pub start: usize,
+    pub end: usize,
+    pub hash: &'a [u8; 32],
+    pub fingerprint: &'a str,
+    pub meta: Option<&'a SecretMeta>,
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
 }
 
 struct Reader<'a> {
@@ -172,21 +191,27 @@ impl Reader<'_> {
     }
 }
 
-fn decode(b: &[u8]) -> Option<HashMap<String, Entry>> {
+fn decode(b: &[u8]) -> Option<Vec<CachedShard>> {
     let mut r = Reader { b, at: 0 };
     if r.take(8)? != MAGIC {
         return None;
     }
     let n = r.u32()? as usize;
-    let mut entries = HashMap::with_capacity_and_hasher(n.min(1 << 24), Default::default());
+    let mut shards = Vec::with_capacity(n.min(super::shard::SHARDS));
     for _ in 0..n {
-        let name = r.str()?;
+        let shard = usize::from(r.u8()?);
         let stamp = Stamp { mtime: r.i64()?, mtime_ns: r.i64()?, size: r.u64()?, ino: r.u64()? };
         let k = r.u32()? as usize;
-        let mut held = Vec::with_capacity(k.min(4096));
+        let mut entries = Vec::with_capacity(k.min(1 << 20));
         for _ in 0..k {
-            let local = r.str()?;
-            let fingerprint = r.str()?;
+            let address = r.str()?;
+            let start = usize::try_from(r.u64()?).ok()?;
+            let end = usize::try_from(r.u64()?).ok()?;
+            let hash: [u8; 32] = r.take(32)?.try_into().ok()?;
+            let fingerprint = match r.u8()? {
+                1 => format!("sha256:{}", super::hex(r.take(32)?)),
+                _ => r.str()?,
+            };
             let meta = match r.u8()? {
                 0 => None,
                 _ => {
@@ -197,11 +222,11 @@ fn decode(b: &[u8]) -> Option<HashMap<String, Entry>> {
                     Some(SecretMeta { version, updated, created, deleted: flags & 1 != 0, placeholder: flags & 2 != 0 })
                 }
             };
-            held.push(Held { local, fingerprint, meta });
+            entries.push(CachedEntry { address, start, end, hash, fingerprint, meta });
         }
-        entries.insert(name, Entry { stamp, held });
+        shards.push(CachedShard { shard, stamp, entries });
     }
-    (r.at == b.len()).then_some(entries)
+    (r.at == b.len()).then_some(shards)
 }
 
 #[cfg(test)]
@@ -209,38 +234,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_trips_and_judges_staleness() {
+    fn round_trips_and_is_newer_than_its_shards() {
         let d = tempfile::tempdir().unwrap();
-        let mut idx = Index::default();
-        let stamp = Stamp { mtime: 1, mtime_ns: 5, size: 10, ino: 7 };
-        idx.record(
-            "t1.secrets.json".into(),
-            Entry {
-                stamp,
-                held: vec![Held {
-                    local: "openbao.secret[db]".into(),
-                    fingerprint: "v2".into(),
-                    meta: Some(SecretMeta {
-                        version: 2,
-                        updated: "u".into(),
-                        created: "c".into(),
-                        deleted: false,
-                        placeholder: true,
-                    }),
-                }],
+        let shard_file = d.path().join("03.live");
+        std::fs::write(&shard_file, b"x").unwrap();
+        let stamp = Stamp::of(&std::fs::metadata(&shard_file).unwrap());
+        let meta =
+            SecretMeta { version: 2, updated: "u".into(), created: "c".into(), deleted: false, placeholder: true };
+        let sha = format!("sha256:{}", "ab".repeat(32));
+        let mut w = Writer::default();
+        let entries = [
+            Cached {
+                address: "t1/openbao.secret[db]",
+                start: 0,
+                end: 10,
+                hash: &[7; 32],
+                fingerprint: "v2",
+                meta: Some(&meta),
             },
-        );
-        idx.save(d.path()).unwrap();
-        let back = Index::load(d.path());
-        let e = back.valid("t1.secrets.json", &stamp).expect("valid: older than the index file");
-        assert!(e.held[0].meta.as_ref().unwrap().placeholder);
-        assert!(back.valid("t1.secrets.json", &Stamp { size: 11, ..stamp }).is_none());
-        // a file modified as late as the index was written is not trusted
-        let late = Stamp { mtime: i64::MAX / 2_000_000_000, ..stamp };
-        let mut idx2 = back;
-        idx2.record("x".into(), Entry { stamp: late, held: vec![] });
-        assert!(idx2.valid("x", &late).is_none());
-        std::fs::write(Index::path(d.path()), b"garbage").unwrap();
-        assert!(Index::load(d.path()).entries.is_empty());
+            Cached {
+                address: "t1/openbao.policy[p]",
+                start: 10,
+                end: 20,
+                hash: &[8; 32],
+                fingerprint: &sha,
+                meta: None,
+            },
+        ];
+        w.shard(3, &stamp, entries.into_iter());
+        let written = w.save(d.path()).unwrap();
+        assert!(written > stamp.nanos(), "the index is newer than the shard it describes");
+        let back = load(d.path()).unwrap();
+        assert_eq!(back.written, written);
+        assert_eq!(back.shards.len(), 1);
+        let s = &back.shards[0];
+        assert_eq!((s.shard, s.stamp), (3, stamp));
+        assert_eq!(s.entries[0].meta.as_ref(), Some(&meta));
+        assert_eq!((s.entries[1].fingerprint.as_str(), s.entries[1].start, s.entries[1].end), (sha.as_str(), 10, 20));
+        assert_eq!(s.entries[1].hash, [8; 32]);
+        std::fs::write(path(d.path()), b"garbage").unwrap();
+        assert!(load(d.path()).is_none());
     }
 }
