@@ -681,8 +681,8 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<S
             continue;
         }
         let addrs: Vec<Address> = mine.iter().map(|(a, _)| a.clone()).collect();
-        let live: HashMap<Address, String> = match providers.get(p).fetch(&addrs) {
-            Ok(l) => l.into_iter().map(|l| (l.address, l.fingerprint)).collect(),
+        let live: HashMap<Address, String> = match providers.get(p).fingerprints(&addrs) {
+            Ok(l) => l.into_iter().collect(),
             Err(e) => {
                 problems.push(format!("could not read {p} back: {e}"));
                 continue;

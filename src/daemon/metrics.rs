@@ -169,6 +169,9 @@ impl Provider for Counted {
     fn fetch(&self, addresses: &[Address]) -> crate::providers::Result<Vec<LiveResource>> {
         self.count("fetch", self.inner.fetch(addresses))
     }
+    fn fingerprints(&self, addresses: &[Address]) -> crate::providers::Result<Vec<(Address, String)>> {
+        self.count("fetch", self.inner.fingerprints(addresses))
+    }
     fn put(
         &self,
         r: &Resource,

@@ -167,6 +167,10 @@ impl Provider for Faulty {
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {
         self.call("fetch", &self.fetches, "batch", || self.inner.fetch(addresses))
     }
+    fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, String)>> {
+        // A read back is a fetch for the fault rules.
+        self.call("fetch", &self.fetches, "batch", || self.inner.fingerprints(addresses))
+    }
     fn put(&self, r: &Resource, secret: Option<&SecretValue>, expect: &Expect) -> Result<LiveResource> {
         self.call("put", &self.puts, &r.address.to_string(), || self.inner.put(r, secret, expect))
     }

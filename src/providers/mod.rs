@@ -130,6 +130,13 @@ pub trait Provider: Send + Sync {
     /// These resources with their content (absent ones are left out).
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>>;
 
+    /// The fingerprints of these resources as live now (absent ones are left out): what
+    /// apply reads back after writing. By default a `fetch`; a store that keeps fingerprints
+    /// answers without reading content again.
+    fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, String)>> {
+        Ok(self.fetch(addresses)?.into_iter().map(|l| (l.address, l.fingerprint)).collect())
+    }
+
     /// Creates or replaces a resource. `secret` carries the value of a generated secret being
     /// written (only for `openbao.secret`). Returns the resource as now live.
     fn put(&self, resource: &Resource, secret: Option<&SecretValue>, expect: &Expect) -> Result<LiveResource>;

@@ -847,6 +847,25 @@ impl Provider for LocalStore {
         Ok(out)
     }
 
+    fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, String)>> {
+        self.ready()?;
+        let mut by_shard: BTreeMap<usize, Vec<&Address>> = BTreeMap::new();
+        for a in addresses {
+            by_shard.entry(self.home(a)?).or_default().push(a);
+        }
+        let mut out = Vec::with_capacity(addresses.len());
+        for (n, wanted) in by_shard {
+            let slot = self.current(n)?;
+            let Some(s) = slot.as_ref() else { continue };
+            for a in wanted {
+                if let Some(e) = s.entries.get(&a.to_string()) {
+                    out.push((a.clone(), e.fingerprint.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {
         let mut by_shard: BTreeMap<usize, Vec<&Address>> = BTreeMap::new();
         for a in addresses {
