@@ -293,9 +293,21 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         return Err(e.context("the changes were applied but could not be recorded in the state store; the next plan re-reads live state and records them"));
     }
     tracing::debug!(elapsed = ?started_at.elapsed(), "durable, journal settled");
-    report.verification = verify(providers, &written_all);
+    let (problems, read_back) = verify(providers, &written_all);
+    report.verification = problems;
     tracing::debug!(elapsed = ?started_at.elapsed(), "read back");
-    match consistency(providers, &written_all) {
+    // What was written and read back unchanged (same fingerprint, so the same content) is
+    // compared as the plan had it; only the other side of a tenant is read again.
+    let known: HashMap<&Address, &Content> = plan
+        .changes
+        .iter()
+        .filter_map(|c| {
+            let written = c.desired_fingerprint.as_deref()?;
+            (read_back.get(&c.address).map(String::as_str) == Some(written))
+                .then_some((&c.address, c.desired.as_ref()?))
+        })
+        .collect();
+    match consistency(providers, &written_all, &known) {
         Ok(differences) => {
             report.verification.extend(differences.iter().map(|d| {
                 format!(
@@ -673,8 +685,11 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<String>, String> {
 }
 
 /// Reads back what was written and compares fingerprints (consistency validation).
-fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<String> {
+/// Reads back what was written: the problems, and each written address's fingerprint as
+/// live now.
+fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> (Vec<String>, HashMap<Address, String>) {
     let mut problems = Vec::new();
+    let mut read_back = HashMap::new();
     for p in ProviderId::ALL {
         let mine: Vec<&(Address, Option<String>)> = written.iter().filter(|(a, _)| a.provider() == p).collect();
         if mine.is_empty() {
@@ -704,8 +719,9 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<S
                 ));
             }
         }
+        read_back.extend(live);
     }
-    problems
+    (problems, read_back)
 }
 
 /// Consistency validation: for every tenant whose management record or ISP configuration
@@ -714,6 +730,7 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> Vec<S
 fn consistency(
     providers: &Providers,
     written: &[(Address, Option<String>)],
+    known: &HashMap<&Address, &Content>,
 ) -> Result<Vec<crate::drift::Difference>, String> {
     use crate::model::ResourceKind;
     let tenants: BTreeSet<&str> = written
@@ -724,9 +741,22 @@ fn consistency(
     if tenants.is_empty() {
         return Ok(Vec::new());
     }
-    let read = |kind: ResourceKind| {
-        let addrs: Vec<Address> = tenants.iter().map(|t| Address::new(t, kind.clone(), None)).collect();
-        providers.get(kind.provider()).fetch(&addrs)
+    // Each side: the content the plan wrote where it was read back unchanged, else fetched.
+    let read = |kind: ResourceKind| -> crate::providers::Result<Vec<(Address, Content)>> {
+        let mut have = Vec::new();
+        let mut fetch = Vec::new();
+        for t in &tenants {
+            let a = Address::new(t, kind.clone(), None);
+            match known.get(&a) {
+                Some(c) => have.push((a, (*c).clone())),
+                None => fetch.push(a),
+            }
+        }
+        if !fetch.is_empty() {
+            let fetched = providers.get(kind.provider()).fetch(&fetch)?;
+            have.extend(fetched.into_iter().filter_map(|l| Some((l.address, l.content?))));
+        }
+        Ok(have)
     };
     let (mgmt, isp) = match (read(ResourceKind::ManagementTenant), read(ResourceKind::IspConfig)) {
         (Ok(m), Ok(i)) => (m, i),
@@ -734,16 +764,16 @@ fn consistency(
     };
     let isp: HashMap<&str, &str> = isp
         .iter()
-        .filter_map(|l| match &l.content {
-            Some(Content::Text(t)) => Some((l.address.tenant.as_str(), t.as_str())),
+        .filter_map(|(a, c)| match c {
+            Content::Text(t) => Some((a.tenant.as_str(), t.as_str())),
             _ => None,
         })
         .collect();
     use rayon::prelude::*;
     Ok(mgmt
         .par_iter()
-        .flat_map_iter(|m| match (&m.content, isp.get(m.address.tenant.as_str())) {
-            (Some(Content::Json(record)), Some(text)) => crate::drift::consistency(&m.address.tenant, record, text),
+        .flat_map_iter(|(a, c)| match (c, isp.get(a.tenant.as_str())) {
+            (Content::Json(record), Some(text)) => crate::drift::consistency(&a.tenant, record, text),
             _ => Vec::new(),
         })
         .collect())

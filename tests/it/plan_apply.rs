@@ -314,3 +314,43 @@ fn a_generated_repository_plans_applies_and_replans_empty() {
     let out = dm(r, &["plan", "--detailed-exitcode", "--now", NOW]);
     assert_eq!(out.code, 0, "{}", out.stdout);
 }
+
+#[test]
+fn apply_reports_management_and_isp_disagreeing_after_it_wrote_them() {
+    let repo = example_repo();
+    let r = repo.path();
+    // A repository template that prints another plan into the ISP configuration than the
+    // management record holds.
+    let template = std::fs::read_to_string(project().join("templates/isp_config.yaml.j2")).unwrap();
+    assert!(template.contains("  name: {{ plan.name }}"));
+    std::fs::write(
+        r.join("templates/isp_config.yaml.j2"),
+        template.replace("  name: {{ plan.name }}", "  name: basic"),
+    )
+    .unwrap();
+    let out = dm(r, &["apply", "--auto-approve", "--now", NOW]);
+    // Both sides were written (and read back unchanged), so both are compared as written.
+    assert_eq!(out.code, 1, "a disagreement is reported with exit code 1:\n{}", out.stderr);
+    let lines: Vec<&str> =
+        out.stderr.lines().filter(|l| l.contains("management and ISP framework disagree on plan")).collect();
+    assert_eq!(lines.len(), 3, "one per tenant whose plan is not basic:\n{}", out.stderr);
+    assert!(
+        lines.iter().any(|l| l.contains("tenant tenant-123:") && l.contains("\"premium\" vs \"basic\"")),
+        "{lines:?}"
+    );
+
+    // Only the ISP side changes now: the management record is read from the store.
+    let t = std::fs::read_to_string(r.join("templates/isp_config.yaml.j2")).unwrap();
+    std::fs::write(r.join("templates/isp_config.yaml.j2"), t.replace("  name: basic", "  name: enterprise")).unwrap();
+    let plan = plan_json(r);
+    // (The Deployments roll with the configuration's checksum.)
+    assert!(changed_addresses(&plan).iter().all(|a| !a.contains("/management.")), "{plan:#}");
+    let out = dm(r, &["apply", "--auto-approve", "--now", NOW]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.lines().any(|l| l.contains("tenant tenant-123: management and ISP framework disagree on plan")
+            && l.contains("\"premium\" vs \"enterprise\"")),
+        "{}",
+        out.stderr
+    );
+}
