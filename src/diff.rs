@@ -268,22 +268,24 @@ fn diff_secret(
 ) -> (Option<Change>, Option<Violation>) {
     let tenant = address.tenant.as_str();
     let name = spec.name.as_str();
+    // Borrowed: most secrets are unchanged, and nothing is copied for them.
     let meta = live.and_then(|l| match &l.content {
-        Some(Content::SecretMeta(m)) => Some(m.clone()),
+        Some(Content::SecretMeta(m)) => Some(m),
         _ => None,
     });
-    let present = meta.as_ref().is_some_and(|m| !m.deleted);
-    let last_fp = last.map(|l| l.fingerprint.clone());
-    let live_fp = live.map(|l| l.fingerprint.clone());
+    let present = meta.is_some_and(|m| !m.deleted);
+    let last_fp = last.map(|l| l.fingerprint.as_str());
+    let live_fp = live.map(|l| l.fingerprint.as_str());
     // Out of band: the version moved past (or away from) the one last applied.
-    let drift = matches!((&last_fp, &live_fp), (Some(a), Some(b)) if a != b) || (last_fp.is_some() && !present);
+    let drift = matches!((last_fp, live_fp), (Some(a), Some(b)) if a != b) || (last_fp.is_some() && !present);
+    // The age only matters to a rotation interval.
     let age_days = meta
-        .as_ref()
+        .filter(|_| spec.rotation_days.is_some())
         .and_then(|m| m.updated.parse::<Timestamp>().ok())
         .map(|t| (now.as_second() - t.as_second()) / 86_400);
     let overdue = matches!((spec.rotation_days, age_days), (Some(d), Some(a)) if a > i64::from(d));
     let make = |action: Action, risk: Risk, reason: String| {
-        let before = meta.as_ref().map(|m| format!("(sensitive) version {}, written {}", m.version, m.updated));
+        let before = meta.map(|m| format!("(sensitive) version {}, written {}", m.version, m.updated));
         let after = match action {
             Action::Noop => before.clone(),
             Action::Delete => None,
@@ -298,8 +300,8 @@ fn diff_secret(
             reason,
             desired: (action != Action::Delete).then(|| Content::Secret(spec.clone())),
             desired_fingerprint: None,
-            live_fingerprint: live_fp.clone(),
-            last_fingerprint: last_fp.clone(),
+            live_fingerprint: live_fp.map(str::to_owned),
+            last_fingerprint: last_fp.map(str::to_owned),
             before: live.and_then(|l| l.content.clone()),
             fields: Vec::new(),
             diff,

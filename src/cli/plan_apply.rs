@@ -6,7 +6,7 @@ use crate::apply;
 use crate::diff::{Action, Change, Risk};
 use crate::engine::{self, Workspace};
 use crate::load::settings::parse_duration;
-use crate::load::{self, Loaded, Origin, source};
+use crate::load::{self, Origin, source};
 use crate::model::{Address, Content, ResourceKind, SecretSource};
 use crate::plan::{self, Plan};
 use crate::providers::{Providers, TenantScope};
@@ -27,13 +27,6 @@ pub struct Prepared {
     pub revision: Option<String>,
 }
 
-fn revision_of(loaded: &Loaded) -> Option<String> {
-    match &loaded.origin {
-        Origin::Commit(c) => Some(c.clone()),
-        Origin::WorkTree => source::clean_worktree_revision(&loaded.root),
-    }
-}
-
 fn scope_of(tenants: &[String]) -> TenantScope {
     if tenants.is_empty() { TenantScope::All } else { TenantScope::Only(tenants.iter().cloned().collect()) }
 }
@@ -41,7 +34,14 @@ fn scope_of(tenants: &[String]) -> TenantScope {
 /// Opens the repository; with `strict`, any error in it stops here (after printing them).
 pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> Result<Prepared> {
     let root = load::find_root(g.repo.as_deref())?;
-    let ws = Workspace::open(&root, g.rev.as_deref(), now)?;
+    // Whether the work tree is a clean commit (git status, mostly stat calls) is asked while
+    // the repository is read.
+    let (ws, worktree_revision) = std::thread::scope(|s| {
+        let status = g.rev.is_none().then(|| s.spawn(|| source::clean_worktree_revision(&root)));
+        let ws = Workspace::open(&root, g.rev.as_deref(), now);
+        (ws, status.and_then(|h| h.join().ok().flatten()))
+    });
+    let ws = ws?;
     if strict && !ws.diagnostics.is_empty() {
         let mut diags = ws.diagnostics.clone();
         crate::diag::resolve_positions(&mut diags, |p| ws.loaded.text_of(p));
@@ -66,7 +66,10 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> 
         }
     }
     let providers = Providers::from_settings(&ws.settings, &ws.state_dir)?;
-    let revision = revision_of(&ws.loaded);
+    let revision = match &ws.loaded.origin {
+        Origin::Commit(c) => Some(c.clone()),
+        Origin::WorkTree => worktree_revision,
+    };
     Ok(Prepared { ws, providers, state, scope: scope_of(tenants), revision })
 }
 

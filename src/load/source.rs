@@ -483,9 +483,17 @@ pub fn clean_worktree_revision(root: &Path) -> Option<String> {
     let (repo, prefix) = open_git(root).ok()?;
     let head = repo.head().ok()?.peel_to_commit().ok()?;
     let mut opts = git2::StatusOptions::new();
-    opts.include_untracked(true).recurse_untracked_dirs(true).include_ignored(false).exclude_submodules(true);
-    if !prefix.is_empty() {
-        opts.pathspec(&prefix);
+    opts.include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .include_ignored(false)
+        .exclude_submodules(true)
+        .disable_pathspec_match(true);
+    // Only what the engine reads: not `.dotmac/` (untracked live state, unless ignored) or
+    // anything else beside the repository's own files.
+    let under = |p: &str| if prefix.is_empty() { p.to_owned() } else { format!("{prefix}/{p}") };
+    opts.pathspec(under("dotmac.toml"));
+    for top in TOP_DIRS {
+        opts.pathspec(under(top));
     }
     let statuses = repo.statuses(Some(&mut opts)).ok()?;
     let dirty = statuses.iter().any(|s| {
