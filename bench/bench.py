@@ -20,9 +20,9 @@ build of this checkout (under $CARGO_TARGET_DIR if set; built if missing), or --
 test: nothing here asserts a number.
 """
 import argparse
-import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -125,15 +125,19 @@ def bench_size(tenants, runs, change, workdir, peer=True, only=None):
 
     # Plan + apply from empty.
     samples_e, samples_p = [], []
+    resources = None
     for _ in range(runs):
         shutil.rmtree(os.path.join(repo, ".dotmac"), ignore_errors=True)
-        samples_e.append(engine(repo, "apply", "--auto-approve", "--now", NOW)[:2])
+        t, rss, out = engine(repo, "apply", "--auto-approve", "--now", NOW)
+        samples_e.append((t, rss))
+        m = re.search(r"Apply complete: (\d+) changes", out)
+        resources = int(m.group(1)) if m else None
         if peer:
             shutil.rmtree(live, ignore_errors=True)
             samples_p.append(run([sys.executable, PEER, repo, "--live", live, "--apply", "--now", NOW])[:2])
     rows.append(("plan + apply, from empty", median(samples_e), median(samples_p) if peer else None))
     if only == "cold":
-        return rows, rows[0][1][0], None
+        return rows, rows[0][1][0], resources
 
     # No-op plan (the first one after an apply is included in the runs).
     e = median([engine(repo, "plan", "--now", NOW)[:2] for _ in range(runs)])
@@ -152,8 +156,7 @@ def bench_size(tenants, runs, change, workdir, peer=True, only=None):
     e = median([engine(repo, "diff", "--base", base, "--head", head, ok=(0, 2))[:2] for _ in range(runs)])
     rows.append(("diff --base --head, 1 tenant", e, None))
 
-    resources = json.loads(engine(repo, "render", "--format", "json", "--tenant", "tenant-000000")[2])["resources"]
-    return rows, floor_e, len(resources)
+    return rows, floor_e, resources
 
 
 def fmt_s(s):
@@ -192,8 +195,8 @@ def main():
     print(f"engine: {ENGINE}; peer: {peer}; {a.runs} runs, median\n")
     try:
         for n in [a.tenants, *a.also]:
-            rows, floor, per_tenant = bench_size(n, a.runs, a.change, workdir, not a.no_peer, a.only)
-            about = f" (about {n * per_tenant:,} resources)" if per_tenant else ""
+            rows, floor, resources = bench_size(n, a.runs, a.change, workdir, not a.no_peer, a.only)
+            about = f" ({resources:,} resources)" if resources else ""
             print(f"### {n:,} tenants{about}\n")
             print("| measure | engine | peer | ratio | engine peak RSS | peer peak RSS |")
             print("| --- | ---: | ---: | ---: | ---: | ---: |")
