@@ -12,6 +12,7 @@
 //! a tenant that turns out to need a change is rendered again. The cache lives in
 //! `.dotmac/cache/render.bin`; losing it costs time, never correctness.
 
+use crate::binfmt::{Reader, put_str};
 use crate::model::{Address, Charset, Coordination, SecretSource, SecretSpec, Strategy, TenantLabel};
 use std::collections::HashMap;
 use std::io::Write;
@@ -106,11 +107,6 @@ impl RenderCache {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
 fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(units.len() * 1500);
     out.extend_from_slice(MAGIC);
@@ -172,34 +168,8 @@ fn charset_of(code: u8) -> Option<Charset> {
     CHARSETS.get(usize::from(code)).copied()
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
-        self.at += n;
-        Some(s)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn str(&mut self) -> Option<&str> {
-        let n = self.u32()? as usize;
-        std::str::from_utf8(self.take(n)?).ok()
-    }
-}
-
 fn decode(b: &[u8], shared: &str) -> Option<HashMap<String, UnitEntry>> {
-    let mut r = Reader { b, at: 0 };
+    let mut r = Reader::new(b);
     if r.take(8)? != MAGIC || r.str()? != shared {
         return None;
     }
@@ -256,7 +226,7 @@ fn decode(b: &[u8], shared: &str) -> Option<HashMap<String, UnitEntry>> {
         }
         units.insert(unit, UnitEntry { digest, not_before, not_after, tenants });
     }
-    (r.at == b.len()).then_some(units)
+    r.at_end().then_some(units)
 }
 
 #[cfg(test)]

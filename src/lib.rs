@@ -7,6 +7,7 @@
 #![allow(clippy::result_large_err, clippy::type_complexity)]
 
 pub mod apply;
+pub mod binfmt;
 pub mod cache;
 pub mod cli;
 pub mod daemon;

@@ -7,6 +7,7 @@
 //!
 //! The index is a cache: losing it, or a stale one, costs time, never correctness.
 
+use crate::binfmt::{Reader, put_str};
 use crate::model::SecretMeta;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -157,42 +158,8 @@ pub struct Cached<'a> {
     pub meta: Option<&'a SecretMeta>,
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
-        self.at += n;
-        Some(s)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn str(&mut self) -> Option<String> {
-        let n = self.u32()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).ok()
-    }
-}
-
 fn decode(b: &[u8]) -> Option<Vec<CachedShard>> {
-    let mut r = Reader { b, at: 0 };
+    let mut r = Reader::new(b);
     if r.take(8)? != MAGIC {
         return None;
     }
@@ -204,20 +171,20 @@ fn decode(b: &[u8]) -> Option<Vec<CachedShard>> {
         let k = r.u32()? as usize;
         let mut entries = Vec::with_capacity(k.min(1 << 20));
         for _ in 0..k {
-            let address = r.str()?;
+            let address = r.str()?.to_owned();
             let start = usize::try_from(r.u64()?).ok()?;
             let end = usize::try_from(r.u64()?).ok()?;
             let hash: [u8; 32] = r.take(32)?.try_into().ok()?;
             let fingerprint = match r.u8()? {
                 1 => format!("sha256:{}", super::hex(r.take(32)?)),
-                _ => r.str()?,
+                _ => r.str()?.to_owned(),
             };
             let meta = match r.u8()? {
                 0 => None,
                 _ => {
                     let version = r.u64()?;
-                    let updated = r.str()?;
-                    let created = r.str()?;
+                    let updated = r.str()?.to_owned();
+                    let created = r.str()?.to_owned();
                     let flags = r.u8()?;
                     Some(SecretMeta { version, updated, created, deleted: flags & 1 != 0, placeholder: flags & 2 != 0 })
                 }
@@ -226,7 +193,7 @@ fn decode(b: &[u8]) -> Option<Vec<CachedShard>> {
         }
         shards.push(CachedShard { shard, stamp, entries });
     }
-    (r.at == b.len()).then_some(shards)
+    r.at_end().then_some(shards)
 }
 
 #[cfg(test)]
