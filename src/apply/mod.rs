@@ -684,9 +684,8 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<String>, String> {
     }
 }
 
-/// Reads back what was written and compares fingerprints (consistency validation).
-/// Reads back what was written: the problems, and each written address's fingerprint as
-/// live now.
+/// Reads back what was written and compares fingerprints: the problems, and each written
+/// address's fingerprint as live now.
 fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> (Vec<String>, HashMap<Address, String>) {
     let mut problems = Vec::new();
     let mut read_back = HashMap::new();
