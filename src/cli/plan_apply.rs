@@ -68,7 +68,11 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> 
     let providers = Providers::from_settings(&ws.settings, &ws.state_dir)?;
     let revision = match &ws.loaded.origin {
         Origin::Commit(c) => Some(c.clone()),
-        Origin::WorkTree => worktree_revision,
+        Origin::WorkTree => worktree_revision.filter(|_| {
+            let templates = ws.loaded.templates.keys().map(|t| format!("templates/{t}"));
+            let files: Vec<String> = ws.loaded.files.iter().map(|f| f.path.to_string()).chain(templates).collect();
+            source::all_tracked(&root, files.iter().map(String::as_str))
+        }),
     };
     Ok(Prepared { ws, providers, state, scope: scope_of(tenants), revision })
 }

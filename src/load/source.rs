@@ -477,19 +477,17 @@ pub fn resolve_link(link_path: &str, target: &str) -> Option<String> {
     Some(parts.join("/"))
 }
 
-/// The commit checked out in the work tree if nothing under `root` differs from it
-/// (no modified, staged or untracked files); `None` otherwise or outside git.
+/// The commit checked out in the work tree if no tracked file the engine reads differs from
+/// it (modified, deleted or staged); `None` otherwise or outside git. Untracked files are
+/// not looked for here (that would read every folder and probe each for `.gitignore`): the
+/// caller checks the files it read with [`all_tracked`].
 pub fn clean_worktree_revision(root: &Path) -> Option<String> {
     let (repo, prefix) = open_git(root).ok()?;
     let head = repo.head().ok()?.peel_to_commit().ok()?;
     let mut opts = git2::StatusOptions::new();
-    opts.include_untracked(true)
-        .recurse_untracked_dirs(true)
-        .include_ignored(false)
-        .exclude_submodules(true)
-        .disable_pathspec_match(true);
-    // Only what the engine reads: not `.dotmac/` (untracked live state, unless ignored) or
-    // anything else beside the repository's own files.
+    opts.include_untracked(false).include_ignored(false).exclude_submodules(true).disable_pathspec_match(true);
+    // Only what the engine reads: not `.dotmac/` or anything else beside the repository's
+    // own files.
     let under = |p: &str| if prefix.is_empty() { p.to_owned() } else { format!("{prefix}/{p}") };
     opts.pathspec(under("dotmac.toml"));
     for top in TOP_DIRS {
@@ -509,6 +507,17 @@ pub fn clean_worktree_revision(root: &Path) -> Option<String> {
             .unwrap_or(true)
     });
     (!dirty).then(|| head.id().to_string())
+}
+
+/// Whether git tracks every one of these files (paths relative to `root`): a file the engine
+/// read that is not in git's index (untracked or ignored) means the work tree is not a commit.
+pub fn all_tracked<'a>(root: &Path, paths: impl IntoIterator<Item = &'a str>) -> bool {
+    let Ok((repo, prefix)) = open_git(root) else { return false };
+    let Ok(index) = repo.index() else { return false };
+    paths.into_iter().all(|p| {
+        let path = if prefix.is_empty() { p.to_owned() } else { format!("{prefix}/{p}") };
+        index.get_path(Path::new(&path), 0).is_some()
+    })
 }
 
 #[cfg(test)]

@@ -354,3 +354,47 @@ fn apply_reports_management_and_isp_disagreeing_after_it_wrote_them() {
         out.stderr
     );
 }
+
+#[test]
+fn a_plan_names_the_commit_only_when_the_files_it_reads_are_that_commit() {
+    let repo = example_repo();
+    let r = repo.path();
+    let commit = git_commit_all(r, "example");
+    let revision = |r: &Path| plan_json(r)["revision"].clone();
+    assert_eq!(revision(r), commit.as_str(), "a clean work tree plans its commit");
+    // Live state and other files the engine does not read change nothing.
+    std::fs::create_dir_all(r.join(".dotmac/x")).unwrap();
+    std::fs::write(r.join(".dotmac/x/y"), "untracked").unwrap();
+    std::fs::write(r.join("NOTES.txt"), "untracked").unwrap();
+    assert_eq!(revision(r), commit.as_str());
+    type Change<'a> = (&'a str, &'a dyn Fn(&Path));
+    let cases: [Change; 5] = [
+        ("a modified tenant file", &|r| edit_file(&r.join("tenants/tenant-123/tenant.yaml"), "15", "16")),
+        ("a modified dotmac.toml", &|r| {
+            let p = r.join("dotmac.toml");
+            std::fs::write(&p, std::fs::read_to_string(&p).unwrap() + "\n# a comment\n").unwrap();
+        }),
+        ("an untracked template", &|r| {
+            std::fs::create_dir_all(r.join("templates/extra")).unwrap();
+            std::fs::write(r.join("templates/extra/x.j2"), "{# x #}").unwrap();
+        }),
+        ("an ignored template the engine reads", &|r| {
+            std::fs::write(r.join("templates/x.ignored.j2"), "{# x #}").unwrap();
+        }),
+        ("a deleted template", &|r| std::fs::remove_file(r.join("templates/kubernetes/deployment.yaml.j2")).unwrap()),
+    ];
+    std::fs::write(r.join(".gitignore"), "*.ignored.j2\n.dotmac/\n").unwrap();
+    let commit = git_commit_all(r, "ignore");
+    for (what, change) in cases {
+        change(r);
+        assert_eq!(revision(r), Value::Null, "{what}: not the commit");
+        git(r, &["reset", "-q", "--hard"]);
+        git(r, &["clean", "-qfdX", "templates"]);
+        git(r, &["clean", "-qfd", "templates"]);
+        assert_eq!(revision(r), commit.as_str(), "after undoing {what}");
+    }
+    // Staged but not committed is not the commit either.
+    edit_file(&r.join("tenants/tenant-123/tenant.yaml"), "15", "16");
+    git(r, &["add", "tenants"]);
+    assert_eq!(revision(r), Value::Null, "a staged change");
+}
