@@ -34,10 +34,10 @@ fn scope_of(tenants: &[String]) -> TenantScope {
 /// Opens the repository; with `strict`, any error in it stops here (after printing them).
 pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> Result<Prepared> {
     let root = load::find_root(g.repo.as_deref())?;
-    // Whether the work tree is a clean commit (git status, mostly stat calls) is asked while
-    // the repository is read.
+    // git's index is read while the repository is; whether the work tree is its commit is
+    // then told from the files as read.
     let (ws, worktree_revision) = std::thread::scope(|s| {
-        let status = g.rev.is_none().then(|| s.spawn(|| source::clean_worktree_revision(&root)));
+        let status = g.rev.is_none().then(|| s.spawn(|| source::worktree_index(&root)));
         let ws = Workspace::open(&root, g.rev.as_deref(), now);
         (ws, status.and_then(|h| h.join().ok().flatten()))
     });
@@ -68,11 +68,9 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> 
     let providers = Providers::from_settings(&ws.settings, &ws.state_dir)?;
     let revision = match &ws.loaded.origin {
         Origin::Commit(c) => Some(c.clone()),
-        Origin::WorkTree => worktree_revision.filter(|_| {
-            let templates = ws.loaded.templates.keys().map(|t| format!("templates/{t}"));
-            let files: Vec<String> = ws.loaded.files.iter().map(|f| f.path.to_string()).chain(templates).collect();
-            source::all_tracked(&root, files.iter().map(String::as_str))
-        }),
+        Origin::WorkTree => {
+            worktree_revision.and_then(|i| i.commit_if_clean(&ws.loaded.stats, |p| ws.loaded.text_of(p)))
+        }
     };
     Ok(Prepared { ws, providers, state, scope: scope_of(tenants), revision })
 }

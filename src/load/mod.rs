@@ -58,6 +58,8 @@ pub struct Loaded {
     pub unit_digests: BTreeMap<String, String>,
     /// Tenant folders that were read but, by the caller's choice, not parsed.
     pub skipped_units: BTreeSet<String>,
+    /// Each file's `stat` as read from a work tree (empty for a commit).
+    pub stats: Vec<(String, source::FileStat)>,
 }
 
 /// Which tenant folders to parse, given their name and digest (the rest are only hashed).
@@ -181,6 +183,7 @@ pub fn parse_files(
     parse: ParseFilter<'_>,
 ) -> Loaded {
     let unit_digests = unit_digests(&raw);
+    let stats = raw.iter().filter_map(|f| Some((f.path.clone(), f.stat?))).collect();
     let skipped_units: BTreeSet<String> =
         unit_digests.iter().filter(|(u, d)| !parse(u, d)).map(|(u, _)| u.clone()).collect();
     let mut diagnostics: Vec<Diagnostic> = problems
@@ -284,6 +287,7 @@ pub fn parse_files(
         diagnostics,
         unit_digests,
         skipped_units,
+        stats,
     }
 }
 
@@ -313,9 +317,9 @@ impl Loaded {
             .files
             .iter()
             .filter(|f| source::tenant_unit(&f.path).is_none_or(|u| units.contains(u)))
-            .map(|f| RawFile { path: f.path.to_string(), text: f.text.clone() })
+            .map(|f| RawFile::new(f.path.to_string(), f.text.clone()))
             .collect();
-        raw.extend(self.templates.iter().map(|(n, t)| RawFile { path: format!("templates/{n}"), text: t.to_string() }));
+        raw.extend(self.templates.iter().map(|(n, t)| RawFile::new(format!("templates/{n}"), t.to_string())));
         parse_files(&self.root, self.origin.clone(), raw, Vec::new(), &parse_all)
     }
 

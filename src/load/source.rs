@@ -7,6 +7,7 @@
 
 use rayon::prelude::*;
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
 /// Files above this size are rejected before they are read.
@@ -17,6 +18,24 @@ pub const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
 pub struct RawFile {
     pub path: String,
     pub text: String,
+    /// The file's `stat` when read from a work tree (to tell whether git's index still
+    /// describes it); `None` from a git tree.
+    pub stat: Option<FileStat>,
+}
+
+impl RawFile {
+    pub fn new(path: String, text: String) -> RawFile {
+        RawFile { path, text, stat: None }
+    }
+}
+
+/// What git's index remembers of a file to tell that it did not change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStat {
+    pub mtime: i64,
+    pub mtime_ns: i64,
+    pub size: u64,
+    pub ino: u64,
 }
 
 /// A file that could not be taken in, and why.
@@ -271,14 +290,21 @@ fn read_one(root: &Path, rel: &str, link: bool) -> Result<RawFile, FileProblem> 
     } else {
         path
     };
+    use std::os::unix::fs::MetadataExt;
     let mut bytes = Vec::with_capacity(8192);
-    std::fs::File::open(&target)
-        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+    let stat = std::fs::File::open(&target)
+        .and_then(|f| {
+            let m = f.metadata()?;
+            f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+            Ok(FileStat { mtime: m.mtime(), mtime_ns: m.mtime_nsec(), size: m.size(), ino: m.ino() })
+        })
         .map_err(|e| problem(format!("cannot be read: {e}")))?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(too_big(rel, bytes.len() as u64));
     }
-    Ok(RawFile { path: rel.to_owned(), text: decode(rel, bytes)? })
+    // A symbolic link's index entry describes the link, not its target.
+    let stat = (!link).then_some(stat);
+    Ok(RawFile { path: rel.to_owned(), text: decode(rel, bytes)?, stat })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -394,7 +420,7 @@ impl GitTree<'_> {
         };
         for (path, oid, mode) in entries {
             match self.read_blob(&odb, &tree, &path, oid, mode) {
-                Ok(text) => files.push(RawFile { path, text }),
+                Ok(text) => files.push(RawFile::new(path, text)),
                 Err(p) => problems.push(p),
             }
         }
@@ -477,47 +503,76 @@ pub fn resolve_link(link_path: &str, target: &str) -> Option<String> {
     Some(parts.join("/"))
 }
 
-/// The commit checked out in the work tree if no tracked file the engine reads differs from
-/// it (modified, deleted or staged); `None` otherwise or outside git. Untracked files are
-/// not looked for here (that would read every folder and probe each for `.gitignore`): the
-/// caller checks the files it read with [`all_tracked`].
-pub fn clean_worktree_revision(root: &Path) -> Option<String> {
+/// What git's index says of the work tree, read while the repository itself is read: the
+/// checked-out commit (when nothing the engine reads is staged) and the index entries of
+/// the engine's files. [`WorktreeIndex::commit_if_clean`] then compares them with the
+/// `stat` of each file as the engine read it — git's own test, without walking the folders
+/// again.
+pub struct WorktreeIndex {
+    head: String,
+    /// By path relative to the repository root: (mtime, mtime ns, size, inode, blob), as
+    /// git keeps them (32-bit size and inode).
+    entries: HashMap<String, (i64, i64, u32, u32, git2::Oid)>,
+    /// When the index file was written: an entry not older than it may hide a change made
+    /// in the same clock tick (git's "racily clean" entries), so its content is compared.
+    written_ns: i128,
+}
+
+/// Reads git's index for the work tree at `root`; `None` outside git, without a commit, or
+/// when a file the engine reads is staged but not committed.
+pub fn worktree_index(root: &Path) -> Option<WorktreeIndex> {
+    use std::os::unix::fs::MetadataExt;
     let (repo, prefix) = open_git(root).ok()?;
     let head = repo.head().ok()?.peel_to_commit().ok()?;
-    let mut opts = git2::StatusOptions::new();
-    opts.include_untracked(false).include_ignored(false).exclude_submodules(true).disable_pathspec_match(true);
-    // Only what the engine reads: not `.dotmac/` or anything else beside the repository's
-    // own files.
+    let index = repo.index().ok()?;
     let under = |p: &str| if prefix.is_empty() { p.to_owned() } else { format!("{prefix}/{p}") };
-    opts.pathspec(under("dotmac.toml"));
+    let mut opts = git2::DiffOptions::new();
+    opts.disable_pathspec_match(true).pathspec(under("dotmac.toml"));
     for top in TOP_DIRS {
         opts.pathspec(under(top));
     }
-    let statuses = repo.statuses(Some(&mut opts)).ok()?;
-    let dirty = statuses.iter().any(|s| {
-        s.path()
-            .map(|p| {
-                let rel = if prefix.is_empty() {
-                    p
-                } else {
-                    p.strip_prefix(&prefix).map(|r| r.trim_start_matches('/')).unwrap_or("")
-                };
-                role_of(rel).is_some()
-            })
-            .unwrap_or(true)
-    });
-    (!dirty).then(|| head.id().to_string())
+    let staged = repo.diff_tree_to_index(Some(&head.tree().ok()?), Some(&index), Some(&mut opts)).ok()?;
+    if staged.deltas().len() > 0 {
+        return None;
+    }
+    let m = std::fs::metadata(repo.path().join("index")).ok()?;
+    let written_ns = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
+    let entries = index
+        .iter()
+        .filter_map(|e| {
+            let path = String::from_utf8(e.path).ok()?;
+            let rel = if prefix.is_empty() { path } else { path.strip_prefix(&format!("{prefix}/"))?.to_owned() };
+            role_of(&rel)?;
+            let stat = (i64::from(e.mtime.seconds()), i64::from(e.mtime.nanoseconds()), e.file_size, e.ino, e.id);
+            Some((rel, stat))
+        })
+        .collect();
+    Some(WorktreeIndex { head: head.id().to_string(), entries, written_ns })
 }
 
-/// Whether git tracks every one of these files (paths relative to `root`): a file the engine
-/// read that is not in git's index (untracked or ignored) means the work tree is not a commit.
-pub fn all_tracked<'a>(root: &Path, paths: impl IntoIterator<Item = &'a str>) -> bool {
-    let Ok((repo, prefix)) = open_git(root) else { return false };
-    let Ok(index) = repo.index() else { return false };
-    paths.into_iter().all(|p| {
-        let path = if prefix.is_empty() { p.to_owned() } else { format!("{prefix}/{p}") };
-        index.get_path(Path::new(&path), 0).is_some()
-    })
+impl WorktreeIndex {
+    /// The commit, if every file the engine read (`stats`, with their text from `text_of`)
+    /// is in the index unchanged and no indexed file of the engine's is missing.
+    pub fn commit_if_clean<'a>(
+        self,
+        stats: &[(String, FileStat)],
+        text_of: impl Fn(&str) -> Option<&'a str>,
+    ) -> Option<String> {
+        if stats.len() != self.entries.len() {
+            return None; // a file untracked, ignored or deleted
+        }
+        let unchanged = stats.iter().all(|(path, st)| {
+            let Some(&(mtime, mtime_ns, size, ino, blob)) = self.entries.get(path) else { return false };
+            let racy = i128::from(mtime) * 1_000_000_000 + i128::from(mtime_ns) >= self.written_ns;
+            let same_stat =
+                mtime == st.mtime && mtime_ns == st.mtime_ns && size == st.size as u32 && ino == st.ino as u32;
+            (same_stat && !racy)
+                || text_of(path).is_some_and(|t| {
+                    git2::Oid::hash_object(git2::ObjectType::Blob, t.as_bytes()).is_ok_and(|id| id == blob)
+                })
+        });
+        unchanged.then_some(self.head)
+    }
 }
 
 #[cfg(test)]

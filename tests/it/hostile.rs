@@ -57,7 +57,7 @@ fn base_files() -> Vec<RawFile> {
             if e.file_type().unwrap().is_dir() {
                 walk(&e.path(), &rel, out);
             } else {
-                out.push(RawFile { path: rel, text: std::fs::read_to_string(e.path()).unwrap() });
+                out.push(RawFile::new(rel, std::fs::read_to_string(e.path()).unwrap()));
             }
         }
     }
@@ -71,7 +71,7 @@ fn loaded_with(files: Vec<(String, String)>) -> load::Loaded {
     let mut raw = base_files();
     for (path, text) in files {
         raw.retain(|f| f.path != path);
-        raw.push(RawFile { path, text });
+        raw.push(RawFile::new(path, text));
     }
     load::parse_files(Path::new("/repo"), Origin::WorkTree, raw, Vec::new(), &load::parse_all)
 }
