@@ -18,6 +18,23 @@ use std::time::{Duration, Instant};
 /// The variable the tests' `dotmac.toml` names in `token_env`.
 pub const TOKEN_ENV: &str = "DOTMAC_TEST_BAO_TOKEN";
 
+/// The example repository's external secrets, (tenant, name): what a person puts into
+/// OpenBao before the first apply.
+pub const EXAMPLE_EXTERNALS: [(&str, &str); 12] = [
+    ("bluesky-net", "plugin_licenses/custom_integrations"),
+    ("coastal-wireless", "quickbooks/client_secret"),
+    ("northwind-isp", "stripe/secret_key"),
+    ("northwind-isp", "stripe/webhook_secret"),
+    ("northwind-isp", "hubspot/api_key"),
+    ("northwind-isp", "plugin_licenses/ai_insights"),
+    ("pampas-telecom", "stripe/secret_key"),
+    ("pampas-telecom", "stripe/webhook_secret"),
+    ("tenant-123", "stripe/secret_key"),
+    ("tenant-123", "stripe/webhook_secret"),
+    ("tenant-123", "plugin_licenses/advanced_analytics"),
+    ("tenant-123", "plugin_licenses/white_labeling"),
+];
+
 /// The real `bao` binary, if installed.
 pub fn bao_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("DOTMAC_BAO_BIN") {

@@ -291,20 +291,7 @@ fn secret_writes_to_openbao_failing_leave_tenants_applied_or_rolled_back() {
         let Some(bao) = Bao::start("faults: openbao") else { return };
         let repo = example_repo();
         std::fs::write(repo.path().join("dotmac.toml"), format!("format = 1\n{}", bao.settings_toml())).unwrap();
-        for (t, n) in [
-            ("bluesky-net", "plugin_licenses/custom_integrations"),
-            ("coastal-wireless", "quickbooks/client_secret"),
-            ("northwind-isp", "stripe/secret_key"),
-            ("northwind-isp", "stripe/webhook_secret"),
-            ("northwind-isp", "hubspot/api_key"),
-            ("northwind-isp", "plugin_licenses/ai_insights"),
-            ("pampas-telecom", "stripe/secret_key"),
-            ("pampas-telecom", "stripe/webhook_secret"),
-            ("tenant-123", "stripe/secret_key"),
-            ("tenant-123", "stripe/webhook_secret"),
-            ("tenant-123", "plugin_licenses/advanced_analytics"),
-            ("tenant-123", "plugin_licenses/white_labeling"),
-        ] {
+        for (t, n) in crate::bao::EXAMPLE_EXTERNALS {
             bao.kv_put(&format!("dotmac/tenants/{t}/{n}"), "external-value");
         }
         let env = vec![(BAO_TOKEN_ENV.to_owned(), bao.token.clone())];

@@ -244,20 +244,7 @@ fn planted_values_and_tokens_of_every_remote_provider_never_appear() {
     planted.add("the platform token", PLATFORM_TOKEN);
     planted.add("the Kubernetes token", KUBE_TOKEN);
     planted.add("the OpenBao token", &bao.token);
-    let externals = [
-        ("bluesky-net", "plugin_licenses/custom_integrations"),
-        ("coastal-wireless", "quickbooks/client_secret"),
-        ("northwind-isp", "stripe/secret_key"),
-        ("northwind-isp", "stripe/webhook_secret"),
-        ("northwind-isp", "hubspot/api_key"),
-        ("northwind-isp", "plugin_licenses/ai_insights"),
-        ("pampas-telecom", "stripe/secret_key"),
-        ("pampas-telecom", "stripe/webhook_secret"),
-        ("tenant-123", "stripe/secret_key"),
-        ("tenant-123", "stripe/webhook_secret"),
-        ("tenant-123", "plugin_licenses/advanced_analytics"),
-        ("tenant-123", "plugin_licenses/white_labeling"),
-    ];
+    let externals = crate::bao::EXAMPLE_EXTERNALS;
     for (i, (t, n)) in externals.iter().enumerate() {
         let mut noise = [0u8; 8];
         getrandom::fill(&mut noise).unwrap();
