@@ -769,15 +769,7 @@ impl Controller {
             Command::Reconcile(id) => {
                 let mut s = self.shared.write();
                 if let Some(t) = s.tenants.get_mut(&id) {
-                    t.failures = 0;
-                    t.heal_attempts = 0;
-                    t.heal_stopped = false;
-                    t.urgent = true;
-                    if t.in_flight {
-                        t.again = true;
-                    } else {
-                        t.due = Instant::now();
-                    }
+                    t.make_urgent(Instant::now());
                     tracing::info!(tenant = %id, "reconcile requested");
                 }
             }
@@ -828,15 +820,7 @@ impl Controller {
                 }
                 changed += 1;
                 // The repository changed this tenant: check it now, forgetting old failures.
-                t.failures = 0;
-                t.heal_attempts = 0;
-                t.heal_stopped = false;
-                t.urgent = true;
-                if t.in_flight {
-                    t.again = true;
-                } else {
-                    t.due = now;
-                }
+                t.make_urgent(now);
             }
             // Tenants no longer desired: their resources are to be deleted (or were).
             let gone: Vec<String> = s.tenants.keys().filter(|id| !ctx.digests.contains_key(*id)).cloned().collect();

@@ -210,6 +210,20 @@ impl TenantState {
         }
     }
 
+    /// Asked for, or changed by a commit: check it as soon as a worker is free (again after
+    /// the check under way, if any), forgetting past failures and a stopped self-heal.
+    pub fn make_urgent(&mut self, now: Instant) {
+        self.failures = 0;
+        self.heal_attempts = 0;
+        self.heal_stopped = false;
+        self.urgent = true;
+        if self.in_flight {
+            self.again = true;
+        } else {
+            self.due = now;
+        }
+    }
+
     pub fn record(&mut self, event: impl Into<String>, requeue_after: std::time::Duration) {
         let event = event.into();
         let requeue_after_s = (requeue_after.as_millis() as f64) / 1000.0;

@@ -43,6 +43,17 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The failure as reported once retrying stops: an unavailable server says how many
+    /// attempts were made.
+    fn after(self, attempts: u32) -> Failure {
+        match self {
+            Failure::Unavailable(m) if attempts > 1 => {
+                Failure::Unavailable(format!("{m} (gave up after {attempts} attempts)"))
+            }
+            f => f,
+        }
+    }
+
     pub fn message(&self) -> String {
         match self {
             Failure::NotFound => "not found".into(),
@@ -157,12 +168,7 @@ impl Transport {
                 Err(e) => self.classify(e, op, &info),
             };
             if !retry || attempt >= self.attempts {
-                return Err(match failure {
-                    Failure::Unavailable(m) if attempt > 1 => {
-                        Failure::Unavailable(format!("{m} (gave up after {attempt} attempts)"))
-                    }
-                    f => f,
-                });
+                return Err(failure.after(attempt));
             }
             let delay = self.backoff(attempt);
             tracing::warn!(
@@ -351,12 +357,7 @@ impl Transport {
                 },
             };
             if !retry || attempt >= self.attempts {
-                return Err(match failure {
-                    Failure::Unavailable(m) if attempt > 1 => {
-                        Failure::Unavailable(format!("{m} (gave up after {attempt} attempts)"))
-                    }
-                    f => f,
-                });
+                return Err(failure.after(attempt));
             }
             let delay = self.backoff(attempt);
             tracing::warn!(
