@@ -296,6 +296,15 @@ impl LocalStore {
     }
 
     /// Shard `n`, read again first if its file changed since (for reads).
+    /// Addresses grouped by the shard that holds them, in shard order.
+    fn by_shard<'a>(&self, addresses: &'a [Address]) -> Result<BTreeMap<usize, Vec<&'a Address>>> {
+        let mut by_shard: BTreeMap<usize, Vec<&Address>> = BTreeMap::new();
+        for a in addresses {
+            by_shard.entry(self.home(a)?).or_default().push(a);
+        }
+        Ok(by_shard)
+    }
+
     fn current(&self, n: usize) -> Result<MutexGuard<'_, Option<Shard>>> {
         self.ready()?;
         let mut slot = self.lock(n);
@@ -849,10 +858,7 @@ impl Provider for LocalStore {
 
     fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, String)>> {
         self.ready()?;
-        let mut by_shard: BTreeMap<usize, Vec<&Address>> = BTreeMap::new();
-        for a in addresses {
-            by_shard.entry(self.home(a)?).or_default().push(a);
-        }
+        let by_shard = self.by_shard(addresses)?;
         let mut out = Vec::with_capacity(addresses.len());
         for (n, wanted) in by_shard {
             let slot = self.current(n)?;
@@ -867,10 +873,7 @@ impl Provider for LocalStore {
     }
 
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {
-        let mut by_shard: BTreeMap<usize, Vec<&Address>> = BTreeMap::new();
-        for a in addresses {
-            by_shard.entry(self.home(a)?).or_default().push(a);
-        }
+        let by_shard = self.by_shard(addresses)?;
         let mut out = Vec::new();
         for (n, wanted) in by_shard {
             let mut slot = self.current(n)?;
