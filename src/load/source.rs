@@ -291,10 +291,13 @@ fn read_one(root: &Path, rel: &str, link: bool) -> Result<RawFile, FileProblem> 
         path
     };
     use std::os::unix::fs::MetadataExt;
-    let mut bytes = Vec::with_capacity(8192);
+    let mut bytes = Vec::new();
     let stat = std::fs::File::open(&target)
         .and_then(|f| {
             let m = f.metadata()?;
+            // Exactly the file's size (and a byte to see the end): 20,000 tenant files held
+            // in 8 KiB buffers were three times their text.
+            bytes.reserve_exact((m.size().min(MAX_FILE_BYTES) + 1) as usize);
             f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
             Ok(FileStat { mtime: m.mtime(), mtime_ns: m.mtime_nsec(), size: m.size(), ino: m.ino() })
         })
