@@ -34,6 +34,10 @@ impl<'a> Reader<'a> {
     pub fn i64(&mut self) -> Option<i64> {
         Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
+    /// How many bytes were read so far.
+    pub fn position(&self) -> usize {
+        self.at
+    }
     /// Everything was read: no bytes left over.
     pub fn at_end(&self) -> bool {
         self.at == self.b.len()

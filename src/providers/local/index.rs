@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"DMLIDX02";
+const MAGIC: &[u8; 8] = b"DMLIDX03";
 
 /// The `stat` data that says a file is unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +53,88 @@ pub struct CachedShard {
     pub entries: Vec<CachedEntry>,
 }
 
-/// An index as loaded: its shards, and the index file's mtime (nanoseconds), against which
-/// the racily clean rule judges them.
+/// An index as loaded: the file's bytes, where each shard's part is, and the file's mtime
+/// (nanoseconds), against which the racily clean rule judges the shards. A shard's entries
+/// are decoded only when asked for: a `list` of unchanged shards reads them straight from
+/// here, without building the store's image.
 #[derive(Debug)]
 pub struct Loaded {
-    pub shards: Vec<CachedShard>,
+    bytes: Vec<u8>,
+    /// By shard: its `stat` stamp, the number of entries and where they are in `bytes`.
+    parts: Vec<Option<Part>>,
     pub written: i128,
+}
+
+#[derive(Debug, Clone)]
+struct Part {
+    stamp: Stamp,
+    count: usize,
+    range: std::ops::Range<usize>,
+}
+
+/// One entry, borrowed from the index's bytes.
+pub struct EntryRef<'a> {
+    pub address: &'a str,
+    pub start: usize,
+    pub end: usize,
+    pub hash: &'a [u8; 32],
+    /// The fingerprint's SHA-256 (for `sha256:` fingerprints), else its text.
+    pub digest: Option<&'a [u8; 32]>,
+    pub text: &'a str,
+    pub meta: Option<SecretMeta>,
+}
+
+impl EntryRef<'_> {
+    pub fn fingerprint(&self) -> String {
+        match self.digest {
+            Some(d) => format!("sha256:{}", super::hex(d)),
+            None => self.text.to_owned(),
+        }
+    }
+}
+
+impl Loaded {
+    /// Shard `n`'s stamp, if the index describes it.
+    pub fn stamp(&self, n: usize) -> Option<Stamp> {
+        self.parts.get(n)?.as_ref().map(|p| p.stamp)
+    }
+
+    /// Calls `f` with each entry of shard `n` (in the file's order); `false` if the index does
+    /// not describe the shard or its part does not decode.
+    pub fn visit(&self, n: usize, mut f: impl FnMut(EntryRef<'_>)) -> bool {
+        let Some(Some(part)) = self.parts.get(n) else { return false };
+        let mut r = Reader::new(&self.bytes[part.range.clone()]);
+        for _ in 0..part.count {
+            match entry(&mut r) {
+                Some(e) => f(e),
+                None => return false,
+            }
+        }
+        r.at_end()
+    }
+
+    /// Shard `n`'s entries, owned.
+    pub fn shard(&self, n: usize) -> Option<CachedShard> {
+        let stamp = self.stamp(n)?;
+        let mut entries = Vec::new();
+        let ok = self.visit(n, |e| {
+            entries.push(CachedEntry {
+                address: e.address.to_owned(),
+                start: e.start,
+                end: e.end,
+                hash: *e.hash,
+                fingerprint: e.fingerprint(),
+                meta: e.meta,
+            })
+        });
+        ok.then_some(CachedShard { shard: n, stamp, entries })
+    }
+
+    /// Shard `n`'s part as it is in the file (to be written again unchanged).
+    fn raw(&self, n: usize) -> Option<(&Part, &[u8])> {
+        let part = self.parts.get(n)?.as_ref()?;
+        Some((part, &self.bytes[part.range.clone()]))
+    }
 }
 
 pub fn path(dir: &Path) -> PathBuf {
@@ -69,9 +145,10 @@ pub fn path(dir: &Path) -> PathBuf {
 pub fn load(dir: &Path) -> Option<Loaded> {
     let mut f = std::fs::File::open(path(dir)).ok()?;
     let meta = f.metadata().ok()?;
-    let mut bytes = Vec::with_capacity(meta.size() as usize);
+    let mut bytes = Vec::with_capacity(meta.size() as usize + 1);
     f.read_to_end(&mut bytes).ok()?;
-    Some(Loaded { shards: decode(&bytes)?, written: Stamp::of(&meta).nanos() })
+    let parts = split(&bytes)?;
+    Some(Loaded { bytes, parts, written: Stamp::of(&meta).nanos() })
 }
 
 /// The encoded index, one shard at a time.
@@ -85,15 +162,10 @@ pub struct Writer {
 
 impl Writer {
     pub fn shard<'a>(&mut self, shard: usize, stamp: &Stamp, entries: impl ExactSizeIterator<Item = Cached<'a>>) {
-        self.shards += 1;
-        self.newest = self.newest.max(stamp.nanos());
+        self.head(shard, stamp, entries.len());
+        let at = self.out.len();
+        self.out.extend_from_slice(&0u64.to_le_bytes());
         let out = &mut self.out;
-        out.push(shard as u8);
-        out.extend_from_slice(&stamp.mtime.to_le_bytes());
-        out.extend_from_slice(&stamp.mtime_ns.to_le_bytes());
-        out.extend_from_slice(&stamp.size.to_le_bytes());
-        out.extend_from_slice(&stamp.ino.to_le_bytes());
-        out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
         for e in entries {
             put_str(out, e.address);
             out.extend_from_slice(&(e.start as u64).to_le_bytes());
@@ -121,6 +193,28 @@ impl Writer {
                 }
             }
         }
+        let len = (self.out.len() - at - 8) as u64;
+        self.out[at..at + 8].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// A shard's part copied from a loaded index, unchanged.
+    pub fn copy(&mut self, from: &Loaded, shard: usize) {
+        let Some((part, bytes)) = from.raw(shard) else { return };
+        self.head(shard, &part.stamp, part.count);
+        self.out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.out.extend_from_slice(bytes);
+    }
+
+    fn head(&mut self, shard: usize, stamp: &Stamp, count: usize) {
+        self.shards += 1;
+        self.newest = self.newest.max(stamp.nanos());
+        let out = &mut self.out;
+        out.push(shard as u8);
+        out.extend_from_slice(&stamp.mtime.to_le_bytes());
+        out.extend_from_slice(&stamp.mtime_ns.to_le_bytes());
+        out.extend_from_slice(&stamp.size.to_le_bytes());
+        out.extend_from_slice(&stamp.ino.to_le_bytes());
+        out.extend_from_slice(&(count as u32).to_le_bytes());
     }
 
     /// Writes the index (through a temp file and a rename) and returns its mtime, which is
@@ -158,42 +252,49 @@ pub struct Cached<'a> {
     pub meta: Option<&'a SecretMeta>,
 }
 
-fn decode(b: &[u8]) -> Option<Vec<CachedShard>> {
+/// Where each shard's part of an index file is (`None`: another version, or damaged).
+fn split(b: &[u8]) -> Option<Vec<Option<Part>>> {
     let mut r = Reader::new(b);
     if r.take(8)? != MAGIC {
         return None;
     }
     let n = r.u32()? as usize;
-    let mut shards = Vec::with_capacity(n.min(super::shard::SHARDS));
+    let mut parts = vec![None; super::shard::SHARDS];
     for _ in 0..n {
         let shard = usize::from(r.u8()?);
         let stamp = Stamp { mtime: r.i64()?, mtime_ns: r.i64()?, size: r.u64()?, ino: r.u64()? };
-        let k = r.u32()? as usize;
-        let mut entries = Vec::with_capacity(k.min(1 << 20));
-        for _ in 0..k {
-            let address = r.str()?.to_owned();
-            let start = usize::try_from(r.u64()?).ok()?;
-            let end = usize::try_from(r.u64()?).ok()?;
-            let hash: [u8; 32] = r.take(32)?.try_into().ok()?;
-            let fingerprint = match r.u8()? {
-                1 => format!("sha256:{}", super::hex(r.take(32)?)),
-                _ => r.str()?.to_owned(),
-            };
-            let meta = match r.u8()? {
-                0 => None,
-                _ => {
-                    let version = r.u64()?;
-                    let updated = r.str()?.to_owned();
-                    let created = r.str()?.to_owned();
-                    let flags = r.u8()?;
-                    Some(SecretMeta { version, updated, created, deleted: flags & 1 != 0, placeholder: flags & 2 != 0 })
-                }
-            };
-            entries.push(CachedEntry { address, start, end, hash, fingerprint, meta });
+        let count = r.u32()? as usize;
+        let len = usize::try_from(r.u64()?).ok()?;
+        let start = r.position();
+        r.take(len)?;
+        if let Some(slot) = parts.get_mut(shard) {
+            *slot = Some(Part { stamp, count, range: start..start + len });
         }
-        shards.push(CachedShard { shard, stamp, entries });
     }
-    r.at_end().then_some(shards)
+    r.at_end().then_some(parts)
+}
+
+/// One entry at the reader's position.
+fn entry<'a>(r: &mut Reader<'a>) -> Option<EntryRef<'a>> {
+    let address = r.str()?;
+    let start = usize::try_from(r.u64()?).ok()?;
+    let end = usize::try_from(r.u64()?).ok()?;
+    let hash: &[u8; 32] = r.take(32)?.try_into().ok()?;
+    let (digest, text) = match r.u8()? {
+        1 => (Some(<&[u8; 32]>::try_from(r.take(32)?).ok()?), ""),
+        _ => (None, r.str()?),
+    };
+    let meta = match r.u8()? {
+        0 => None,
+        _ => {
+            let version = r.u64()?;
+            let updated = r.str()?.to_owned();
+            let created = r.str()?.to_owned();
+            let flags = r.u8()?;
+            Some(SecretMeta { version, updated, created, deleted: flags & 1 != 0, placeholder: flags & 2 != 0 })
+        }
+    };
+    Some(EntryRef { address, start, end, hash, digest, text, meta })
 }
 
 #[cfg(test)]
@@ -233,8 +334,8 @@ mod tests {
         assert!(written > stamp.nanos(), "the index is newer than the shard it describes");
         let back = load(d.path()).unwrap();
         assert_eq!(back.written, written);
-        assert_eq!(back.shards.len(), 1);
-        let s = &back.shards[0];
+        assert_eq!((0..64).filter(|n| back.stamp(*n).is_some()).count(), 1);
+        let s = &back.shard(3).unwrap();
         assert_eq!((s.shard, s.stamp), (3, stamp));
         assert_eq!(s.entries[0].meta.as_ref(), Some(&meta));
         assert_eq!((s.entries[1].fingerprint.as_str(), s.entries[1].start, s.entries[1].end), (sha.as_str(), 10, 20));

@@ -107,7 +107,7 @@ pub(super) fn run(store: &LocalStore) -> Result<()> {
                 _ => None,
             };
             let n = shard_of(&a.tenant);
-            let mut slot = store.lock(n);
+            let mut slot = store.slot(n);
             if slot.is_none() {
                 let now = store.stat(n)?;
                 store.refresh(n, &mut slot, now)?;

@@ -85,6 +85,9 @@ pub struct LocalStore {
     shards: Vec<Mutex<Option<Shard>>>,
     /// Set once the folder was opened: an old layout migrated, the index loaded.
     ready: OnceLock<()>,
+    /// The index as loaded (if any): a shard with no image yet is made from it when first
+    /// needed, and a `list` of an unchanged shard reads it without making one.
+    index: OnceLock<Option<index::Loaded>>,
     opening: Mutex<()>,
     /// The images hold something the index file does not (a shard read or written).
     index_stale: AtomicBool,
@@ -146,6 +149,15 @@ impl Shard {
     fn dirty(&self) -> bool {
         !self.changed.is_empty()
     }
+}
+
+/// The parts in one vector of exactly their total length.
+pub fn concat<T>(parts: Vec<Vec<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for p in parts {
+        out.extend(p);
+    }
+    out
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -214,6 +226,7 @@ impl LocalStore {
             cipher,
             shards: (0..SHARDS).map(|_| Mutex::new(None)).collect(),
             ready: OnceLock::new(),
+            index: OnceLock::new(),
             opening: Mutex::new(()),
             index_stale: AtomicBool::new(false),
         })
@@ -236,20 +249,25 @@ impl LocalStore {
         if self.ready.get().is_some() {
             return Ok(());
         }
-        if let Some(idx) = index::load(&self.dir) {
-            self.adopt_index(idx);
-        }
+        self.index.get_or_init(|| index::load(&self.dir));
         migrate::run(self)?;
         let _ = self.ready.set(());
         Ok(())
     }
 
-    /// Fills the images from the index (a shard whose entries do not parse is left out).
-    fn adopt_index(&self, idx: index::Loaded) {
-        for cs in idx.shards {
-            if cs.shard >= SHARDS {
-                continue;
-            }
+    /// The index as loaded when the folder was opened.
+    fn index(&self) -> Option<&index::Loaded> {
+        self.index.get().and_then(Option::as_ref)
+    }
+
+    /// Shard `n`, locked; an image not made yet is made from the index if it describes the
+    /// shard (a shard whose entries do not parse stays without one).
+    fn slot(&self, n: usize) -> MutexGuard<'_, Option<Shard>> {
+        let mut slot = self.lock(n);
+        if slot.is_none()
+            && let Some(idx) = self.index()
+            && let Some(cs) = idx.shard(n)
+        {
             let mut entries = BTreeMap::new();
             for e in cs.entries {
                 let Some(address) = Address::parse(&e.address) else { continue };
@@ -262,7 +280,7 @@ impl LocalStore {
                 };
                 entries.insert(e.address, entry);
             }
-            *self.lock(cs.shard) = Some(Shard {
+            *slot = Some(Shard {
                 stamp: Some(cs.stamp),
                 trusted: cs.stamp.nanos() < idx.written,
                 bytes: None,
@@ -271,6 +289,40 @@ impl LocalStore {
                 changed: BTreeMap::new(),
             });
         }
+        slot
+    }
+
+    /// Shard `n`'s resources in `scope` read straight from the index, if the shard has no
+    /// image yet and its file is as the index describes it (same `stat`, older than the
+    /// index): the common case of a plan, which then makes no image at all.
+    fn list_from_index(&self, n: usize, scope: &TenantScope) -> Result<Option<Vec<LiveResource>>> {
+        let slot = self.lock(n);
+        let Some(idx) = self.index().filter(|_| slot.is_none()) else { return Ok(None) };
+        let Some(stamp) = idx.stamp(n).filter(|s| s.nanos() < idx.written) else { return Ok(None) };
+        if self.stat(n)? != Some(stamp) {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        let mut whole = true;
+        let decoded = idx.visit(n, |e| {
+            let Some(tenant) = e.address.split_once('/').map(|(t, _)| t) else {
+                whole = false;
+                return;
+            };
+            if !scope.contains(tenant) {
+                return;
+            }
+            match Address::parse(e.address) {
+                Some(address) => out.push(LiveResource {
+                    fingerprint: e.fingerprint(),
+                    address,
+                    content: e.meta.map(Content::SecretMeta),
+                }),
+                None => whole = false,
+            }
+        });
+        drop(slot);
+        Ok((decoded && whole).then_some(out))
     }
 
     /// The `stat` of shard `n`'s file now (`None`: absent).
@@ -287,7 +339,7 @@ impl LocalStore {
     /// Shard `n`, loaded if it was not yet (for writes: the image is what they check).
     fn loaded(&self, n: usize) -> Result<MutexGuard<'_, Option<Shard>>> {
         self.ready()?;
-        let mut slot = self.lock(n);
+        let mut slot = self.slot(n);
         if slot.is_none() {
             let now = self.stat(n)?;
             self.refresh(n, &mut slot, now)?;
@@ -307,7 +359,7 @@ impl LocalStore {
 
     fn current(&self, n: usize) -> Result<MutexGuard<'_, Option<Shard>>> {
         self.ready()?;
-        let mut slot = self.lock(n);
+        let mut slot = self.slot(n);
         let now = self.stat(n)?;
         self.refresh(n, &mut slot, now)?;
         Ok(slot)
@@ -781,7 +833,13 @@ impl LocalStore {
         let mut saved: Vec<(usize, Stamp)> = Vec::new();
         for n in 0..SHARDS {
             let slot = self.lock(n);
-            let Some(s) = slot.as_ref() else { continue };
+            let Some(s) = slot.as_ref() else {
+                // Never needed an image: the index's part stands as it was.
+                if let Some(idx) = self.index() {
+                    w.copy(idx, n);
+                }
+                continue;
+            };
             let Some(stamp) = s.stamp.filter(|_| !s.dirty()) else { continue };
             let entries = s.entries.iter().filter_map(|(key, e)| match &e.body {
                 Body::File(r) => Some(index::Cached {
@@ -836,6 +894,9 @@ impl Provider for LocalStore {
         let out = shards
             .par_iter()
             .map(|&n| -> Result<Vec<LiveResource>> {
+                if let Some(found) = self.list_from_index(n, scope)? {
+                    return Ok(found);
+                }
                 let slot = self.current(n)?;
                 let Some(s) = slot.as_ref() else { return Ok(Vec::new()) };
                 Ok(s.entries
@@ -848,12 +909,9 @@ impl Provider for LocalStore {
                     })
                     .collect())
             })
-            .try_reduce(Vec::new, |mut a, b| {
-                a.extend(b);
-                Ok(a)
-            })?;
+            .collect::<Result<Vec<Vec<LiveResource>>>>()?;
         self.save_index();
-        Ok(out)
+        Ok(concat(out))
     }
 
     fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, String)>> {
