@@ -13,12 +13,13 @@
 //! `.dotmac/cache/render.bin`; losing it costs time, never correctness.
 
 use crate::binfmt::{Reader, put_str};
+use crate::load::source::FileStat;
 use crate::model::{Address, Charset, Coordination, SecretSource, SecretSpec, Strategy, TenantLabel};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"DMRC0003";
+const MAGIC: &[u8; 8] = b"DMRC0004";
 
 /// One resource a cached tenant renders.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +46,10 @@ pub struct UnitEntry {
     pub not_before: i64,
     /// ... until just before this one.
     pub not_after: i64,
+    /// The `stat` of each of the folder's files (by path) when they were read and hashed to
+    /// `digest`; empty if some file could not vouch (changed just before, or a link). Equal
+    /// `stat`s now mean the same files, as in git's index, so they need not be read.
+    pub files: Vec<(String, FileStat)>,
     pub tenants: Vec<CachedTenant>,
 }
 
@@ -74,6 +79,24 @@ impl RenderCache {
     /// The entry of `unit` if it holds for these files at time `now` (unix seconds).
     pub fn hit(&self, unit: &str, digest: &str, now: i64) -> Option<&UnitEntry> {
         self.units.get(unit).filter(|e| e.digest == digest && e.not_before <= now && now < e.not_after)
+    }
+
+    /// The digest of `unit`'s files if their `stat`s are as recorded and the entry holds at
+    /// `now`.
+    pub fn known(&self, unit: &str, files: &[(String, FileStat)], now: i64) -> Option<String> {
+        let e = self.units.get(unit)?;
+        (!e.files.is_empty() && e.files == files && e.not_before <= now && now < e.not_after).then(|| e.digest.clone())
+    }
+
+    /// Records the files' `stat`s for an entry made from exactly those files.
+    pub fn vouch(&mut self, unit: &str, digest: &str, files: Vec<(String, FileStat)>) {
+        if let Some(e) = self.units.get_mut(unit)
+            && e.digest == digest
+            && e.files != files
+        {
+            e.files = files;
+            self.dirty = true;
+        }
     }
 
     pub fn put(&mut self, unit: String, entry: UnitEntry) {
@@ -117,6 +140,15 @@ fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
         put_str(&mut out, &e.digest);
         out.extend_from_slice(&e.not_before.to_le_bytes());
         out.extend_from_slice(&e.not_after.to_le_bytes());
+        out.extend_from_slice(&(e.files.len() as u32).to_le_bytes());
+        for (path, st) in &e.files {
+            put_str(&mut out, path);
+            for v in [st.mtime, st.mtime_ns, st.ctime, st.ctime_ns] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&st.size.to_le_bytes());
+            out.extend_from_slice(&st.ino.to_le_bytes());
+        }
         out.extend_from_slice(&(e.tenants.len() as u32).to_le_bytes());
         for t in &e.tenants {
             put_str(&mut out, &t.id);
@@ -180,6 +212,20 @@ fn decode(b: &[u8], shared: &str) -> Option<HashMap<String, UnitEntry>> {
         let digest = r.str()?.to_owned();
         let not_before = r.i64()?;
         let not_after = r.i64()?;
+        let f = r.u32()? as usize;
+        let mut files = Vec::with_capacity(f.min(1 << 16));
+        for _ in 0..f {
+            let path = r.str()?.to_owned();
+            let st = FileStat {
+                mtime: r.i64()?,
+                mtime_ns: r.i64()?,
+                ctime: r.i64()?,
+                ctime_ns: r.i64()?,
+                size: r.u64()?,
+                ino: r.u64()?,
+            };
+            files.push((path, st));
+        }
         let k = r.u32()? as usize;
         let mut tenants = Vec::with_capacity(k.min(1 << 16));
         for _ in 0..k {
@@ -224,7 +270,7 @@ fn decode(b: &[u8], shared: &str) -> Option<HashMap<String, UnitEntry>> {
                 resources,
             });
         }
-        units.insert(unit, UnitEntry { digest, not_before, not_after, tenants });
+        units.insert(unit, UnitEntry { digest, not_before, not_after, files, tenants });
     }
     r.at_end().then_some(units)
 }
@@ -242,6 +288,10 @@ mod tests {
             digest: "abc".into(),
             not_before: 100,
             not_after: 200,
+            files: vec![(
+                "tenants/t1/tenant.yaml".into(),
+                FileStat { mtime: 1, mtime_ns: 2, ctime: 3, ctime_ns: 4, size: 5, ino: 6 },
+            )],
             tenants: vec![CachedTenant {
                 id: "t1".into(),
                 coordination: Coordination::default(),
@@ -275,6 +325,11 @@ mod tests {
         assert_eq!(c.hit("t1", "abc", 150), Some(&entry));
         assert!(c.hit("t1", "abc", 200).is_none(), "a license expired: render again");
         assert!(c.hit("t1", "abd", 150).is_none(), "the files changed");
+        assert_eq!(c.known("t1", &entry.files, 150).as_deref(), Some("abc"), "known by stat");
+        let mut touched = entry.files.clone();
+        touched[0].1.ctime_ns += 1;
+        assert!(c.known("t1", &touched, 150).is_none(), "a stat changed: read the file");
+        assert!(c.known("t1", &entry.files, 200).is_none(), "known, but a license expired");
         assert!(RenderCache::open(d.path(), "shared-2").units.is_empty(), "other templates or settings");
     }
 }

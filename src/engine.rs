@@ -6,7 +6,7 @@ use crate::cache::{CachedResource, CachedTenant, RenderCache, UnitEntry};
 use crate::diag::Diagnostic;
 use crate::diff::{self, Action};
 use crate::load::settings::Settings;
-use crate::load::source::{Scope, tenant_unit};
+use crate::load::source::{FileStat, RawFile, Scope, tenant_unit};
 use crate::load::{self, Loaded};
 use crate::model::{Address, Content, Coordination, DesiredEntry, ProviderId};
 use crate::plan::{self, Plan};
@@ -67,6 +67,7 @@ pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]
         handles.into_iter().map(|(p, h)| (p, h.join().unwrap_or_else(|_| Ok(Vec::new())))).collect()
     });
     let mut out = Live::default();
+    out.resources.reserve_exact(results.iter().map(|(_, r)| r.as_ref().map_or(0, Vec::len)).sum());
     for (p, r) in results {
         let r = match r {
             Err(ProviderError::Partial { found, failed }) => {
@@ -223,8 +224,11 @@ impl DesiredTenant {
 
 /// The settings file read quickly, before validation, for the state folder; an invalid
 /// one yields the defaults (validation reports it, and nothing is planned then).
-fn quick_settings(raw: &load::Raw) -> Settings {
-    raw.text("dotmac.toml")
+fn quick_settings(files: &[RawFile]) -> Settings {
+    files
+        .iter()
+        .find(|f| f.path == "dotmac.toml")
+        .map(|f| f.text.as_str())
         .and_then(|t| toml::from_str::<toml::Table>(t).ok())
         .and_then(|t| serde_json::to_value(t).ok())
         .and_then(|v| serde_json::from_value(v).ok())
@@ -235,14 +239,42 @@ fn quick_settings(raw: &load::Raw) -> Settings {
 /// validating or reading any tenant (invalid settings give the defaults).
 pub fn settings_at(root: &Path, rev: Option<&str>) -> Result<(Settings, PathBuf)> {
     let raw = load::read(root, rev, &Scope::Units(BTreeSet::new()))?;
-    let settings = quick_settings(&raw);
+    let settings = quick_settings(&raw.files);
     let dir = state_dir(root, &settings);
     Ok((settings, dir))
 }
 
+/// The tenant folders read from the work tree this time whose every file can vouch for
+/// its content by its `stat` (a plain file, not changed just before the read), with those
+/// `stat`s in path order.
+fn vouching(loaded: &Loaded) -> Vec<(&str, Vec<(String, FileStat)>)> {
+    if loaded.origin != load::Origin::WorkTree {
+        return Vec::new();
+    }
+    let mut files: BTreeMap<&str, usize> = BTreeMap::new();
+    for f in &loaded.files {
+        if let Some(u) = tenant_unit(&f.path) {
+            *files.entry(u).or_default() += 1;
+        }
+    }
+    let mut stats: BTreeMap<&str, Vec<(String, FileStat)>> = BTreeMap::new();
+    let mut racy: BTreeSet<&str> = BTreeSet::new();
+    for (path, st) in &loaded.stats {
+        let Some(u) = tenant_unit(path) else { continue };
+        if loaded.unread_units.contains(u) {
+            continue;
+        }
+        if st.racy(loaded.read_started_ns) {
+            racy.insert(u);
+        }
+        stats.entry(u).or_default().push((path.clone(), *st));
+    }
+    stats.into_iter().filter(|(u, s)| !racy.contains(u) && files.get(u) == Some(&s.len())).collect()
+}
+
 /// What every tenant's render depends on besides its own folder: this binary, the
 /// settings, catalogs, environments and templates.
-fn shared_digest(raw: &load::Raw) -> String {
+fn shared_digest(files: &[RawFile]) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(b"dotmac-gitops render cache 1\0");
@@ -254,7 +286,7 @@ fn shared_digest(raw: &load::Raw) -> String {
         h.update(m.size().to_le_bytes());
         h.update(m.ino().to_le_bytes());
     }
-    for f in raw.files.iter().filter(|f| crate::load::source::tenant_unit(&f.path).is_none()) {
+    for f in files.iter().filter(|f| crate::load::source::tenant_unit(&f.path).is_none()) {
         h.update((f.path.len() as u64).to_le_bytes());
         h.update(f.path.as_bytes());
         h.update((f.text.len() as u64).to_le_bytes());
@@ -268,15 +300,32 @@ impl Workspace {
     /// the render cache unless `DOTMAC_NO_CACHE` is set.
     pub fn open(root: &Path, rev: Option<&str>, now: Timestamp) -> Result<Workspace> {
         let t = std::time::Instant::now();
-        let raw = load::read(root, rev, &Scope::All)?;
-        let quick = quick_settings(&raw);
-        let state_dir = state_dir(root, &quick);
         let use_cache = std::env::var_os("DOTMAC_NO_CACHE").is_none();
-        let mut cache =
-            if use_cache { RenderCache::open(&state_dir, &shared_digest(&raw)) } else { RenderCache::default() };
         let now_s = now.as_second();
+        let open_cache = |files: &[RawFile]| {
+            let state_dir = state_dir(root, &quick_settings(files));
+            let cache =
+                if use_cache { RenderCache::open(&state_dir, &shared_digest(files)) } else { RenderCache::default() };
+            (state_dir, cache)
+        };
+        let (raw, state_dir, mut cache) = match rev {
+            // The work tree: the shared files first (the cache depends on them), then the
+            // tenant folders, not reading those the cache knows by their files' `stat`.
+            None => {
+                let tree = load::source::Worktree::open(root);
+                let (shared, problems) = tree.shared();
+                let (state_dir, cache) = open_cache(&shared);
+                let units = tree.units(&Scope::All, &|u, files| cache.known(u, files, now_s));
+                (load::Raw::from_worktree(root, &tree, shared, problems, units), state_dir, cache)
+            }
+            Some(_) => {
+                let raw = load::read(root, rev, &Scope::All)?;
+                let (state_dir, cache) = open_cache(&raw.files);
+                (raw, state_dir, cache)
+            }
+        };
         let loaded = raw.parse(&|u, d| cache.hit(u, d, now_s).is_none());
-        tracing::debug!(files = loaded.files.len(), cached = loaded.skipped_units.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read");
+        tracing::debug!(files = loaded.files.len(), cached = loaded.skipped_units.len(), unread = loaded.unread_units.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read");
         let mut known: BTreeMap<String, String> = BTreeMap::new();
         for u in &loaded.skipped_units {
             if let Some(e) = cache.units.get(u) {
@@ -303,30 +352,6 @@ impl Workspace {
                 },
             );
         }
-        for u in &loaded.skipped_units {
-            let Some(e) = cache.units.get(u) else { continue };
-            for ct in &e.tenants {
-                let entries = ct
-                    .resources
-                    .iter()
-                    .map(|r| DesiredEntry {
-                        address: r.address.clone(),
-                        fingerprint: r.fingerprint.clone(),
-                        content: r.secret.clone().map(Content::Secret),
-                    })
-                    .collect();
-                tenants.insert(
-                    ct.id.clone(),
-                    DesiredTenant {
-                        unit: u.clone(),
-                        coordination: ct.coordination.clone(),
-                        label: ct.label.clone(),
-                        entries,
-                    },
-                );
-            }
-        }
-
         if use_cache && !diagnostics.iter().any(|d| d.rule == "settings" || d.rule == "toml") {
             // Folders that validated and rendered without a single diagnostic are cached.
             let mut troubled: BTreeSet<String> =
@@ -348,6 +373,7 @@ impl Workspace {
                 let ts = per_unit.get(u.as_str()).cloned().unwrap_or_default();
                 let entry = UnitEntry {
                     digest: digest.clone(),
+                    files: Vec::new(),
                     not_before: ts.iter().map(|t| t.window.0).max().unwrap_or(i64::MIN),
                     not_after: ts.iter().map(|t| t.window.1).min().unwrap_or(i64::MAX),
                     tenants: ts
@@ -373,9 +399,36 @@ impl Workspace {
                 };
                 cache.put(u.clone(), entry);
             }
+            // Folders read this time vouch for their entry by their files' `stat`s.
+            for (u, files) in vouching(&loaded) {
+                if let Some(digest) = loaded.unit_digests.get(u)
+                    && !troubled.contains(u)
+                {
+                    cache.vouch(u, digest, files);
+                }
+            }
             cache.retain(|u| loaded.unit_digests.contains_key(u));
             if let Err(e) = cache.save() {
                 tracing::warn!(error = %e, "could not save the render cache");
+            }
+        }
+        // The cached folders' tenants, moved out of the cache (saved above if it changed).
+        for u in &loaded.skipped_units {
+            let Some(e) = cache.units.remove(u) else { continue };
+            for ct in e.tenants {
+                let entries = ct
+                    .resources
+                    .into_iter()
+                    .map(|r| DesiredEntry {
+                        address: r.address,
+                        fingerprint: r.fingerprint,
+                        content: r.secret.map(Content::Secret),
+                    })
+                    .collect();
+                tenants.insert(
+                    ct.id,
+                    DesiredTenant { unit: u.clone(), coordination: ct.coordination, label: ct.label, entries },
+                );
             }
         }
         tracing::info!(tenants = tenants.len(), cached_units = loaded.skipped_units.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "desired state ready");
@@ -393,7 +446,7 @@ impl Workspace {
         if units.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let sub = self.loaded.subset(&units);
+        let sub = self.loaded.subset(&units).map_err(|e| anyhow::anyhow!(e))?;
         let known: BTreeMap<String, String> = self
             .tenants
             .iter()

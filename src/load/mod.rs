@@ -60,6 +60,11 @@ pub struct Loaded {
     pub skipped_units: BTreeSet<String>,
     /// Each file's `stat` as read from a work tree (empty for a commit).
     pub stats: Vec<(String, source::FileStat)>,
+    /// Tenant folders of a work tree known unchanged by their files' `stat`, never read:
+    /// they have a digest but no texts here (`subset` reads them when asked).
+    pub unread_units: BTreeSet<String>,
+    /// When reading the work tree began (see [`source::FileStat::racy`]).
+    pub read_started_ns: i128,
 }
 
 /// Which tenant folders to parse, given their name and digest (the rest are only hashed).
@@ -108,7 +113,10 @@ pub struct Raw {
     pub root: PathBuf,
     pub origin: Origin,
     pub files: Vec<RawFile>,
+    /// Tenant folders known unchanged and not read (work tree only).
+    pub unread: Vec<source::UnreadUnit>,
     pub problems: Vec<source::FileProblem>,
+    pub started_ns: i128,
 }
 
 impl Raw {
@@ -118,7 +126,39 @@ impl Raw {
 
     /// Parses the files; tenant folders that `parse` declines are only hashed.
     pub fn parse(self, parse: ParseFilter<'_>) -> Loaded {
-        parse_files(&self.root, self.origin, self.files, self.problems, parse)
+        let mut loaded = parse_files(&self.root, self.origin, self.files, self.problems, parse);
+        loaded.read_started_ns = self.started_ns;
+        for u in self.unread {
+            loaded.stats.extend(u.files);
+            loaded.unit_digests.insert(u.unit.clone(), u.digest);
+            loaded.skipped_units.insert(u.unit.clone());
+            loaded.unread_units.insert(u.unit);
+        }
+        loaded
+    }
+}
+
+impl Raw {
+    /// A work tree read in two steps: the shared files, then the tenant folders.
+    pub fn from_worktree(
+        root: &Path,
+        tree: &source::Worktree,
+        shared: Vec<RawFile>,
+        mut problems: Vec<source::FileProblem>,
+        units: source::UnitsRead,
+    ) -> Raw {
+        let mut files = shared;
+        files.extend(units.files);
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        problems.extend(units.problems);
+        Raw {
+            root: root.to_path_buf(),
+            origin: Origin::WorkTree,
+            files,
+            unread: units.unread,
+            problems,
+            started_ns: tree.started_ns,
+        }
     }
 }
 
@@ -137,7 +177,7 @@ pub fn read(root: &Path, rev: Option<&str>, scope: &Scope) -> Result<Raw, LoadEr
             (raw, problems, Origin::Commit(commit.to_string()))
         }
     };
-    Ok(Raw { root: root.to_path_buf(), origin, files: raw, problems })
+    Ok(Raw { root: root.to_path_buf(), origin, files: raw, unread: Vec::new(), problems, started_ns: 0 })
 }
 
 /// Reads the repository at a commit of an already open git repository.
@@ -288,6 +328,8 @@ pub fn parse_files(
         unit_digests,
         skipped_units,
         stats,
+        unread_units: BTreeSet::new(),
+        read_started_ns: 0,
     }
 }
 
@@ -311,8 +353,10 @@ impl Loaded {
         self.files.iter().find(|f| &*f.path == path).map(|f| f.text.as_str())
     }
 
-    /// The same repository with only these tenant folders parsed (from the texts in memory).
-    pub fn subset(&self, units: &BTreeSet<String>) -> Loaded {
+    /// The same repository with only these tenant folders parsed: from the texts in memory,
+    /// or for folders that were not read, from the work tree — which must still hold what
+    /// was planned (the same digest), or this fails.
+    pub fn subset(&self, units: &BTreeSet<String>) -> Result<Loaded, String> {
         let mut raw: Vec<RawFile> = self
             .files
             .iter()
@@ -320,7 +364,23 @@ impl Loaded {
             .map(|f| RawFile::new(f.path.to_string(), f.text.clone()))
             .collect();
         raw.extend(self.templates.iter().map(|(n, t)| RawFile::new(format!("templates/{n}"), t.to_string())));
-        parse_files(&self.root, self.origin.clone(), raw, Vec::new(), &parse_all)
+        let unread: BTreeSet<String> = units.intersection(&self.unread_units).cloned().collect();
+        if !unread.is_empty() {
+            let read = source::Worktree::open(&self.root).units(&Scope::Units(unread.clone()), &|_, _| None);
+            if let Some(p) = read.problems.first() {
+                return Err(format!("`{}` {}", p.path, p.message));
+            }
+            let mut files = read.files;
+            files.sort_by(|a, b| a.path.cmp(&b.path));
+            let digests = unit_digests(&files);
+            for u in &unread {
+                if digests.get(u) != self.unit_digests.get(u) {
+                    return Err(format!("tenants/{u} changed on disk while it was being planned; plan again"));
+                }
+            }
+            raw.extend(files);
+        }
+        Ok(parse_files(&self.root, self.origin.clone(), raw, Vec::new(), &parse_all))
     }
 
     /// Keeps the shared files (settings, catalogs, environments, templates) and the tenant

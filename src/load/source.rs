@@ -34,6 +34,8 @@ impl RawFile {
 pub struct FileStat {
     pub mtime: i64,
     pub mtime_ns: i64,
+    pub ctime: i64,
+    pub ctime_ns: i64,
     pub size: u64,
     pub ino: u64,
 }
@@ -136,80 +138,184 @@ pub fn find_root(start: &Path) -> Option<PathBuf> {
 
 /// Reads the work tree under `root`.
 pub fn read_worktree(root: &Path, scope: &Scope) -> (Vec<RawFile>, Vec<FileProblem>) {
-    let root = match root.canonicalize() {
-        Ok(r) => r,
-        Err(e) => {
-            return (
-                Vec::new(),
-                vec![FileProblem {
-                    path: root.display().to_string(),
-                    message: format!("cannot be read: {e}"),
-                    line: None,
-                }],
-            );
-        }
-    };
-    // Shared files first (few), then each tenant folder walked and read in parallel.
-    let mut paths: Vec<(String, bool)> = Vec::new();
-    let mut problems = Vec::new();
-    if root.join("dotmac.toml").exists() {
-        paths.push(("dotmac.toml".to_owned(), false));
-    }
-    let mut units: Vec<(String, PathBuf, std::fs::FileType)> = Vec::new();
-    for top in TOP_DIRS {
-        let dir = root.join(top);
-        if !dir.is_dir() {
-            continue;
-        }
-        if top == "tenants" {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            units = entries
-                .filter_map(Result::ok)
-                .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path(), e.file_type().ok()?)))
-                .filter(|(name, _, _)| scope.wants_unit(name) && !name.starts_with('.'))
-                .collect();
-            units.sort_by(|a, b| a.0.cmp(&b.0));
-        } else {
-            walk(&dir, top, &mut paths, &mut problems, 0);
-        }
-    }
-    paths.retain(|(p, _)| role_of(p).is_some());
-    let mut results: Vec<Result<RawFile, FileProblem>> =
-        paths.par_iter().map(|(rel, link)| read_one(&root, rel, *link)).collect();
-    let per_unit: Vec<(Vec<Result<RawFile, FileProblem>>, Vec<FileProblem>)> = units
-        .par_iter()
-        .map(|(name, path, ft)| {
-            let rel = format!("tenants/{name}");
-            let mut found = Vec::new();
-            let mut probs = Vec::new();
-            if ft.is_dir() {
-                walk(path, &rel, &mut found, &mut probs, 0);
-            } else {
-                entry(path, rel, ft, &mut found, &mut probs);
-            }
-            let read = found
-                .iter()
-                .filter(|(p, _)| role_of(p).is_some())
-                .map(|(rel, link)| read_one(&root, rel, *link))
-                .collect();
-            (read, probs)
-        })
-        .collect();
-    for (r, p) in per_unit {
-        results.extend(r);
-        problems.extend(p);
-    }
-    let mut files = Vec::with_capacity(results.len());
-    for r in results {
-        match r {
-            Ok(f) => files.push(f),
-            Err(p) => problems.push(p),
-        }
-    }
+    let tree = Worktree::open(root);
+    let (mut files, mut problems) = tree.shared();
+    let units = tree.units(scope, &|_, _| None);
+    files.extend(units.files);
+    problems.extend(units.problems);
     files.sort_by(|a, b| a.path.cmp(&b.path));
     (files, problems)
+}
+
+/// A tenant folder whose files were only `stat`ed: the caller knew them by their `stat`
+/// (see [`Worktree::units`]) and vouched for their digest.
+#[derive(Debug, Clone)]
+pub struct UnreadUnit {
+    pub unit: String,
+    pub digest: String,
+    pub files: Vec<(String, FileStat)>,
+}
+
+/// The tenant folders of a work tree as read: files, folders known unchanged, problems.
+#[derive(Debug, Default)]
+pub struct UnitsRead {
+    pub files: Vec<RawFile>,
+    pub unread: Vec<UnreadUnit>,
+    pub problems: Vec<FileProblem>,
+}
+
+/// Tells, from the `stat` of every file of a tenant folder, the digest of the folder if it is
+/// known unchanged (`None`: read it).
+pub type KnownUnit<'a> = &'a (dyn Fn(&str, &[(String, FileStat)]) -> Option<String> + Sync);
+
+/// A work tree being read: the shared files first, then the tenant folders.
+pub struct Worktree {
+    root: Result<PathBuf, FileProblem>,
+    /// The clock when reading began: a file changed less than [`RACY_NS`] before it may
+    /// change again within the same file-system clock tick, so its `stat` vouches for nothing.
+    pub started_ns: i128,
+}
+
+/// How close to the start of a read a file's mtime makes its `stat` untrustworthy
+/// (file-system clocks tick coarsely; one second is generous).
+pub const RACY_NS: i128 = 1_000_000_000;
+
+impl FileStat {
+    pub fn of(m: &std::fs::Metadata) -> FileStat {
+        use std::os::unix::fs::MetadataExt;
+        FileStat {
+            mtime: m.mtime(),
+            mtime_ns: m.mtime_nsec(),
+            ctime: m.ctime(),
+            ctime_ns: m.ctime_nsec(),
+            size: m.size(),
+            ino: m.ino(),
+        }
+    }
+
+    /// Changed so recently before `started_ns` (or after it) that an equal `stat` later does
+    /// not prove equal content.
+    pub fn racy(&self, started_ns: i128) -> bool {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        ns(self.mtime, self.mtime_ns).max(ns(self.ctime, self.ctime_ns)) + RACY_NS >= started_ns
+    }
+}
+
+impl Worktree {
+    pub fn open(root: &Path) -> Worktree {
+        let started_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        let root = root.canonicalize().map_err(|e| FileProblem {
+            path: root.display().to_string(),
+            message: format!("cannot be read: {e}"),
+            line: None,
+        });
+        Worktree { root, started_ns }
+    }
+
+    /// `dotmac.toml`, catalogs, environments and templates.
+    pub fn shared(&self) -> (Vec<RawFile>, Vec<FileProblem>) {
+        let root = match &self.root {
+            Ok(r) => r,
+            Err(p) => return (Vec::new(), vec![p.clone()]),
+        };
+        let mut paths: Vec<(String, bool)> = Vec::new();
+        let mut problems = Vec::new();
+        if root.join("dotmac.toml").exists() {
+            paths.push(("dotmac.toml".to_owned(), false));
+        }
+        for top in TOP_DIRS.into_iter().filter(|t| *t != "tenants") {
+            let dir = root.join(top);
+            if dir.is_dir() {
+                walk(&dir, top, &mut paths, &mut problems, 0);
+            }
+        }
+        paths.retain(|(p, _)| role_of(p).is_some());
+        let mut files = Vec::with_capacity(paths.len());
+        for r in paths.par_iter().map(|(rel, link)| read_one(root, rel, *link)).collect::<Vec<_>>() {
+            match r {
+                Ok(f) => files.push(f),
+                Err(p) => problems.push(p),
+            }
+        }
+        (files, problems)
+    }
+
+    /// The tenant folders in `scope`, each walked in parallel. A folder of plain files whose
+    /// `stat`s `known` recognises is not read (the `stat` is git's test of "unchanged", and
+    /// a file changed just before this read is never offered).
+    pub fn units(&self, scope: &Scope, known: KnownUnit<'_>) -> UnitsRead {
+        let root = match &self.root {
+            Ok(r) => r,
+            Err(_) => return UnitsRead::default(),
+        };
+        let dir = root.join("tenants");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return UnitsRead::default();
+        };
+        let mut units: Vec<(String, PathBuf, std::fs::FileType)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path(), e.file_type().ok()?)))
+            .filter(|(name, _, _)| scope.wants_unit(name) && !name.starts_with('.'))
+            .collect();
+        units.sort_by(|a, b| a.0.cmp(&b.0));
+        enum One {
+            Read(Vec<Result<RawFile, FileProblem>>, Vec<FileProblem>),
+            Unread(UnreadUnit),
+        }
+        let per_unit: Vec<One> = units
+            .par_iter()
+            .map(|(name, path, ft)| {
+                let rel = format!("tenants/{name}");
+                let mut found = Vec::new();
+                let mut probs = Vec::new();
+                if ft.is_dir() {
+                    walk(path, &rel, &mut found, &mut probs, 0);
+                } else {
+                    entry(path, rel, ft, &mut found, &mut probs);
+                }
+                found.retain(|(p, _)| role_of(p).is_some());
+                if probs.is_empty()
+                    && !found.is_empty()
+                    && found.iter().all(|(_, link)| !link)
+                    && let Some(stats) = found
+                        .iter()
+                        .map(|(p, _)| {
+                            let m = std::fs::symlink_metadata(root.join(p)).ok().filter(|m| m.is_file())?;
+                            Some((p.clone(), FileStat::of(&m)))
+                        })
+                        .collect::<Option<Vec<_>>>()
+                        .map(|mut v| {
+                            v.sort_by(|a, b| a.0.cmp(&b.0));
+                            v
+                        })
+                    && stats.iter().all(|(_, st)| !st.racy(self.started_ns))
+                    && let Some(digest) = known(name, &stats)
+                {
+                    return One::Unread(UnreadUnit { unit: name.clone(), digest, files: stats });
+                }
+                One::Read(found.iter().map(|(rel, link)| read_one(root, rel, *link)).collect(), probs)
+            })
+            .collect();
+        let mut out = UnitsRead::default();
+        for one in per_unit {
+            match one {
+                One::Read(files, probs) => {
+                    for r in files {
+                        match r {
+                            Ok(f) => out.files.push(f),
+                            Err(p) => out.problems.push(p),
+                        }
+                    }
+                    out.problems.extend(probs);
+                }
+                One::Unread(u) => out.unread.push(u),
+            }
+        }
+        out
+    }
 }
 
 /// Adds a directory entry that is not a folder: a file, or a link to one.
@@ -290,16 +396,15 @@ fn read_one(root: &Path, rel: &str, link: bool) -> Result<RawFile, FileProblem> 
     } else {
         path
     };
-    use std::os::unix::fs::MetadataExt;
     let mut bytes = Vec::new();
     let stat = std::fs::File::open(&target)
         .and_then(|f| {
             let m = f.metadata()?;
             // Exactly the file's size (and a byte to see the end): 20,000 tenant files held
             // in 8 KiB buffers were three times their text.
-            bytes.reserve_exact((m.size().min(MAX_FILE_BYTES) + 1) as usize);
+            bytes.reserve_exact((m.len().min(MAX_FILE_BYTES) + 1) as usize);
             f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-            Ok(FileStat { mtime: m.mtime(), mtime_ns: m.mtime_nsec(), size: m.size(), ino: m.ino() })
+            Ok(FileStat::of(&m))
         })
         .map_err(|e| problem(format!("cannot be read: {e}")))?;
     if bytes.len() as u64 > MAX_FILE_BYTES {

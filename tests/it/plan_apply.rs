@@ -355,6 +355,43 @@ fn apply_reports_management_and_isp_disagreeing_after_it_wrote_them() {
     );
 }
 
+/// A tenant folder whose files have the `stat`s the render cache recorded is not read again
+/// (git's test of "unchanged"). A change is still seen even if it keeps the file's size and
+/// mtime, and a folder not read is read when the plan needs its content.
+#[test]
+fn tenant_folders_known_by_stat_are_not_read_and_every_change_is_still_seen() {
+    let repo = example_repo();
+    let r = repo.path();
+    let debug = [("DOTMAC_LOG", "dotmac_gitops=debug")];
+    // A file changed less than a second before a read cannot vouch by its `stat`.
+    let settle = || std::thread::sleep(std::time::Duration::from_millis(1100));
+    settle();
+    let out = run_env(&["apply", "--auto-approve", "--now", NOW], r, &debug);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains(" unread=0 "), "the first run reads everything: {}", out.stderr);
+    let out = run_env(&["plan", "--detailed-exitcode", "--now", NOW], r, &debug);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains(" unread=5 "), "no tenant folder read: {}", out.stderr);
+
+    // Drift in a tenant whose files were not read: the plan renders it from the files.
+    let state = r.join(".dotmac");
+    edit_live(&state, "tenant-123/isp.config", "level: info", "level: debug");
+    let p = plan_json(r);
+    assert_eq!(changed_addresses(&p), ["tenant-123/isp.config"]);
+    assert_eq!(p["changes"][0]["drift"], true);
+    assert!(p["changes"][0]["diff"].as_str().unwrap().contains("+  level: info"), "{}", p["changes"][0]);
+
+    // The same size and the same mtime, other content: the ctime tells.
+    let file = r.join("tenants/tenant-123/tenant.yaml");
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    edit(&file, "sync_interval_minutes: 15", "sync_interval_minutes: 16");
+    std::fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+    settle();
+    let p = plan_json(r);
+    let isp = p["changes"].as_array().unwrap().iter().find(|c| c["address"] == "tenant-123/isp.config").unwrap();
+    assert!(isp["diff"].as_str().unwrap().contains("+    sync_interval_minutes: 16"), "{isp}");
+}
+
 #[test]
 fn a_plan_names_the_commit_only_when_the_files_it_reads_are_that_commit() {
     let repo = example_repo();
