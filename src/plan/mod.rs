@@ -247,18 +247,27 @@ fn plan_tenant(
         };
         keys.push(next);
     }
-    let find = |a: &Address| {
-        (
-            d.binary_search_by(|x| local_cmp(&x.address, a)).ok().map(|i| d[i]),
-            l.binary_search_by(|x| local_cmp(&x.address, a)).ok().map(|i| l[i]),
-            r.binary_search_by(|x| local_cmp(&x.address, a)).ok().map(|i| r[i]),
-        )
-    };
+    // The keys come in order, so each list is walked once alongside them.
+    fn at<'a, T>(items: &[&'a T], i: &mut usize, a: &Address, addr: impl Fn(&T) -> &Address) -> Option<&'a T> {
+        while let Some(x) = items.get(*i) {
+            match local_cmp(addr(x), a) {
+                std::cmp::Ordering::Less => *i += 1,
+                std::cmp::Ordering::Equal => return Some(*x),
+                std::cmp::Ordering::Greater => return None,
+            }
+        }
+        None
+    }
+    let (mut di, mut li, mut ri) = (0, 0, 0);
     let mut changes = Vec::new();
     let mut violations = Vec::new();
     let mut summary = Summary::default();
     for a in keys {
-        let (dl, ll, rl) = find(a);
+        let (dl, ll, rl) = (
+            at(&d, &mut di, a, |x| &x.address),
+            at(&l, &mut li, a, |x| &x.address),
+            at(&r, &mut ri, a, |x| &x.address),
+        );
         // Live holds what a journaled write intended: it happened.
         let happened = if journal.is_empty() {
             None
