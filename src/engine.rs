@@ -513,13 +513,14 @@ impl Workspace {
     ) -> Result<Plan> {
         let t = std::time::Instant::now();
         let skip = disabled(&self.settings);
-        let records = state.records(scope)?;
-        tracing::debug!(records = records.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read the state store");
+        // The providers learn the tenants known (the repository's and the state's) first;
+        // then the records are read while the providers list live state.
+        let recorded = state.recorded_tenants()?;
         let plan_id = plan::new_id("plan");
         let coordination: BTreeMap<String, Coordination> =
             self.tenants.iter().map(|(id, t)| (id.clone(), t.coordination.clone())).collect();
         let known: BTreeSet<&str> =
-            self.tenants.keys().map(String::as_str).chain(records.iter().map(|r| r.address.tenant.as_str())).collect();
+            self.tenants.keys().map(String::as_str).chain(recorded.iter().map(String::as_str)).collect();
         let known = known.into_iter().map(str::to_owned);
         begin_session(
             providers,
@@ -527,8 +528,13 @@ impl Workspace {
             known,
             coordination.clone(),
         );
-        let Live { resources: mut live, unreadable } = read_live(providers, scope, &skip)?;
-        tracing::debug!(live = live.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read live state");
+        let (records, live) = std::thread::scope(|s| {
+            let records = s.spawn(|| state.records(scope));
+            let live = read_live(providers, scope, &skip);
+            (records.join().unwrap_or_else(|_| Err(anyhow::anyhow!("reading the state store failed"))), live)
+        });
+        let (records, Live { resources: mut live, unreadable }) = (records?, live?);
+        tracing::debug!(live = live.len(), records = records.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read live state");
         let journal = state.journal()?;
         let meta = state.meta()?;
         tracing::debug!(live = live.len(), records = records.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read live state and records");

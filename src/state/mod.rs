@@ -13,7 +13,7 @@ pub mod sqlite;
 use crate::model::{Address, Content};
 use crate::providers::TenantScope;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 pub type Result<T> = anyhow::Result<T>;
 
@@ -141,6 +141,8 @@ pub trait StateStore: Send + Sync {
     fn meta(&self) -> Result<StateMeta>;
     /// Records (without content) of the tenants in scope.
     fn records(&self, scope: &TenantScope) -> Result<Vec<Record>>;
+    /// The tenants that have records.
+    fn recorded_tenants(&self) -> Result<BTreeSet<String>>;
     /// The recorded content of these addresses (those that have one).
     fn contents(&self, addresses: &[Address]) -> Result<HashMap<Address, Content>>;
     /// Starts an apply: moves the serial and returns the new one.

@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail};
 use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use postgres::types::ToSql;
 use postgres::{Client, GenericClient};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -647,6 +647,13 @@ impl StateStore for PgStore {
             }
         }
         Ok(out)
+    }
+
+    fn recorded_tenants(&self) -> Result<BTreeSet<String>> {
+        let mut c = self.conn()?;
+        let rows =
+            c.query("SELECT DISTINCT tenant FROM dotmac_resources", &[]).map_err(self.err("reading the records"))?;
+        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
     }
 
     fn contents(&self, addresses: &[Address]) -> Result<HashMap<Address, Content>> {

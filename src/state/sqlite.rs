@@ -5,7 +5,7 @@ use crate::model::{Address, Content};
 use crate::providers::TenantScope;
 use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -162,6 +162,13 @@ impl StateStore for SqliteStore {
             }
         }
         Ok(out)
+    }
+
+    fn recorded_tenants(&self) -> Result<BTreeSet<String>> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT DISTINCT tenant FROM resources")?;
+        let tenants = st.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(tenants)
     }
 
     fn contents(&self, addresses: &[Address]) -> Result<HashMap<Address, Content>> {

@@ -9,7 +9,7 @@
 
 use crate::binfmt::{Reader, put_str};
 use crate::model::SecretMeta;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -53,14 +53,15 @@ pub struct CachedShard {
     pub entries: Vec<CachedEntry>,
 }
 
-/// An index as loaded: the file's bytes, where each shard's part is, and the file's mtime
-/// (nanoseconds), against which the racily clean rule judges the shards. A shard's entries
-/// are decoded only when asked for: a `list` of unchanged shards reads them straight from
-/// here, without building the store's image.
+/// An index as opened: the file (kept open, so a newer index renamed over it does not
+/// matter), where each shard's part is, and the file's mtime (nanoseconds), against which the
+/// racily clean rule judges the shards. A shard's part is read and decoded only when asked
+/// for, so memory holds one part at a time: a `list` of unchanged shards reads them straight
+/// from the file, without building the store's image.
 #[derive(Debug)]
 pub struct Loaded {
-    bytes: Vec<u8>,
-    /// By shard: its `stat` stamp, the number of entries and where they are in `bytes`.
+    file: std::fs::File,
+    /// By shard: its `stat` stamp, the number of entries and where they are in the file.
     parts: Vec<Option<Part>>,
     pub written: i128,
 }
@@ -99,11 +100,16 @@ impl Loaded {
         self.parts.get(n)?.as_ref().map(|p| p.stamp)
     }
 
+    /// The number of entries the index gives shard `n`.
+    pub fn count(&self, n: usize) -> usize {
+        self.parts.get(n).and_then(Option::as_ref).map_or(0, |p| p.count)
+    }
+
     /// Calls `f` with each entry of shard `n` (in the file's order); `false` if the index does
-    /// not describe the shard or its part does not decode.
+    /// not describe the shard or its part does not read or decode.
     pub fn visit(&self, n: usize, mut f: impl FnMut(EntryRef<'_>)) -> bool {
-        let Some(Some(part)) = self.parts.get(n) else { return false };
-        let mut r = Reader::new(&self.bytes[part.range.clone()]);
+        let Some((part, bytes)) = self.raw(n) else { return false };
+        let mut r = Reader::new(&bytes);
         for _ in 0..part.count {
             match entry(&mut r) {
                 Some(e) => f(e),
@@ -130,10 +136,13 @@ impl Loaded {
         ok.then_some(CachedShard { shard: n, stamp, entries })
     }
 
-    /// Shard `n`'s part as it is in the file (to be written again unchanged).
-    fn raw(&self, n: usize) -> Option<(&Part, &[u8])> {
+    /// Shard `n`'s part as it is in the file.
+    fn raw(&self, n: usize) -> Option<(&Part, Vec<u8>)> {
+        use std::os::unix::fs::FileExt;
         let part = self.parts.get(n)?.as_ref()?;
-        Some((part, &self.bytes[part.range.clone()]))
+        let mut bytes = vec![0; part.range.len()];
+        self.file.read_exact_at(&mut bytes, part.range.start as u64).ok()?;
+        Some((part, bytes))
     }
 }
 
@@ -143,12 +152,10 @@ pub fn path(dir: &Path) -> PathBuf {
 
 /// Loads the index of a store folder; `None` if absent, unreadable or of another version.
 pub fn load(dir: &Path) -> Option<Loaded> {
-    let mut f = std::fs::File::open(path(dir)).ok()?;
-    let meta = f.metadata().ok()?;
-    let mut bytes = Vec::with_capacity(meta.size() as usize + 1);
-    f.read_to_end(&mut bytes).ok()?;
-    let parts = split(&bytes)?;
-    Some(Loaded { bytes, parts, written: Stamp::of(&meta).nanos() })
+    let file = std::fs::File::open(path(dir)).ok()?;
+    let meta = file.metadata().ok()?;
+    let parts = split(&file, meta.size())?;
+    Some(Loaded { file, parts, written: Stamp::of(&meta).nanos() })
 }
 
 /// The encoded index, one shard at a time.
@@ -202,7 +209,7 @@ impl Writer {
         let Some((part, bytes)) = from.raw(shard) else { return };
         self.head(shard, &part.stamp, part.count);
         self.out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        self.out.extend_from_slice(bytes);
+        self.out.extend_from_slice(&bytes);
     }
 
     fn head(&mut self, shard: usize, stamp: &Stamp, count: usize) {
@@ -252,26 +259,35 @@ pub struct Cached<'a> {
     pub meta: Option<&'a SecretMeta>,
 }
 
-/// Where each shard's part of an index file is (`None`: another version, or damaged).
-fn split(b: &[u8]) -> Option<Vec<Option<Part>>> {
-    let mut r = Reader::new(b);
+/// Where each shard's part of an index file is, from the headers alone (`None`: another
+/// version, or damaged).
+fn split(file: &std::fs::File, size: u64) -> Option<Vec<Option<Part>>> {
+    use std::os::unix::fs::FileExt;
+    const HEAD: usize = 1 + 8 * 4 + 4 + 8;
+    let mut start = [0u8; 12];
+    file.read_exact_at(&mut start, 0).ok()?;
+    let mut r = Reader::new(&start);
     if r.take(8)? != MAGIC {
         return None;
     }
     let n = r.u32()? as usize;
     let mut parts = vec![None; super::shard::SHARDS];
+    let mut at = start.len() as u64;
+    let mut head = [0u8; HEAD];
     for _ in 0..n {
+        file.read_exact_at(&mut head, at).ok()?;
+        let mut r = Reader::new(&head);
         let shard = usize::from(r.u8()?);
         let stamp = Stamp { mtime: r.i64()?, mtime_ns: r.i64()?, size: r.u64()?, ino: r.u64()? };
         let count = r.u32()? as usize;
-        let len = usize::try_from(r.u64()?).ok()?;
-        let start = r.position();
-        r.take(len)?;
+        let len = r.u64()?;
+        let from = at + HEAD as u64;
+        at = from.checked_add(len).filter(|end| *end <= size)?;
         if let Some(slot) = parts.get_mut(shard) {
-            *slot = Some(Part { stamp, count, range: start..start + len });
+            *slot = Some(Part { stamp, count, range: usize::try_from(from).ok()?..usize::try_from(at).ok()? });
         }
     }
-    r.at_end().then_some(parts)
+    (at == size).then_some(parts)
 }
 
 /// One entry at the reader's position.

@@ -59,7 +59,6 @@ use crate::yamlfmt;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use index::Stamp;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -149,15 +148,6 @@ impl Shard {
     fn dirty(&self) -> bool {
         !self.changed.is_empty()
     }
-}
-
-/// The parts in one vector of exactly their total length.
-pub fn concat<T>(parts: Vec<Vec<T>>) -> Vec<T> {
-    let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum());
-    for p in parts {
-        out.extend(p);
-    }
-    out
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -292,17 +282,18 @@ impl LocalStore {
         slot
     }
 
-    /// Shard `n`'s resources in `scope` read straight from the index, if the shard has no
-    /// image yet and its file is as the index describes it (same `stat`, older than the
-    /// index): the common case of a plan, which then makes no image at all.
-    fn list_from_index(&self, n: usize, scope: &TenantScope) -> Result<Option<Vec<LiveResource>>> {
+    /// Appends shard `n`'s resources in `scope` read straight from the index, if the shard
+    /// has no image yet and its file is as the index describes it (same `stat`, older than
+    /// the index): the common case of a plan, which then makes no image at all. `false`:
+    /// nothing was appended, ask the image.
+    fn list_from_index(&self, n: usize, scope: &TenantScope, out: &mut Vec<LiveResource>) -> Result<bool> {
         let slot = self.lock(n);
-        let Some(idx) = self.index().filter(|_| slot.is_none()) else { return Ok(None) };
-        let Some(stamp) = idx.stamp(n).filter(|s| s.nanos() < idx.written) else { return Ok(None) };
+        let Some(idx) = self.index().filter(|_| slot.is_none()) else { return Ok(false) };
+        let Some(stamp) = idx.stamp(n).filter(|s| s.nanos() < idx.written) else { return Ok(false) };
         if self.stat(n)? != Some(stamp) {
-            return Ok(None);
+            return Ok(false);
         }
-        let mut out = Vec::new();
+        let before = out.len();
         let mut whole = true;
         let decoded = idx.visit(n, |e| {
             let Some(tenant) = e.address.split_once('/').map(|(t, _)| t) else {
@@ -322,7 +313,11 @@ impl LocalStore {
             }
         });
         drop(slot);
-        Ok((decoded && whole).then_some(out))
+        if !(decoded && whole) {
+            out.truncate(before);
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The `stat` of shard `n`'s file now (`None`: absent).
@@ -891,27 +886,24 @@ impl Provider for LocalStore {
                 v
             }
         };
-        let out = shards
-            .par_iter()
-            .map(|&n| -> Result<Vec<LiveResource>> {
-                if let Some(found) = self.list_from_index(n, scope)? {
-                    return Ok(found);
-                }
-                let slot = self.current(n)?;
-                let Some(s) = slot.as_ref() else { return Ok(Vec::new()) };
-                Ok(s.entries
-                    .values()
-                    .filter(|e| scope.contains(&e.address.tenant))
-                    .map(|e| LiveResource {
-                        address: e.address.clone(),
-                        fingerprint: e.fingerprint.clone(),
-                        content: e.meta.clone().map(Content::SecretMeta),
-                    })
-                    .collect())
-            })
-            .collect::<Result<Vec<Vec<LiveResource>>>>()?;
+        // One vector, sized from the index, filled shard after shard: the providers are
+        // listed in parallel already, and per-shard vectors joined at the end cost a second
+        // copy of everything.
+        let mut out = Vec::with_capacity(shards.iter().map(|&n| self.index().map_or(0, |i| i.count(n))).sum());
+        for n in shards {
+            if self.list_from_index(n, scope, &mut out)? {
+                continue;
+            }
+            let slot = self.current(n)?;
+            let Some(s) = slot.as_ref() else { continue };
+            out.extend(s.entries.values().filter(|e| scope.contains(&e.address.tenant)).map(|e| LiveResource {
+                address: e.address.clone(),
+                fingerprint: e.fingerprint.clone(),
+                content: e.meta.clone().map(Content::SecretMeta),
+            }));
+        }
         self.save_index();
-        Ok(concat(out))
+        Ok(out)
     }
 
     fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, String)>> {
