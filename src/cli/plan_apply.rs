@@ -13,6 +13,7 @@ use crate::providers::{Providers, TenantScope};
 use crate::state::{StateStore, lock};
 use anyhow::{Context, Result, bail};
 use jiff::Timestamp;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
@@ -37,7 +38,14 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> 
     // git's index is read while the repository is; whether the work tree is its commit is
     // then told from the files as read.
     let (ws, worktree_revision) = std::thread::scope(|s| {
-        let status = g.rev.is_none().then(|| s.spawn(|| source::worktree_index(&root)));
+        let status = g.rev.is_none().then(|| {
+            s.spawn(|| {
+                let t = std::time::Instant::now();
+                let i = source::worktree_index(&root);
+                tracing::debug!(elapsed = ?t.elapsed(), "read git's index");
+                i
+            })
+        });
         let ws = Workspace::open(&root, g.rev.as_deref(), now);
         (ws, status.and_then(|h| h.join().ok().flatten()))
     });
@@ -69,7 +77,15 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> 
     let revision = match &ws.loaded.origin {
         Origin::Commit(c) => Some(c.clone()),
         Origin::WorkTree => {
-            worktree_revision.and_then(|i| i.commit_if_clean(&ws.loaded.stats, |p| ws.loaded.text_of(p)))
+            let cache = ws.state_dir.join("cache").join("git-staged");
+            // A file of a tenant folder known by its `stat` was not read: it is read now.
+            let text_of = |p: &str| {
+                ws.loaded
+                    .text_of(p)
+                    .map(Cow::Borrowed)
+                    .or_else(|| std::fs::read_to_string(ws.loaded.root.join(p)).ok().map(Cow::Owned))
+            };
+            worktree_revision.and_then(|i| i.commit_if_clean(&ws.loaded.stats, text_of, Some(&cache)))
         }
     };
     Ok(Prepared { ws, providers, state, scope: scope_of(tenants), revision })

@@ -624,26 +624,21 @@ pub struct WorktreeIndex {
     /// When the index file was written: an entry not older than it may hide a change made
     /// in the same clock tick (git's "racily clean" entries), so its content is compared.
     written_ns: i128,
+    /// The index file's `stat` (git replaces the file to change it) and what staged changes
+    /// are looked for in, to tell whether anything is staged (see [`WorktreeIndex::staged`]).
+    stamp: String,
+    repo: PathBuf,
+    prefix: String,
 }
 
-/// Reads git's index for the work tree at `root`; `None` outside git, without a commit, or
-/// when a file the engine reads is staged but not committed.
+/// Reads git's index for the work tree at `root`; `None` outside git or without a commit.
 pub fn worktree_index(root: &Path) -> Option<WorktreeIndex> {
     use std::os::unix::fs::MetadataExt;
     let (repo, prefix) = open_git(root).ok()?;
     let head = repo.head().ok()?.peel_to_commit().ok()?;
+    let index_path = repo.path().join("index");
+    let m = std::fs::metadata(&index_path).ok()?;
     let index = repo.index().ok()?;
-    let under = |p: &str| if prefix.is_empty() { p.to_owned() } else { format!("{prefix}/{p}") };
-    let mut opts = git2::DiffOptions::new();
-    opts.disable_pathspec_match(true).pathspec(under("dotmac.toml"));
-    for top in TOP_DIRS {
-        opts.pathspec(under(top));
-    }
-    let staged = repo.diff_tree_to_index(Some(&head.tree().ok()?), Some(&index), Some(&mut opts)).ok()?;
-    if staged.deltas().len() > 0 {
-        return None;
-    }
-    let m = std::fs::metadata(repo.path().join("index")).ok()?;
     let written_ns = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
     let entries = index
         .iter()
@@ -655,19 +650,83 @@ pub fn worktree_index(root: &Path) -> Option<WorktreeIndex> {
             Some((rel, stat))
         })
         .collect();
-    Some(WorktreeIndex { head: head.id().to_string(), entries, written_ns })
+    let stamp = format!(
+        "{} {} {} {} {} {} {}",
+        head.id(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.size(),
+        m.ino()
+    );
+    Some(WorktreeIndex {
+        head: head.id().to_string(),
+        entries,
+        written_ns,
+        stamp,
+        repo: repo.path().to_path_buf(),
+        prefix,
+    })
 }
 
 impl WorktreeIndex {
+    /// Something the engine reads is staged but not committed (`true` also when git cannot
+    /// tell).
+    fn staged(&self, cache: Option<&Path>) -> bool {
+        let remembered = cache.and_then(|c| std::fs::read_to_string(c).ok());
+        if let Some(r) = remembered.as_deref().and_then(|r| r.strip_prefix(&self.stamp)) {
+            match r {
+                " staged\n" => return true,
+                " clean\n" => return false,
+                _ => {}
+            }
+        }
+        let staged = self.diff_head_to_index().unwrap_or(true);
+        if let Some(c) = cache {
+            let text = format!("{} {}\n", self.stamp, if staged { "staged" } else { "clean" });
+            if let Some(dir) = c.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let tmp = c.with_extension(format!("{}.tmp", std::process::id()));
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, c);
+            }
+        }
+        staged
+    }
+
+    fn diff_head_to_index(&self) -> Option<bool> {
+        let repo = git2::Repository::open(&self.repo).ok()?;
+        let head = repo.find_commit(git2::Oid::from_str(&self.head).ok()?).ok()?;
+        let index = repo.index().ok()?;
+        let under = |p: &str| if self.prefix.is_empty() { p.to_owned() } else { format!("{}/{p}", self.prefix) };
+        let mut opts = git2::DiffOptions::new();
+        opts.disable_pathspec_match(true).pathspec(under("dotmac.toml"));
+        for top in TOP_DIRS {
+            opts.pathspec(under(top));
+        }
+        let staged = repo.diff_tree_to_index(Some(&head.tree().ok()?), Some(&index), Some(&mut opts)).ok()?;
+        Some(staged.deltas().len() > 0)
+    }
+
     /// The commit, if every file the engine read (`stats`, with their text from `text_of`)
     /// is in the index unchanged and no indexed file of the engine's is missing.
+    ///
+    /// Whether anything is staged is remembered in `cache` (a file) under the index file's
+    /// `stat` and HEAD: comparing HEAD's tree with the index reads every tree object, which
+    /// for 100,000 tenant folders takes most of a second.
     pub fn commit_if_clean<'a>(
         self,
         stats: &[(String, FileStat)],
-        text_of: impl Fn(&str) -> Option<&'a str>,
+        text_of: impl Fn(&str) -> Option<std::borrow::Cow<'a, str>>,
+        cache: Option<&Path>,
     ) -> Option<String> {
         if stats.len() != self.entries.len() {
             return None; // a file untracked, ignored or deleted
+        }
+        if self.staged(cache) {
+            return None;
         }
         let unchanged = stats.iter().all(|(path, st)| {
             let Some(&(mtime, mtime_ns, size, ino, blob)) = self.entries.get(path) else { return false };
