@@ -378,11 +378,11 @@ fn diff_secret(
         }
         (SecretSource::External, true) => {
             if meta.as_ref().is_some_and(|m| m.placeholder) {
-                let hint = opts.external_hint.as_ref().map(|h| h.for_secret(tenant, name)).unwrap_or_default();
+                // The plan merges these into one warning per tenant, with its own advice.
                 let v = violation(
                     "external-secret-placeholder",
                     Severity::Warning,
-                    format!("tenant {tenant}: external secret `{name}` is still a development placeholder. {hint}"),
+                    format!("tenant {tenant}: external secret `{name}` is still a development placeholder"),
                 );
                 let c = (drift || last_fp.is_none())
                     .then(|| make(Action::Noop, Risk::High, "placeholder present; recorded".into()));
@@ -594,13 +594,7 @@ mod tests {
         LiveResource { address: r.address.clone(), fingerprint: r.fingerprint.clone(), content: r.content.clone() }
     }
     fn record(l: &LiveResource) -> Record {
-        Record {
-            address: l.address.clone(),
-            fingerprint: l.fingerprint.clone(),
-            content: None,
-            applied_at: String::new(),
-            serial: 1,
-        }
+        Record { address: l.address.clone(), fingerprint: l.fingerprint.clone(), serial: 1 }
     }
     fn now() -> Timestamp {
         "2026-11-22T00:00:00Z".parse().unwrap()

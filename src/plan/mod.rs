@@ -160,7 +160,7 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
             address: None,
         });
     }
-    let violations = merge_placeholder_warnings(violations);
+    violations.sort_by(|a, b| (&a.tenant, a.severity, &a.rule).cmp(&(&b.tenant, b.severity, &b.rule)));
     let changed: BTreeSet<&str> = changes.iter().map(|c| c.address.tenant.as_str()).collect();
     let coordination = inputs.coordination.into_iter().filter(|(t, _)| changed.contains(t.as_str())).collect();
     let live = if meta.record_live {
@@ -289,13 +289,8 @@ fn plan_tenant(
             continue;
         }
         if let (true, Some(l)) = (done, ll) {
-            let mut adopted = rl.cloned().unwrap_or(Record {
-                address: a.clone(),
-                fingerprint: String::new(),
-                content: None,
-                applied_at: String::new(),
-                serial: 0,
-            });
+            let mut adopted =
+                rl.cloned().unwrap_or(Record { address: a.clone(), fingerprint: String::new(), serial: 0 });
             adopted.fingerprint = l.fingerprint.clone();
             let (c, v) = diff::diff(a, dl, Some(l), Some(&adopted), now, options);
             // Nothing more to do, but the state store must learn what happened: once the
@@ -321,7 +316,7 @@ fn plan_tenant(
         }
         push(&mut changes, &mut violations, &mut summary, c, v, false);
     }
-    (changes, violations, summary)
+    (changes, merge_placeholder_warnings(violations), summary)
 }
 
 /// The record of a resource an interrupted apply wrote: set to what is live, without drift.
@@ -362,9 +357,13 @@ fn forget(a: &Address) -> Change {
     }
 }
 
-/// One warning per tenant for its development placeholders, rather than one per secret.
+/// One warning per tenant for its development placeholders, rather than one per secret (a
+/// tenant's violations at a time, while it is planned).
 fn merge_placeholder_warnings(violations: Vec<Violation>) -> Vec<Violation> {
     const RULE: &str = "external-secret-placeholder";
+    if !violations.iter().any(|v| v.rule == RULE) {
+        return violations;
+    }
     let (placeholders, mut rest): (Vec<Violation>, Vec<Violation>) =
         violations.into_iter().partition(|v| v.rule == RULE);
     let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -388,7 +387,6 @@ fn merge_placeholder_warnings(violations: Vec<Violation>) -> Vec<Violation> {
             address: None,
         });
     }
-    rest.sort_by(|a, b| (&a.tenant, a.severity, &a.rule).cmp(&(&b.tenant, b.severity, &b.rule)));
     rest
 }
 

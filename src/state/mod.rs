@@ -26,14 +26,13 @@ pub struct StateMeta {
     pub serial: u64,
 }
 
-/// What was last applied to one resource.
+/// What was last applied to one resource: its fingerprint and the apply's serial (the
+/// content applied, for the diff, is read on demand with [`StateStore::contents`]; a plan
+/// of a million resources holds a million of these).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     pub address: Address,
     pub fingerprint: String,
-    /// The content applied (never for secrets). Loaded on demand.
-    pub content: Option<Content>,
-    pub applied_at: String,
     pub serial: u64,
 }
 

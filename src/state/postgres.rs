@@ -623,13 +623,10 @@ impl StateStore for PgStore {
         let e = self.err("reading the records");
         let tenants: Vec<&str>;
         let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = match scope {
-            TenantScope::All => ("SELECT address, fingerprint, applied_at, serial FROM dotmac_resources", vec![]),
+            TenantScope::All => ("SELECT address, fingerprint, serial FROM dotmac_resources", vec![]),
             TenantScope::Only(set) => {
                 tenants = set.iter().map(String::as_str).collect();
-                (
-                    "SELECT address, fingerprint, applied_at, serial FROM dotmac_resources WHERE tenant = ANY($1)",
-                    vec![&tenants],
-                )
+                ("SELECT address, fingerprint, serial FROM dotmac_resources WHERE tenant = ANY($1)", vec![&tenants])
             }
         };
         // One query, all rows in one go (a row-by-row iterator costs a runtime round per row).
@@ -637,13 +634,7 @@ impl StateStore for PgStore {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             if let Some(address) = Address::parse(row.get(0)) {
-                out.push(Record {
-                    address,
-                    fingerprint: row.get(1),
-                    content: None,
-                    applied_at: row.get(2),
-                    serial: row.get::<_, i64>(3) as u64,
-                });
+                out.push(Record { address, fingerprint: row.get(1), serial: row.get::<_, i64>(2) as u64 });
             }
         }
         Ok(out)

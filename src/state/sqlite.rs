@@ -132,27 +132,20 @@ impl StateStore for SqliteStore {
         let mut push = |row: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
             let addr: String = row.get(0)?;
             if let Some(address) = Address::parse(&addr) {
-                out.push(Record {
-                    address,
-                    fingerprint: row.get(1)?,
-                    content: None,
-                    applied_at: row.get(2)?,
-                    serial: row.get::<_, i64>(3)? as u64,
-                });
+                out.push(Record { address, fingerprint: row.get(1)?, serial: row.get::<_, i64>(2)? as u64 });
             }
             Ok(())
         };
         match scope {
             TenantScope::All => {
-                let mut st = conn.prepare("SELECT address, fingerprint, applied_at, serial FROM resources")?;
+                let mut st = conn.prepare("SELECT address, fingerprint, serial FROM resources")?;
                 let mut rows = st.query([])?;
                 while let Some(row) = rows.next()? {
                     push(row)?;
                 }
             }
             TenantScope::Only(tenants) => {
-                let mut st =
-                    conn.prepare("SELECT address, fingerprint, applied_at, serial FROM resources WHERE tenant = ?1")?;
+                let mut st = conn.prepare("SELECT address, fingerprint, serial FROM resources WHERE tenant = ?1")?;
                 for t in tenants {
                     let mut rows = st.query(params![t])?;
                     while let Some(row) = rows.next()? {
