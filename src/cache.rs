@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"DMRC0004";
+const MAGIC: &[u8; 8] = b"DMRC0005";
 
 /// One resource a cached tenant renders.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +136,9 @@ fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
     put_str(&mut out, shared);
     out.extend_from_slice(&(units.len() as u32).to_le_bytes());
     for (unit, e) in units {
+        // Each unit's length first, so that units decode in parallel.
+        let at = out.len();
+        out.extend_from_slice(&0u32.to_le_bytes());
         put_str(&mut out, unit);
         put_str(&mut out, &e.digest);
         out.extend_from_slice(&e.not_before.to_le_bytes());
@@ -185,6 +188,8 @@ fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
                 }
             }
         }
+        let len = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
     out
 }
@@ -206,73 +211,80 @@ fn decode(b: &[u8], shared: &str) -> Option<HashMap<String, UnitEntry>> {
         return None;
     }
     let n = r.u32()? as usize;
-    let mut units = HashMap::with_capacity(n.min(1 << 22));
+    let mut parts = Vec::with_capacity(n.min(1 << 22));
     for _ in 0..n {
-        let unit = r.str()?.to_owned();
-        let digest = r.str()?.to_owned();
-        let not_before = r.i64()?;
-        let not_after = r.i64()?;
-        let f = r.u32()? as usize;
-        let mut files = Vec::with_capacity(f.min(1 << 16));
-        for _ in 0..f {
-            let path = r.str()?.to_owned();
-            let st = FileStat {
-                mtime: r.i64()?,
-                mtime_ns: r.i64()?,
-                ctime: r.i64()?,
-                ctime_ns: r.i64()?,
-                size: r.u64()?,
-                ino: r.u64()?,
-            };
-            files.push((path, st));
-        }
-        let k = r.u32()? as usize;
-        let mut tenants = Vec::with_capacity(k.min(1 << 16));
-        for _ in 0..k {
-            let id = r.str()?.to_owned();
-            let strategy = if r.u8()? == 1 { Strategy::Synchronized } else { Strategy::ManagementFirst };
-            let rollback_on_failure = r.u8()? != 0;
-            let label =
-                TenantLabel { name: r.str()?.to_owned(), plan: r.str()?.to_owned(), environment: r.str()?.to_owned() };
-            let m = r.u32()? as usize;
-            let mut resources = Vec::with_capacity(m.min(1 << 16));
-            for _ in 0..m {
-                let local = r.str()?;
-                let address = Address::from_local(&id, local)?;
-                let fingerprint = r.str()?.to_owned();
-                let secret = match r.u8()? {
-                    0 => None,
-                    _ => {
-                        let name = r.str()?.to_owned();
-                        let source = match r.u8()? {
-                            1 => {
-                                let length = r.u32()?;
-                                SecretSource::Generated { length, charset: charset_of(r.u8()?)? }
-                            }
-                            _ => SecretSource::External,
-                        };
-                        let days = r.u32()?;
-                        let auto_rotation = r.u8()? != 0;
-                        Some(SecretSpec {
-                            name,
-                            source,
-                            rotation_days: (days != u32::MAX).then_some(days),
-                            auto_rotation,
-                        })
-                    }
-                };
-                resources.push(CachedResource { address, fingerprint, secret });
-            }
-            tenants.push(CachedTenant {
-                id,
-                coordination: Coordination { strategy, rollback_on_failure },
-                label,
-                resources,
-            });
-        }
-        units.insert(unit, UnitEntry { digest, not_before, not_after, files, tenants });
+        let len = r.u32()? as usize;
+        parts.push(r.take(len)?);
     }
-    r.at_end().then_some(units)
+    if !r.at_end() {
+        return None;
+    }
+    use rayon::prelude::*;
+    let units: Option<Vec<(String, UnitEntry)>> = parts.par_iter().map(|b| decode_unit(b)).collect();
+    Some(units?.into_iter().collect())
+}
+
+/// One unit's entry.
+fn decode_unit(b: &[u8]) -> Option<(String, UnitEntry)> {
+    let mut r = Reader::new(b);
+    let unit = r.str()?.to_owned();
+    let digest = r.str()?.to_owned();
+    let not_before = r.i64()?;
+    let not_after = r.i64()?;
+    let f = r.u32()? as usize;
+    let mut files = Vec::with_capacity(f.min(1 << 16));
+    for _ in 0..f {
+        let path = r.str()?.to_owned();
+        let st = FileStat {
+            mtime: r.i64()?,
+            mtime_ns: r.i64()?,
+            ctime: r.i64()?,
+            ctime_ns: r.i64()?,
+            size: r.u64()?,
+            ino: r.u64()?,
+        };
+        files.push((path, st));
+    }
+    let k = r.u32()? as usize;
+    let mut tenants = Vec::with_capacity(k.min(1 << 16));
+    for _ in 0..k {
+        let id = r.str()?.to_owned();
+        let strategy = if r.u8()? == 1 { Strategy::Synchronized } else { Strategy::ManagementFirst };
+        let rollback_on_failure = r.u8()? != 0;
+        let label =
+            TenantLabel { name: r.str()?.to_owned(), plan: r.str()?.to_owned(), environment: r.str()?.to_owned() };
+        let m = r.u32()? as usize;
+        let mut resources = Vec::with_capacity(m.min(1 << 16));
+        for _ in 0..m {
+            let local = r.str()?;
+            let address = Address::from_local(&id, local)?;
+            let fingerprint = r.str()?.to_owned();
+            let secret = match r.u8()? {
+                0 => None,
+                _ => {
+                    let name = r.str()?.to_owned();
+                    let source = match r.u8()? {
+                        1 => {
+                            let length = r.u32()?;
+                            SecretSource::Generated { length, charset: charset_of(r.u8()?)? }
+                        }
+                        _ => SecretSource::External,
+                    };
+                    let days = r.u32()?;
+                    let auto_rotation = r.u8()? != 0;
+                    Some(SecretSpec { name, source, rotation_days: (days != u32::MAX).then_some(days), auto_rotation })
+                }
+            };
+            resources.push(CachedResource { address, fingerprint, secret });
+        }
+        tenants.push(CachedTenant {
+            id,
+            coordination: Coordination { strategy, rollback_on_failure },
+            label,
+            resources,
+        });
+    }
+    r.at_end().then_some((unit, UnitEntry { digest, not_before, not_after, files, tenants }))
 }
 
 #[cfg(test)]
