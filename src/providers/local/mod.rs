@@ -372,8 +372,13 @@ impl LocalStore {
             None => Shard::absent(),
             Some(_) => self.read_shard(n, slot.as_ref())?,
         };
+        // A shard with no file, now as before, changes nothing the index holds.
+        let had_file =
+            slot.as_ref().is_some_and(|s| s.stamp.is_some()) || self.index().and_then(|i| i.stamp(n)).is_some();
+        if now.is_some() || had_file {
+            self.index_stale.store(true, Ordering::Relaxed);
+        }
         *slot = Some(fresh);
-        self.index_stale.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1412,6 +1417,41 @@ mod tests {
             &std::fs::metadata(d.path().join("secrets.key")).unwrap().permissions(),
         );
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_list_of_unchanged_shards_makes_no_image_and_a_later_index_keeps_their_part() {
+        let d = tempfile::tempdir().unwrap();
+        let (t1, _, t3) = neighbours();
+        let s = store(d.path(), ProviderId::Isp);
+        for t in [&t1, &t3] {
+            s.put(&res(&format!("{t}/isp.config"), Content::Text(format!("{t}\n"))), None, &Expect::Absent).unwrap();
+        }
+        s.close();
+        let before = fingerprints(&s);
+        drop(s);
+        let s = store(d.path(), ProviderId::Isp);
+        let listed: BTreeMap<String, String> =
+            s.list(&TenantScope::All).unwrap().into_iter().map(|l| (l.address.to_string(), l.fingerprint)).collect();
+        assert_eq!(listed, before, "listed from the index as written");
+        for t in [&t1, &t3] {
+            assert!(s.lock(shard_of(t)).is_none(), "no image was made of {t}'s shard");
+        }
+        assert!(!s.index_stale.load(Ordering::Relaxed), "nothing new for the index");
+        // A write to one shard: the new index keeps the other shard's part unread.
+        let r = res(&format!("{t1}/isp.config"), Content::Text("changed\n".into()));
+        s.put(&r, None, &Expect::Any).unwrap();
+        s.close();
+        assert!(s.lock(shard_of(&t3)).is_none(), "the untouched shard still has no image");
+        let idx = index::load(&s.dir).unwrap();
+        let part = idx.shard(shard_of(&t3)).expect("the untouched shard is in the new index");
+        assert_eq!(part.entries.len(), 1);
+        assert_eq!(Some(&part.entries[0].fingerprint), before.get(&format!("{t3}/isp.config")));
+        drop(s);
+        let s = store(d.path(), ProviderId::Isp);
+        let after = fingerprints(&s);
+        assert_eq!(after.get(&format!("{t3}/isp.config")), before.get(&format!("{t3}/isp.config")));
+        assert_ne!(after.get(&format!("{t1}/isp.config")), before.get(&format!("{t1}/isp.config")));
     }
 
     #[test]
