@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The engine side by side with the peer (the seeds' Python/Jinja2 stack), in one run.
 
-    bench/bench.py [--tenants 10000] [--also 100000] [--runs 3] [--change 10] [--keep DIR]
-                   [--no-peer] [--only cold] [--engine PATH]
+    bench/bench.py [--tenants 10000] [--also 100000] [--runs 3] [--warmup 1] [--change 10]
+                   [--keep DIR] [--no-peer] [--only cold] [--engine PATH]
 
 For each size it generates a repository with bench/peer/gen_repo.py (with a second commit
 editing one tenant, for `diff`), then times, on the same files:
@@ -14,7 +14,10 @@ editing one tenant, for `diff`), then times, on the same files:
   diff, 1 tenant        `diff --base --head` between the two commits (engine only)
 
 and prints a table: measure, engine, peer, ratio, peak RSS of each. Times are medians of
---runs runs (the cold apply starts from a clean state each time). The engine is the release
+--runs runs (the cold apply starts from a clean state each time). Before the plans
+that follow an apply or an edit, each tool runs the same plan --warmup times untimed, so
+that neither is timed against a page cache the other one's run just filled with its own
+files. The engine is the release
 build of this checkout (under $CARGO_TARGET_DIR if set; built if missing), or --engine.
 --no-peer times the engine only; --only cold stops after the cold plan + apply. Not a
 test: nothing here asserts a number.
@@ -101,7 +104,7 @@ def edit_tenants(repo, k, value):
     return edited
 
 
-def bench_size(tenants, runs, change, workdir, peer=True, only=None):
+def bench_size(tenants, runs, change, workdir, peer=True, only=None, warmup=1):
     repo = os.path.join(workdir, f"repo-{tenants}")
     out = subprocess.run(
         [sys.executable, GEN, "--tenants", str(tenants), "--out", repo, "--git", "--change", "1"],
@@ -139,16 +142,22 @@ def bench_size(tenants, runs, change, workdir, peer=True, only=None):
     if only == "cold":
         return rows, rows[0][1][0], resources
 
-    # No-op plan (the first one after an apply is included in the runs).
-    e = median([engine(repo, "plan", "--now", NOW)[:2] for _ in range(runs)])
-    p = median([run([sys.executable, PEER, repo, "--live", live, "--now", NOW])[:2] for _ in range(runs)]) if peer else None
+    def timed(cmd):
+        """The median of `runs` runs of `cmd` after `warmup` untimed ones."""
+        for _ in range(warmup):
+            cmd()
+        return median([cmd()[:2] for _ in range(runs)])
+
+    # No-op plan.
+    e = timed(lambda: engine(repo, "plan", "--now", NOW))
+    p = timed(lambda: run([sys.executable, PEER, repo, "--live", live, "--now", NOW])) if peer else None
     rows.append(("no-op plan", e, p))
     floor_e = rows[0][1][0]
 
     # A plan after editing K tenants.
     edited = edit_tenants(repo, change, 47)
-    e = median([engine(repo, "plan", "--now", NOW)[:2] for _ in range(runs)])
-    p = median([run([sys.executable, PEER, repo, "--live", live, "--now", NOW])[:2] for _ in range(runs)]) if peer else None
+    e = timed(lambda: engine(repo, "plan", "--now", NOW))
+    p = timed(lambda: run([sys.executable, PEER, repo, "--live", live, "--now", NOW])) if peer else None
     rows.append((f"plan, {edited} tenants edited", e, p))
     subprocess.run(["git", "-C", repo, "checkout", "-q", "--", "tenants"], check=True)
 
@@ -168,6 +177,7 @@ def main():
     ap.add_argument("--tenants", type=int, default=10000)
     ap.add_argument("--also", type=int, action="append", default=[], help="another size, e.g. 100000")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before each plan measure")
     ap.add_argument("--change", type=int, default=10, help="tenants edited for the third measure")
     ap.add_argument("--keep", help="work in this folder and keep it")
     ap.add_argument("--no-peer", action="store_true", help="time the engine only")
@@ -192,10 +202,10 @@ def main():
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, {platform.platform()}; "
           f"load {os.getloadavg()[0]:.2f}")
     peer = "none" if a.no_peer else f"{PEER} (Python {platform.python_version()})"
-    print(f"engine: {ENGINE}; peer: {peer}; {a.runs} runs, median\n")
+    print(f"engine: {ENGINE}; peer: {peer}; {a.runs} runs, median; {a.warmup} warm-up\n")
     try:
         for n in [a.tenants, *a.also]:
-            rows, floor, resources = bench_size(n, a.runs, a.change, workdir, not a.no_peer, a.only)
+            rows, floor, resources = bench_size(n, a.runs, a.change, workdir, not a.no_peer, a.only, a.warmup)
             about = f" ({resources:,} resources)" if resources else ""
             print(f"### {n:,} tenants{about}\n")
             print("| measure | engine | peer | ratio | engine peak RSS | peer peak RSS |")
