@@ -621,9 +621,8 @@ impl Workspace {
 /// of a second to free, which a command about to exit need not wait for (the daemon frees
 /// them meanwhile).
 pub fn drop_later<T: Send + 'static>(v: T) {
-    if std::thread::Builder::new().name("drop".into()).spawn(move || drop(v)).is_err() {
-        // No thread: freed here, as usual (the value moved into the closure was dropped).
-    }
+    // Without a thread, the closure and `v` in it are dropped here, as usual.
+    let _ = std::thread::Builder::new().name("drop".into()).spawn(move || drop(v));
 }
 
 /// The process's resident memory in MiB, for the debug log of each stage (0 where

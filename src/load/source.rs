@@ -243,6 +243,24 @@ impl Worktree {
         (files, problems)
     }
 
+    /// The `stat`s of a folder's files in path order, if every one can vouch for its content
+    /// by it: plain files (not links), none changed just before this read.
+    fn vouching_stats(&self, root: &Path, found: &[(String, bool)]) -> Option<Vec<(String, FileStat)>> {
+        if found.is_empty() || found.iter().any(|(_, link)| *link) {
+            return None;
+        }
+        let mut stats = Vec::with_capacity(found.len());
+        for (p, _) in found {
+            let st = FileStat::of(&std::fs::symlink_metadata(root.join(p)).ok().filter(|m| m.is_file())?);
+            if st.racy(self.started_ns) {
+                return None;
+            }
+            stats.push((p.clone(), st));
+        }
+        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        Some(stats)
+    }
+
     /// The tenant folders in `scope`, each walked in parallel. A folder of plain files whose
     /// `stat`s `known` recognises is not read (the `stat` is git's test of "unchanged", and
     /// a file changed just before this read is never offered).
@@ -278,20 +296,7 @@ impl Worktree {
                 }
                 found.retain(|(p, _)| role_of(p).is_some());
                 if probs.is_empty()
-                    && !found.is_empty()
-                    && found.iter().all(|(_, link)| !link)
-                    && let Some(stats) = found
-                        .iter()
-                        .map(|(p, _)| {
-                            let m = std::fs::symlink_metadata(root.join(p)).ok().filter(|m| m.is_file())?;
-                            Some((p.clone(), FileStat::of(&m)))
-                        })
-                        .collect::<Option<Vec<_>>>()
-                        .map(|mut v| {
-                            v.sort_by(|a, b| a.0.cmp(&b.0));
-                            v
-                        })
-                    && stats.iter().all(|(_, st)| !st.racy(self.started_ns))
+                    && let Some(stats) = self.vouching_stats(root, &found)
                     && let Some(digest) = known(name, &stats)
                 {
                     return One::Unread(UnreadUnit { unit: name.clone(), digest, files: stats });
