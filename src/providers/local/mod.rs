@@ -1192,6 +1192,13 @@ mod tests {
         Resource { address: Address::parse(address).unwrap(), content }
     }
 
+    /// Creates `{tenant}/isp.config` holding `text` for each tenant.
+    fn create_configs(s: &LocalStore, tenants: &[&String], text: &str) {
+        for t in tenants {
+            s.put(&res(&format!("{t}/isp.config"), Content::Text(text.into())), None, &Expect::Absent).unwrap();
+        }
+    }
+
     fn fingerprints(s: &LocalStore) -> BTreeMap<String, String> {
         s.list(&TenantScope::All).unwrap().into_iter().map(|r| (r.address.to_string(), r.fingerprint)).collect()
     }
@@ -1277,10 +1284,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (t1, t2, t3) = neighbours();
         let s = store(d.path(), ProviderId::Isp);
-        for t in [&t1, &t2, &t3] {
-            s.put(&res(&format!("{t}/isp.config"), Content::Text("level: info\n".into())), None, &Expect::Absent)
-                .unwrap();
-        }
+        create_configs(&s, &[&t1, &t2, &t3], "level: info\n");
         s.flush().unwrap();
         let before = fingerprints(&s);
         let reader = store(d.path(), ProviderId::Isp);
@@ -1424,9 +1428,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (t1, _, t3) = neighbours();
         let s = store(d.path(), ProviderId::Isp);
-        for t in [&t1, &t3] {
-            s.put(&res(&format!("{t}/isp.config"), Content::Text(format!("{t}\n"))), None, &Expect::Absent).unwrap();
-        }
+        create_configs(&s, &[&t1, &t3], "x\n");
         s.close();
         let before = fingerprints(&s);
         drop(s);
@@ -1459,9 +1461,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (t1, _, t3) = neighbours();
         let s = store(d.path(), ProviderId::Isp);
-        for t in [&t1, &t3] {
-            s.put(&res(&format!("{t}/isp.config"), Content::Text("x\n".into())), None, &Expect::Absent).unwrap();
-        }
+        create_configs(&s, &[&t1, &t3], "x\n");
         s.flush().unwrap();
         let stamp = |t: &str| Stamp::of(&std::fs::metadata(shard_path(d.path(), ProviderId::Isp, t)).unwrap());
         let (a, b) = (stamp(&t1), stamp(&t3));
@@ -1499,9 +1499,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (t1, t2, _) = neighbours();
         let s = store(d.path(), ProviderId::Isp);
-        for t in [&t1, &t2] {
-            s.put(&res(&format!("{t}/isp.config"), Content::Text("v1\n".into())), None, &Expect::Absent).unwrap();
-        }
+        create_configs(&s, &[&t1, &t2], "v1\n");
         s.flush().unwrap();
         let path = shard_path(d.path(), ProviderId::Isp, &t1);
         // Ours: t1. Someone else's, meanwhile: t2. Both survive.
@@ -1561,10 +1559,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (t1, t2, _) = neighbours();
         let s = store(d.path(), ProviderId::Isp);
-        for t in [&t1, &t2] {
-            s.put(&res(&format!("{t}/isp.config"), Content::Text("a: 1\nb: 2\n".into())), None, &Expect::Absent)
-                .unwrap();
-        }
+        create_configs(&s, &[&t1, &t2], "a: 1\nb: 2\n");
         s.close();
         let before = fingerprints(&s);
         let path = shard_path(d.path(), ProviderId::Isp, &t1);
@@ -1633,10 +1628,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (t1, t2, t3) = neighbours();
         let s = store(d.path(), ProviderId::Isp);
-        for t in [&t1, &t2, &t3] {
-            s.put(&res(&format!("{t}/isp.config"), Content::Text("level: info\n".into())), None, &Expect::Absent)
-                .unwrap();
-        }
+        create_configs(&s, &[&t1, &t2, &t3], "level: info\n");
         s.close();
         drop(s);
         let before = fingerprints(&store(d.path(), ProviderId::Isp));
