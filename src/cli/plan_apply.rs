@@ -254,8 +254,8 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
                 Some(t) => TenantScope::Only(t.iter().cloned().collect()),
             };
             let guard = prepared.lock("apply", a.lock)?;
-            let mut known: BTreeSet<String> =
-                prepared.state.records(&prepared.scope)?.into_iter().map(|r| r.address.tenant).collect();
+            let mut known: BTreeSet<String> = prepared.state.recorded_tenants()?;
+            known.retain(|t| prepared.scope.contains(t));
             known.extend(plan.live.keys().filter_map(|a| a.split_once('/')).map(|(t, _)| t.to_owned()));
             known.extend(plan.changes.iter().map(|c| c.address.tenant.clone()));
             engine::begin_session(&prepared.providers, plan.correlation_id(), known, plan.coordination.clone());
