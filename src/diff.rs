@@ -25,6 +25,7 @@ use crate::yamlfmt;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,7 +91,7 @@ pub struct Change {
     pub reason: String,
     /// What apply writes (none for deletes).
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub desired: Option<Content>,
+    pub desired: Option<Arc<Content>>,
     /// The fingerprint `desired` has once written (not for secrets: their versions are the
     /// store's to number).
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -169,7 +170,7 @@ pub fn diff(
     now: Timestamp,
     opts: &Options,
 ) -> (Option<Change>, Option<Violation>) {
-    if let Some(Some(Content::Secret(spec))) = desired.map(|d| &d.content) {
+    if let Some(Some(Content::Secret(spec))) = desired.map(|d| d.content.as_deref()) {
         return diff_secret(address, spec, live, last, now, opts);
     }
     let live_fp = live.map(|l| l.fingerprint.as_str());
@@ -247,7 +248,7 @@ pub fn diff(
     };
     if c.action != Action::Noop || c.drift {
         let before = c.before.as_ref();
-        let after = c.desired.as_ref();
+        let after = c.desired.as_deref();
         // A creation's fields are all of `after`; only what moves is worth listing.
         if c.action == Action::Update {
             c.fields = fields(before, after);
@@ -298,7 +299,7 @@ fn diff_secret(
             drift,
             risk,
             reason,
-            desired: (action != Action::Delete).then(|| Content::Secret(spec.clone())),
+            desired: (action != Action::Delete).then(|| Arc::new(Content::Secret(spec.clone()))),
             desired_fingerprint: None,
             live_fingerprint: live_fp.map(str::to_owned),
             last_fingerprint: last_fp.map(str::to_owned),
@@ -588,10 +589,14 @@ mod tests {
         Address::parse(s).unwrap()
     }
     fn res(a: &str, v: Value) -> DesiredEntry {
-        DesiredEntry::rendered(crate::model::Resource { address: addr(a), content: Content::Json(v) })
+        DesiredEntry::rendered(crate::model::Resource { address: addr(a), content: Content::Json(v).into() })
     }
     fn live(r: &DesiredEntry) -> LiveResource {
-        LiveResource { address: r.address.clone(), fingerprint: r.fingerprint.clone(), content: r.content.clone() }
+        LiveResource {
+            address: r.address.clone(),
+            fingerprint: r.fingerprint.clone(),
+            content: r.content.as_deref().cloned(),
+        }
     }
     fn record(l: &LiveResource) -> Record {
         Record { address: l.address.clone(), fingerprint: l.fingerprint.clone(), serial: 1 }
@@ -649,7 +654,7 @@ mod tests {
         };
         let d = DesiredEntry::rendered(crate::model::Resource {
             address: a.clone(),
-            content: Content::Secret(spec.clone()),
+            content: Content::Secret(spec.clone()).into(),
         });
         let meta = |updated: &str| LiveResource {
             address: a.clone(),
@@ -673,7 +678,7 @@ mod tests {
         // an external secret that is missing is an error violation naming it
         let ext = DesiredEntry::rendered(crate::model::Resource {
             address: a.clone(),
-            content: Content::Secret(SecretSpec { source: SecretSource::External, ..spec }),
+            content: Content::Secret(SecretSpec { source: SecretSource::External, ..spec }).into(),
         });
         let (c, v) = diff(&a, Some(&ext), None, None, now(), &o);
         assert!(c.is_none());

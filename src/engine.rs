@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use jiff::Timestamp;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Where live stores and the state live: `$DOTMAC_STATE_DIR`, else `[state] dir`, else
 /// `.dotmac/` in the repository root.
@@ -389,7 +390,7 @@ impl Workspace {
                                 .map(|e| CachedResource {
                                     address: e.address.clone(),
                                     fingerprint: e.fingerprint.clone(),
-                                    secret: match &e.content {
+                                    secret: match e.content.as_deref() {
                                         Some(Content::Secret(s)) => Some(s.clone()),
                                         _ => None,
                                     },
@@ -423,7 +424,7 @@ impl Workspace {
                     .map(|r| DesiredEntry {
                         address: r.address,
                         fingerprint: r.fingerprint,
-                        content: r.secret.map(Content::Secret),
+                        content: r.secret.map(|s| Arc::new(Content::Secret(s))),
                     })
                     .collect();
                 tenants.insert(
@@ -479,7 +480,7 @@ impl Workspace {
         self.loaded.docs = Vec::new();
         for (_, t) in self.tenants.iter_mut().filter(|(id, _)| !keep(id)) {
             for e in &mut t.entries {
-                if !matches!(e.content, Some(Content::Secret(_))) {
+                if !matches!(e.content.as_deref(), Some(Content::Secret(_))) {
                     e.content = None;
                 }
             }
@@ -627,7 +628,7 @@ pub fn drop_later<T: Send + 'static>(v: T) {
 
 /// The process's resident memory in MiB, for the debug log of each stage (0 where
 /// `/proc` is not there).
-fn rss_mib() -> u64 {
+pub(crate) fn rss_mib() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf only reads a constant of the system.

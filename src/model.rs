@@ -432,11 +432,12 @@ pub struct SecretMeta {
     pub placeholder: bool,
 }
 
-/// A desired resource, rendered.
+/// A desired resource, rendered. The content is shared, not copied, on its way through the
+/// plan, the provider's write and the state record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resource {
     pub address: Address,
-    pub content: Content,
+    pub content: Arc<Content>,
 }
 
 impl Resource {
@@ -452,7 +453,7 @@ impl Resource {
 pub struct DesiredEntry {
     pub address: Address,
     pub fingerprint: String,
-    pub content: Option<Content>,
+    pub content: Option<Arc<Content>>,
 }
 
 impl DesiredEntry {

@@ -29,6 +29,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 /// One file the tree diff reports, with its path relative to the repository root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -251,7 +252,7 @@ pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<Pr
             .into_iter()
             .flatten()
             .filter(|r| !skip.contains(&r.provider()))
-            .map(|r| (&r.address, &r.content))
+            .map(|r| (&r.address, &*r.content))
             .collect();
         let before: BTreeMap<&Address, &Content> = if base_broken.contains(t) {
             notes.push(Note {
@@ -268,7 +269,7 @@ pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<Pr
                 .into_iter()
                 .flatten()
                 .filter(|r| !skip.contains(&r.provider()))
-                .map(|r| (&r.address, &r.content))
+                .map(|r| (&r.address, &*r.content))
                 .collect()
         };
         let why = unit_reasons(t);
@@ -762,7 +763,7 @@ fn change(address: &Address, before: Option<&Content>, after: Option<&Content>, 
         drift: false,
         risk,
         reason,
-        desired: after.cloned(),
+        desired: after.cloned().map(Arc::new),
         desired_fingerprint: None,
         live_fingerprint: None,
         last_fingerprint: None,

@@ -16,6 +16,7 @@ use crate::providers::secret_value::SecretValue;
 use crate::providers::{Expect, LiveResource, ProviderError, Providers, Session};
 use crate::state::{AuditEntry, Commit, JournalEntry, StateStore};
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -177,6 +178,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         })
         .collect();
     state.journal_add(&journal)?;
+    tracing::debug!(entries = journal.len(), elapsed = ?started_at.elapsed(), rss_mib = crate::engine::rss_mib(), "journaled");
     let ctx = Ctx { plan, providers, state, opts, correlation: plan.correlation_id() };
     providers.begin(&Session {
         correlation_id: ctx.correlation.clone(),
@@ -274,7 +276,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    tracing::debug!(tenants = report.outcomes.len(), elapsed = ?started_at.elapsed(), "applied and recorded");
+    tracing::debug!(tenants = report.outcomes.len(), elapsed = ?started_at.elapsed(), rss_mib = crate::engine::rss_mib(), "applied and recorded");
     // Everything written is made durable once (a local store: each changed shard file once),
     // then the journal is settled: until then the next plan knows these writes were in flight.
     let durable = ProviderId::ALL.iter().try_for_each(|p| {
@@ -292,10 +294,10 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     if let Some(e) = commit_error {
         return Err(e.context("the changes were applied but could not be recorded in the state store; the next plan re-reads live state and records them"));
     }
-    tracing::debug!(elapsed = ?started_at.elapsed(), "durable, journal settled");
+    tracing::debug!(elapsed = ?started_at.elapsed(), rss_mib = crate::engine::rss_mib(), "durable, journal settled");
     let (problems, read_back) = verify(providers, &written_all);
     report.verification = problems;
-    tracing::debug!(elapsed = ?started_at.elapsed(), "read back");
+    tracing::debug!(elapsed = ?started_at.elapsed(), rss_mib = crate::engine::rss_mib(), "read back");
     // What was written and read back unchanged (same fingerprint, so the same content) is
     // compared as the plan had it; only the other side of a tenant is read again.
     let known: HashMap<&Address, &Content> = plan
@@ -304,7 +306,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         .filter_map(|c| {
             let written = c.desired_fingerprint.as_deref()?;
             (read_back.get(&c.address).map(String::as_str) == Some(written))
-                .then_some((&c.address, c.desired.as_ref()?))
+                .then_some((&c.address, c.desired.as_deref()?))
         })
         .collect();
     match consistency(providers, &written_all, &known) {
@@ -320,6 +322,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         Err(e) => report.verification.push(e),
     }
     report.outcomes.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    tracing::debug!(elapsed = ?started_at.elapsed(), rss_mib = crate::engine::rss_mib(), "checked consistency");
     Ok(report)
 }
 
@@ -505,7 +508,7 @@ fn intended_fingerprint(c: &Change, destroy_secrets: bool) -> Option<String> {
         _ => 0,
     };
     let secret = c.address.kind == crate::model::ResourceKind::OpenbaoSecret;
-    match (c.action, &c.desired) {
+    match (c.action, c.desired.as_deref()) {
         (Action::Delete, _) if secret && !destroy_secrets && c.live_fingerprint.is_some() => {
             Some(format!("v{}-deleted", version()))
         }
@@ -517,10 +520,10 @@ fn intended_fingerprint(c: &Change, destroy_secrets: bool) -> Option<String> {
 }
 
 /// What the state stores of a content (nothing for secrets).
-fn storable(c: &Content) -> Option<Content> {
-    match c {
+fn storable(c: &Arc<Content>) -> Option<Arc<Content>> {
+    match **c {
         Content::Secret(_) | Content::SecretMeta(_) => None,
-        other => Some(other.clone()),
+        _ => Some(Arc::clone(c)),
     }
 }
 
@@ -536,7 +539,7 @@ fn record_restored(commit: &mut Commit, d: &Done<'_>, restored: Option<String>) 
     let a = &d.change.address;
     match restored {
         Some(fp) => {
-            let content = d.before.as_ref().and_then(|b| b.content.as_ref()).and_then(storable);
+            let content = d.before.as_ref().and_then(|b| b.content.clone()).map(Arc::new).as_ref().and_then(storable);
             commit.upserts.push((a.clone(), fp, content));
         }
         None => commit.forget.push(a.clone()),
@@ -643,8 +646,8 @@ fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<O
                 .desired
                 .as_ref()
                 .ok_or_else(|| ProviderError::Other(format!("{}: the plan has no content to write", c.address)))?;
-            let resource = Resource { address: c.address.clone(), content: desired.clone() };
-            let value = match desired {
+            let resource = Resource { address: c.address.clone(), content: Arc::clone(desired) };
+            let value = match &**desired {
                 Content::Secret(spec) => Some(
                     match spec.source {
                         SecretSource::Generated { length, charset } => SecretValue::generate(length, charset),
@@ -678,7 +681,7 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<String>, String> {
         }
         (Some(b), false) => {
             let content = b.content.clone().ok_or_else(|| format!("{a}: the content before was not read"))?;
-            let r = Resource { address: a.clone(), content };
+            let r = Resource { address: a.clone(), content: content.into() };
             provider.put(&r, None, &expect_after).map(|l| Some(l.fingerprint)).map_err(|e| e.to_string())
         }
     }
@@ -741,19 +744,19 @@ fn consistency(
         return Ok(Vec::new());
     }
     // Each side: the content the plan wrote where it was read back unchanged, else fetched.
-    let read = |kind: ResourceKind| -> crate::providers::Result<Vec<(Address, Content)>> {
+    let read = |kind: ResourceKind| -> crate::providers::Result<Vec<(Address, Cow<'_, Content>)>> {
         let mut have = Vec::new();
         let mut fetch = Vec::new();
         for t in &tenants {
             let a = Address::new(t, kind.clone(), None);
             match known.get(&a) {
-                Some(c) => have.push((a, (*c).clone())),
+                Some(c) => have.push((a, Cow::Borrowed(*c))),
                 None => fetch.push(a),
             }
         }
         if !fetch.is_empty() {
             let fetched = providers.get(kind.provider()).fetch(&fetch)?;
-            have.extend(fetched.into_iter().filter_map(|l| Some((l.address, l.content?))));
+            have.extend(fetched.into_iter().filter_map(|l| Some((l.address, Cow::Owned(l.content?)))));
         }
         Ok(have)
     };
@@ -763,7 +766,7 @@ fn consistency(
     };
     let isp: HashMap<&str, &str> = isp
         .iter()
-        .filter_map(|(a, c)| match c {
+        .filter_map(|(a, c)| match c.as_ref() {
             Content::Text(t) => Some((a.tenant.as_str(), t.as_str())),
             _ => None,
         })
@@ -771,7 +774,7 @@ fn consistency(
     use rayon::prelude::*;
     Ok(mgmt
         .par_iter()
-        .flat_map_iter(|(a, c)| match (c, isp.get(a.tenant.as_str())) {
+        .flat_map_iter(|(a, c)| match (c.as_ref(), isp.get(a.tenant.as_str())) {
             (Content::Json(record), Some(text)) => crate::drift::consistency(&a.tenant, record, text),
             _ => Vec::new(),
         })

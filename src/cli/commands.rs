@@ -300,7 +300,7 @@ pub fn resource_file_name(r: &Resource) -> String {
     let whole = a.to_string();
     let local = &whole[a.tenant.len() + 1..];
     let flat = local.replace('[', ".").replace(']', "").replace('/', "__");
-    let ext = match (&r.content, &a.kind) {
+    let ext = match (&*r.content, &a.kind) {
         (_, crate::model::ResourceKind::OpenbaoPolicy) => "hcl",
         (Content::Text(_), _) => "yaml",
         _ => "yaml",

@@ -368,7 +368,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
         let declared: Vec<&crate::model::SecretSpec> = p.ws.tenants[t]
             .entries
             .iter()
-            .filter_map(|e| match &e.content {
+            .filter_map(|e| match e.content.as_deref() {
                 Some(Content::Secret(s)) => Some(s),
                 _ => None,
             })
@@ -397,7 +397,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
                 drift: false,
                 risk: if emergency { Risk::Critical } else { Risk::High },
                 reason: if emergency { "emergency rotation".into() } else { "rotation requested".into() },
-                desired: Some(Content::Secret((*s).clone())),
+                desired: Some(Content::Secret((*s).clone()).into()),
                 desired_fingerprint: None,
                 live_fingerprint: l.map(|l| l.fingerprint.clone()),
                 last_fingerprint: records.iter().find(|r| r.address == address).map(|r| r.fingerprint.clone()),

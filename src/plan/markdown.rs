@@ -415,7 +415,7 @@ mod tests {
             drift: false,
             risk,
             reason: "changed | in <templates>".into(),
-            desired: Some(Content::Text(String::new())),
+            desired: Some(Content::Text(String::new()).into()),
             desired_fingerprint: None,
             live_fingerprint: None,
             last_fingerprint: None,

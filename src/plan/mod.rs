@@ -489,7 +489,7 @@ pub fn change_json(c: &Change) -> Value {
         "reason": c.reason,
         "diff": c.diff,
         "before": c.before.as_ref().map(masked).unwrap_or(Value::Null),
-        "after": c.desired.as_ref().filter(|_| c.action != Action::Delete).map(masked).unwrap_or(Value::Null),
+        "after": c.desired.as_deref().filter(|_| c.action != Action::Delete).map(masked).unwrap_or(Value::Null),
         "fields": c.fields,
     })
 }
@@ -605,7 +605,7 @@ fn change_keys(p: &Plan) -> BTreeMap<String, ChangeKey<'_>> {
         .map(|c| {
             let key = (
                 c.action.as_str(),
-                c.desired.as_ref().map(crate::fingerprint::of),
+                c.desired.as_deref().map(crate::fingerprint::of),
                 c.live_fingerprint.as_deref(),
                 c.last_fingerprint.as_deref(),
                 c.refresh,

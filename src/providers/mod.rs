@@ -273,7 +273,7 @@ impl Provider for Nothing {
         Ok(LiveResource {
             address: r.address.clone(),
             fingerprint: crate::fingerprint::of(&r.content),
-            content: Some(r.content.clone()),
+            content: Some((*r.content).clone()),
         })
     }
     fn delete(&self, _: &Address, _: &Expect, _: bool) -> Result<()> {

@@ -729,7 +729,7 @@ impl Provider for OpenBao {
     fn put(&self, r: &Resource, secret: Option<&SecretValue>, expect: &Expect) -> Result<LiveResource> {
         let a = &r.address;
         self.block(async {
-            match (target(a)?, &r.content) {
+            match (target(a)?, &*r.content) {
                 (Target::Secret { path }, Content::Secret(_)) => {
                     let value = secret.ok_or_else(|| {
                         ProviderError::Other(format!(

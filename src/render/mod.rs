@@ -226,7 +226,7 @@ impl Renderer {
 
         out.push(Resource {
             address: Address::new(id, ResourceKind::ManagementTenant, None),
-            content: Content::Json(management_record(t)),
+            content: Content::Json(management_record(t)).into(),
         });
         for l in &t.valid_licenses {
             let mut l = l.as_object().cloned().unwrap_or_default();
@@ -234,7 +234,7 @@ impl Renderer {
             let plugin = l.get("plugin").and_then(Value::as_str).unwrap_or_default().to_owned();
             out.push(Resource {
                 address: Address::new(id, ResourceKind::ManagementLicense, Some(&plugin)),
-                content: Content::Json(Value::Object(l)),
+                content: Content::Json(Value::Object(l)).into(),
             });
         }
         let isp = match self.render_template("isp_config.yaml.j2", &ctx, id) {
@@ -248,7 +248,7 @@ impl Renderer {
             match self.render_template(name, &ctx, id) {
                 Ok(text) => out.push(Resource {
                     address: Address::new(id, ResourceKind::OpenbaoPolicy, Some(&format!("{id}-{stem}"))),
-                    content: Content::Text(text),
+                    content: Content::Text(text).into(),
                 }),
                 Err(d) => errors.push(d),
             }
@@ -278,7 +278,7 @@ impl Renderer {
                             );
                             continue;
                         }
-                        out.push(Resource { address, content: Content::Json(m) });
+                        out.push(Resource { address, content: Content::Json(m).into() });
                     }
                 }
                 Err(msg) => errors.push(
@@ -292,13 +292,13 @@ impl Renderer {
         if let Some(text) = isp {
             out.push(Resource {
                 address: Address::new(id, ResourceKind::IspConfig, None),
-                content: Content::Text(text),
+                content: Content::Text(text).into(),
             });
         }
         for s in &t.secrets {
             out.push(Resource {
                 address: Address::new(id, ResourceKind::OpenbaoSecret, Some(&s.name)),
-                content: Content::Secret(s.clone()),
+                content: Content::Secret(s.clone()).into(),
             });
         }
         if !errors.is_empty() {

@@ -14,6 +14,7 @@ use crate::model::{Address, Content};
 use crate::providers::TenantScope;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 pub type Result<T> = anyhow::Result<T>;
 
@@ -75,7 +76,7 @@ pub struct JournalEntry {
 /// One transaction: records to upsert and forget, audit entries, journal entries to clear.
 #[derive(Debug, Default)]
 pub struct Commit {
-    pub upserts: Vec<(Address, String, Option<Content>)>,
+    pub upserts: Vec<(Address, String, Option<Arc<Content>>)>,
     pub forget: Vec<Address>,
     pub audit: Vec<AuditEntry>,
     /// Addresses whose journal entries (of every plan) are settled: their records say what is live.

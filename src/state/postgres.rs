@@ -714,7 +714,7 @@ impl StateStore for PgStore {
                 tenant.push(a.tenant.as_str());
                 provider.push(a.provider().as_str());
                 fingerprint.push(fp.as_str());
-                content.push(body.as_ref().and_then(content_to_text));
+                content.push(body.as_deref().and_then(content_to_text));
             }
             tx.execute(
                 "INSERT INTO dotmac_resources(address, tenant, provider, fingerprint, content, applied_at, serial)

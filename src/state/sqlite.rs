@@ -209,7 +209,7 @@ impl StateStore for SqliteStore {
                     a.tenant,
                     a.provider().as_str(),
                     fp,
-                    content.as_ref().and_then(content_to_text),
+                    content.as_deref().and_then(content_to_text),
                     now,
                     serial as i64
                 ])?;
@@ -343,7 +343,7 @@ mod tests {
             serial,
             Commit {
                 upserts: vec![
-                    (a.clone(), "sha256:1".into(), Some(Content::Json(json!({"k": 1})))),
+                    (a.clone(), "sha256:1".into(), Some(Content::Json(json!({"k": 1})).into())),
                     (b.clone(), "v1".into(), None),
                 ],
                 audit: vec![AuditEntry {

@@ -324,11 +324,11 @@ proptest! {
         });
         let Some(resources) = outcome else { return Ok(()) };
         let isp = resources.iter().find(|r| r.address.kind == ResourceKind::IspConfig).unwrap();
-        let Content::Text(text) = &isp.content else { panic!("isp.config is text") };
+        let Content::Text(text) = &*isp.content else { panic!("isp.config is text") };
         prop_assert!(text.contains(&name2), "the name was not printed as written:\n{name2:?}\n{text}");
         prop_assert!(text.contains(&format!("level: {level2}")), "the log level was not printed as written:\n{level2:?}\n{text}");
         let record = resources.iter().find(|r| r.address.kind == ResourceKind::ManagementTenant).unwrap();
-        let Content::Json(record) = &record.content else { panic!("the record is JSON") };
+        let Content::Json(record) = &*record.content else { panic!("the record is JSON") };
         prop_assert_eq!(&record["name"], &Value::from(name2));
     }
 }

@@ -314,7 +314,8 @@ fn a_concurrent_writer_is_a_conflict_not_an_overwrite() {
             source: SecretSource::Generated { length: 24, charset: Charset::Alphanumeric },
             rotation_days: None,
             auto_rotation: true,
-        }),
+        })
+        .into(),
     };
     let path = "dotmac/tenants/t1/db/password";
     let mine = "mine-first-PLANTED-value";
@@ -355,7 +356,7 @@ fn a_concurrent_writer_is_a_conflict_not_an_overwrite() {
     assert!(bao.metadata(path).is_none());
     // Policies: read, compared, then written with OpenBao's check-and-set.
     let pa = Address::parse("t1/openbao.policy[t1-read-secrets]").unwrap();
-    let text = |t: &str| Resource { address: pa.clone(), content: Content::Text(t.to_owned()) };
+    let text = |t: &str| Resource { address: pa.clone(), content: Content::Text(t.to_owned()).into() };
     let first = p.put(&text("path \"a\" {\n  capabilities = [\"read\"]\n}"), None, &Expect::Absent).unwrap();
     assert_eq!(bao.policy("t1-read-secrets").as_deref(), Some("path \"a\" {\n  capabilities = [\"read\"]\n}"));
     bao.policy_write("t1-read-secrets", "path \"b\" {\n  capabilities = [\"read\"]\n}");

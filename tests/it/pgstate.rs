@@ -102,10 +102,10 @@ fn exercise(s: &dyn StateStore) -> Vec<String> {
         serial,
         Commit {
             upserts: vec![
-                (a.clone(), "sha256:0".into(), Some(Content::Text("first".into()))),
-                (a.clone(), "sha256:1".into(), Some(Content::Json(json!({"k": 1, "name": "Ünïcode \u{0}"})))),
-                (b.clone(), "v3".into(), Some(Content::SecretMeta(meta))),
-                (c.clone(), "sha256:3".into(), Some(Content::Text("plan: gold\n".into()))),
+                (a.clone(), "sha256:0".into(), Some(Content::Text("first".into()).into())),
+                (a.clone(), "sha256:1".into(), Some(Content::Json(json!({"k": 1, "name": "Ünïcode \u{0}"})).into())),
+                (b.clone(), "v3".into(), Some(Content::SecretMeta(meta).into())),
+                (c.clone(), "sha256:3".into(), Some(Content::Text("plan: gold\n".into()).into())),
             ],
             audit: vec![
                 entry("2026-01-01T00:00:00Z", "t1", &a.to_string(), "applied"),
@@ -531,7 +531,7 @@ fn a_state_of_130k_records_is_written_in_bulk_and_read_in_one_pass() {
         for i in 0..13 {
             let what = if i < kinds.len() { kinds[i].to_owned() } else { format!("kubernetes.Deployment[app-{i}]") };
             let a = Address::parse(&format!("tenant-{t:05}/{what}")).unwrap();
-            let content = (i != 3).then(|| Content::Json(json!({"tenant": t, "i": i})));
+            let content = (i != 3).then(|| Content::Json(json!({"tenant": t, "i": i})).into());
             upserts.push((a, format!("sha256:{t}-{i}"), content));
         }
     }

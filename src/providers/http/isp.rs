@@ -157,7 +157,7 @@ impl Api {
 
     async fn put(&self, r: &Resource, expect: &Expect) -> Result<LiveResource> {
         let a = &r.address;
-        let Content::Text(text) = &r.content else {
+        let Content::Text(text) = &*r.content else {
             return Err(ProviderError::Other(format!("{a}: an ISP configuration must be text")));
         };
         let (cond, before) = self.condition(a, expect).await?;

@@ -194,7 +194,7 @@ impl Api {
         rollback: bool,
     ) -> Result<LiveResource> {
         let a = &r.address;
-        let Content::Json(config) = &r.content else {
+        let Content::Json(config) = &*r.content else {
             return Err(ProviderError::Other(format!("{a}: a tenant record must be structured content")));
         };
         let cond = self.record_condition(a, expect).await?;
@@ -454,7 +454,7 @@ impl Provider for Management {
                 Client::block_on(self.api.put_record(r, expect, strategy, rollback))
             }
             ResourceKind::ManagementLicense => {
-                let Content::Json(content) = &r.content else {
+                let Content::Json(content) = &*r.content else {
                     return Err(ProviderError::Other(format!("{a}: a license must be structured content")));
                 };
                 let lock = self.license_lock(&a.tenant);

@@ -125,7 +125,7 @@ impl Provider for KubeIspProvider {
 
     fn put(&self, r: &Resource, _secret: Option<&SecretValue>, expect: &Expect) -> Result<LiveResource> {
         let a = &r.address;
-        let Content::Text(text) = &r.content else {
+        let Content::Text(text) = &*r.content else {
             return Err(ProviderError::Other(format!("{a}: the ISP configuration must be text")));
         };
         let tenant = a.tenant.as_str();

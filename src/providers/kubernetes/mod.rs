@@ -650,7 +650,7 @@ impl Provider for KubeProvider {
 
     fn put(&self, r: &Resource, _secret: Option<&SecretValue>, expect: &Expect) -> Result<LiveResource> {
         let a = &r.address;
-        let Content::Json(Value::Object(obj)) = &r.content else {
+        let Content::Json(Value::Object(obj)) = &*r.content else {
             return Err(ProviderError::Other(format!("{a}: a Kubernetes manifest must be a mapping")));
         };
         let api_version = obj.get("apiVersion").and_then(Value::as_str);

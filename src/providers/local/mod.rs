@@ -61,6 +61,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use index::Stamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::ops::Range;
@@ -962,13 +963,13 @@ impl Provider for LocalStore {
         if let ResourceKind::OpenbaoSecret = a.kind {
             let value = secret.ok_or_else(|| ProviderError::Other(format!("{a}: no value to write")))?;
             let placeholder =
-                matches!(&r.content, Content::Secret(s) if matches!(s.source, crate::model::SecretSource::External));
+                matches!(&*r.content, Content::Secret(s) if matches!(s.source, crate::model::SecretSource::External));
             let v = NewVersion { value: value.expose(), placeholder, written: None };
             return self.write_secret_version(n, s, a, v, expect);
         }
-        let text = match &r.content {
-            Content::Text(t) => t.clone(),
-            Content::Json(v) => yamlfmt::to_yaml(v),
+        let text: Cow<'_, str> = match &*r.content {
+            Content::Text(t) => Cow::Borrowed(t),
+            Content::Json(v) => Cow::Owned(yamlfmt::to_yaml(v)),
             other => return Err(ProviderError::Other(format!("{a}: cannot store {other:?} here"))),
         };
         let key = a.to_string();
@@ -976,7 +977,8 @@ impl Provider for LocalStore {
         self.check(s, a, &key, expect)?;
         let fp = fingerprint::of(&r.content);
         self.set(s, a, key, Some((&text, fp.clone(), None)));
-        Ok(LiveResource { address: a.clone(), fingerprint: fp, content: Some(r.content.clone()) })
+        // The content is the caller's already: it is not copied back.
+        Ok(LiveResource { address: a.clone(), fingerprint: fp, content: None })
     }
 
     fn delete(&self, a: &Address, expect: &Expect, destroy: bool) -> Result<()> {
@@ -1189,7 +1191,7 @@ mod tests {
     }
 
     fn res(address: &str, content: Content) -> Resource {
-        Resource { address: Address::parse(address).unwrap(), content }
+        Resource { address: Address::parse(address).unwrap(), content: content.into() }
     }
 
     /// Creates `{tenant}/isp.config` holding `text` for each tenant.
@@ -1242,16 +1244,16 @@ mod tests {
         let mut written = Vec::new();
         for (i, t) in texts.iter().enumerate() {
             let r = res(&format!("t{i}/isp.config"), Content::Text((*t).into()));
-            written.push((isp.put(&r, None, &Expect::Absent).unwrap(), &isp));
+            written.push((isp.put(&r, None, &Expect::Absent).unwrap(), r.content));
             let r = res(&format!("t{i}/openbao.policy[t{i}-read]"), Content::Text((*t).into()));
-            written.push((secrets.put(&r, None, &Expect::Absent).unwrap(), &secrets));
+            written.push((secrets.put(&r, None, &Expect::Absent).unwrap(), r.content));
         }
         let tenant = json!({"id": "t1", "name": "Demo: \"quoted\"", "features": ["a", "b"], "limits": {"x": 1.5, "y": null}, "empty": {}});
         let r = res("t1/management.tenant", Content::Json(tenant));
-        written.push((mgmt.put(&r, None, &Expect::Absent).unwrap(), &mgmt));
+        written.push((mgmt.put(&r, None, &Expect::Absent).unwrap(), r.content));
         let manifest = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "isp.framework", "labels": {"a": "yes"}}, "spec": {"replicas": 2, "text": "line one\nline two\n"}});
         let r = res("t1/kubernetes.Deployment[isp.framework]", Content::Json(manifest));
-        written.push((k8s.put(&r, None, &Expect::Absent).unwrap(), &k8s));
+        written.push((k8s.put(&r, None, &Expect::Absent).unwrap(), r.content));
         for s in [&isp, &secrets, &mgmt, &k8s] {
             s.close();
         }
@@ -1270,9 +1272,9 @@ mod tests {
             })
             .collect();
         assert_eq!(again.len(), written.len());
-        for (w, _) in &written {
+        for (w, content) in &written {
             let back = again.iter().find(|r| r.address == w.address).unwrap();
-            assert_eq!(back.content, w.content, "{}", w.address);
+            assert_eq!(back.content.as_ref(), Some(&**content), "{}", w.address);
             assert_eq!(back.fingerprint, w.fingerprint, "{}", w.address);
         }
         let file = std::fs::read_to_string(shard_path(d.path(), ProviderId::Isp, "t2")).unwrap();
@@ -1361,12 +1363,12 @@ mod tests {
             pod("", "Pod", "p"),
             pod("t1", "Pod", "p]\n=== x"),
         ] {
-            let r = Resource { address: a.clone(), content: Content::Json(json!({})) };
+            let r = Resource { address: a.clone(), content: Content::Json(json!({})).into() };
             assert!(s.put(&r, None, &Expect::Any).is_err(), "{a:?}");
             assert!(s.fetch(std::slice::from_ref(&a)).is_err(), "{a:?}");
         }
         let ok = pod("t1", "Deployment", "isp.framework");
-        s.put(&Resource { address: ok, content: Content::Json(json!({})) }, None, &Expect::Any).unwrap();
+        s.put(&Resource { address: ok, content: Content::Json(json!({})).into() }, None, &Expect::Any).unwrap();
         let sec = store(d.path(), ProviderId::Secrets);
         let bad = Address::new("t1", ResourceKind::OpenbaoSecret, Some("../x"));
         assert!(sec.reveal(&bad).is_err());
@@ -1384,7 +1386,8 @@ mod tests {
                 source: SecretSource::Generated { length: 20, charset: Charset::Alphanumeric },
                 rotation_days: None,
                 auto_rotation: true,
-            }),
+            })
+            .into(),
         };
         let v1 = SecretValue::from_bytes(b"first-value-PLANTED".to_vec());
         let live = s.put(&r, Some(&v1), &Expect::Absent).unwrap();
