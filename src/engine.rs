@@ -16,6 +16,7 @@ use crate::state::{StateStore, postgres::PgStore, sqlite::SqliteStore};
 use crate::validate;
 use anyhow::{Context, Result};
 use jiff::Timestamp;
+use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -340,10 +341,14 @@ impl Workspace {
         diagnostics.extend(render_diags);
         tracing::debug!(rendered = rendered.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "validated and rendered");
 
+        // Fingerprints (a hash of each resource's canonical form) are worked out in parallel.
+        let rendered: Vec<(String, Vec<DesiredEntry>)> = rendered
+            .into_par_iter()
+            .map(|(id, resources)| (id, resources.into_iter().map(DesiredEntry::rendered).collect()))
+            .collect();
         let mut tenants: BTreeMap<String, DesiredTenant> = BTreeMap::new();
-        for (id, resources) in rendered {
+        for (id, entries) in rendered {
             let t = &desired.tenants[&id];
-            let entries = resources.into_iter().map(DesiredEntry::rendered).collect();
             tenants.insert(
                 id,
                 DesiredTenant {
@@ -410,9 +415,11 @@ impl Workspace {
                 }
             }
             cache.retain(|u| loaded.unit_digests.contains_key(u));
+            tracing::debug!(elapsed = ?t.elapsed(), rss_mib = rss_mib(), "render cache updated");
             if let Err(e) = cache.save() {
                 tracing::warn!(error = %e, "could not save the render cache");
             }
+            tracing::debug!(elapsed = ?t.elapsed(), "render cache saved");
         }
         // The cached folders' tenants, moved out of the cache (saved above if it changed).
         for u in &loaded.skipped_units {

@@ -15,6 +15,7 @@ use crate::plan::Plan;
 use crate::providers::secret_value::SecretValue;
 use crate::providers::{Expect, LiveResource, ProviderError, Providers, Session};
 use crate::state::{AuditEntry, Commit, JournalEntry, StateStore};
+use rustc_hash::FxHashMap;
 use serde_json::{Value, json};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -155,7 +156,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     }
     if by_tenant.is_empty() {
         report.serial = state.meta()?.serial;
-        state.commit(report.serial, settled)?;
+        state.commit(report.serial, &settled)?;
         return Ok(report);
     }
     let serial = state.begin_apply()?;
@@ -190,7 +191,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     let queue = Mutex::new(by_tenant.into_iter());
     let (tx, rx) = mpsc::channel::<TenantResult>();
     let workers = opts.parallelism.max(1);
-    let mut written_all: Vec<(Address, Option<String>)> = Vec::new();
+    let mut written_all: Vec<(Address, Option<String>)> = Vec::with_capacity(plan.changes.len());
     let mut commit_error: Option<anyhow::Error> = None;
     // What the journal learns from this apply, committed only once every write is durable.
     let mut settle = settled;
@@ -233,11 +234,13 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         drop(tx);
         // The committer: records and audit entries, a batch of tenants at a time.
         let mut batch: Vec<TenantResult> = Vec::new();
+        // One buffer for every batch: its vectors keep their capacity from one batch to the next.
+        let mut commit = Commit::default();
         let mut flush = |batch: &mut Vec<TenantResult>, report: &mut Report| {
             if batch.is_empty() {
                 return;
             }
-            let mut commit = Commit::default();
+            commit.clear();
             for r in batch.drain(..) {
                 commit.upserts.extend(r.commit.upserts);
                 commit.forget.extend(r.commit.forget);
@@ -247,7 +250,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
                 written_all.extend(r.written);
                 report.outcomes.push(r.outcome);
             }
-            if let Err(e) = ctx.state.commit(serial, commit)
+            if let Err(e) = ctx.state.commit(serial, &commit)
                 && commit_error.is_none()
             {
                 commit_error = Some(e);
@@ -268,7 +271,10 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => flush(&mut batch, &mut report),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    tracing::debug!(elapsed = ?started_at.elapsed(), waiting = batch.len(), "all tenants done");
+                    break;
+                }
             }
         }
         flush(&mut batch, &mut report);
@@ -285,7 +291,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         tracing::debug!(provider = %p, elapsed = ?t.elapsed(), "flushed");
         r
     });
-    let cleared = durable.map_err(anyhow::Error::from).and_then(|_| state.commit(serial, settle));
+    let cleared = durable.map_err(anyhow::Error::from).and_then(|_| state.commit(serial, &settle));
     if let Err(e) = cleared
         && commit_error.is_none()
     {
@@ -418,6 +424,9 @@ fn apply_tenant(
         Strategy::Synchronized => run_synchronized(ctx, &writes, &deletes, &live_now),
     };
     let (done, failure) = result;
+    commit.audit.reserve(done.len() + 1);
+    commit.upserts.reserve(done.len() + refreshes.len());
+    written.reserve(done.len());
     let mut outcome = TenantOutcome {
         tenant: tenant.to_owned(),
         ok: failure.is_none(),
@@ -687,28 +696,26 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<String>, String> {
     }
 }
 
-/// Reads back what was written and compares fingerprints: the problems, and each written
-/// address's fingerprint as live now.
+/// Reads back what was written and compares fingerprints, each provider on its own thread:
+/// the problems, and the fingerprints live has now of the written management records and
+/// ISP configurations (what the consistency check compares).
 fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> (Vec<String>, HashMap<Address, String>) {
-    let mut problems = Vec::new();
-    let mut read_back = HashMap::new();
-    for p in ProviderId::ALL {
+    use crate::model::ResourceKind;
+    let one = |p: ProviderId| -> (Vec<String>, Vec<(Address, String)>) {
         let mine: Vec<&(Address, Option<String>)> = written.iter().filter(|(a, _)| a.provider() == p).collect();
         if mine.is_empty() {
-            continue;
+            return (Vec::new(), Vec::new());
         }
         let addrs: Vec<Address> = mine.iter().map(|(a, _)| a.clone()).collect();
-        let live: HashMap<Address, String> = match providers.get(p).fingerprints(&addrs) {
+        let live: FxHashMap<Address, String> = match providers.get(p).fingerprints(&addrs) {
             Ok(l) => l.into_iter().collect(),
-            Err(e) => {
-                problems.push(format!("could not read {p} back: {e}"));
-                continue;
-            }
+            Err(e) => return (vec![format!("could not read {p} back: {e}")], Vec::new()),
         };
+        let mut problems = Vec::new();
         for (a, fp) in mine {
             let now = live.get(a);
             let ok = match (fp, now) {
-                (Some(f), Some(n)) => f == n || (a.kind == crate::model::ResourceKind::OpenbaoSecret),
+                (Some(f), Some(n)) => f == n || (a.kind == ResourceKind::OpenbaoSecret),
                 (None, None) => true,
                 (None, Some(n)) => n.ends_with("-deleted") || providers.get(p).deletes_with_tenant(),
                 _ => false,
@@ -721,7 +728,19 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> (Vec<
                 ));
             }
         }
-        read_back.extend(live);
+        let compared = live
+            .into_iter()
+            .filter(|(a, _)| matches!(a.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig));
+        (problems, compared.collect())
+    };
+    use rayon::prelude::*;
+    let per_provider: Vec<(Vec<String>, Vec<(Address, String)>)> =
+        ProviderId::ALL.par_iter().map(|p| one(*p)).collect();
+    let mut problems = Vec::new();
+    let mut read_back = HashMap::new();
+    for (p, r) in per_provider {
+        problems.extend(p);
+        read_back.extend(r);
     }
     (problems, read_back)
 }

@@ -87,6 +87,15 @@ pub struct Commit {
 }
 
 impl Commit {
+    /// Empties it, keeping the vectors' capacity for the next batch.
+    pub fn clear(&mut self) {
+        self.upserts.clear();
+        self.forget.clear();
+        self.audit.clear();
+        self.clear_journal.clear();
+        self.drop_journal.clear();
+    }
+
     pub fn is_empty(&self) -> bool {
         self.upserts.is_empty()
             && self.forget.is_empty()
@@ -148,7 +157,7 @@ pub trait StateStore: Send + Sync {
     /// Starts an apply: moves the serial and returns the new one.
     fn begin_apply(&self) -> Result<u64>;
     /// Applies one transaction at `serial`.
-    fn commit(&self, serial: u64, commit: Commit) -> Result<()>;
+    fn commit(&self, serial: u64, commit: &Commit) -> Result<()>;
     fn journal_add(&self, entries: &[JournalEntry]) -> Result<()>;
     fn journal(&self) -> Result<Vec<JournalEntry>>;
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>>;

@@ -685,7 +685,7 @@ impl StateStore for PgStore {
         Ok(serial as u64)
     }
 
-    fn commit(&self, serial: u64, c: Commit) -> Result<()> {
+    fn commit(&self, serial: u64, c: &Commit) -> Result<()> {
         if c.is_empty() {
             return Ok(());
         }

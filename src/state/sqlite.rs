@@ -72,6 +72,9 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // A page cache that holds an apply's batch: with the default 2 MiB, a batch of records and
+        // audit rows spills dirty pages to the WAL in the middle of its transaction.
+        conn.pragma_update(None, "cache_size", -65536)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version as usize > MIGRATIONS.len() {
@@ -189,7 +192,7 @@ impl StateStore for SqliteStore {
         Ok(next)
     }
 
-    fn commit(&self, serial: u64, c: Commit) -> Result<()> {
+    fn commit(&self, serial: u64, c: &Commit) -> Result<()> {
         if c.is_empty() {
             return Ok(());
         }
@@ -341,7 +344,7 @@ mod tests {
         let b = Address::parse("t1/openbao.secret[x]").unwrap();
         s.commit(
             serial,
-            Commit {
+            &Commit {
                 upserts: vec![
                     (a.clone(), "sha256:1".into(), Some(Content::Json(json!({"k": 1})).into())),
                     (b.clone(), "v1".into(), None),

@@ -100,7 +100,7 @@ fn exercise(s: &dyn StateStore) -> Vec<String> {
     };
     s.commit(
         serial,
-        Commit {
+        &Commit {
             upserts: vec![
                 (a.clone(), "sha256:0".into(), Some(Content::Text("first".into()).into())),
                 (a.clone(), "sha256:1".into(), Some(Content::Json(json!({"k": 1, "name": "Ünïcode \u{0}"})).into())),
@@ -171,8 +171,8 @@ fn exercise(s: &dyn StateStore) -> Vec<String> {
     // A second apply: forget one, keep the others.
     let serial = s.begin_apply().unwrap();
     assert_eq!(serial, 2);
-    s.commit(serial, Commit { forget: vec![c.clone()], ..Commit::default() }).unwrap();
-    s.commit(serial, Commit::default()).unwrap();
+    s.commit(serial, &Commit { forget: vec![c.clone()], ..Commit::default() }).unwrap();
+    s.commit(serial, &Commit::default()).unwrap();
     seen.push(format!("after forget {:?}", fingerprints(&TenantScope::All)));
     seen.push(format!("journal {:?}", s.journal().unwrap()));
     let m = s.meta().unwrap();
@@ -393,7 +393,7 @@ fn a_commit_is_refused_once_the_lock_session_is_gone() {
         .unwrap();
     let a = Address::parse("t1/management.tenant").unwrap();
     let e = store
-        .commit(serial, Commit { upserts: vec![(a, "sha256:1".into(), None)], ..Commit::default() })
+        .commit(serial, &Commit { upserts: vec![(a, "sha256:1".into(), None)], ..Commit::default() })
         .expect_err("nothing is recorded without the lock")
         .to_string();
     assert!(e.contains("the state lock was lost"), "{e}");
@@ -536,7 +536,7 @@ fn a_state_of_130k_records_is_written_in_bulk_and_read_in_one_pass() {
         }
     }
     let t = Instant::now();
-    store.commit(serial, Commit { upserts, ..Commit::default() }).unwrap();
+    store.commit(serial, &Commit { upserts, ..Commit::default() }).unwrap();
     let wrote = t.elapsed();
     let t = Instant::now();
     let all = store.records(&TenantScope::All).unwrap();
