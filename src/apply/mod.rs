@@ -266,7 +266,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
                         }
                     }
                     batch.push(r);
-                    if batch.len() >= 256 {
+                    if batch.len() >= 1024 {
                         flush(&mut batch, &mut report);
                     }
                 }
