@@ -193,7 +193,12 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
 
 /// Order within a tenant: apply order (the tenant is the same for all).
 fn local_cmp(a: &Address, b: &Address) -> std::cmp::Ordering {
-    (a.kind.rank(), &a.kind, &a.name).cmp(&(b.kind.rank(), &b.kind, &b.name))
+    // The same kind (most comparisons while a tenant's lists are walked): the names decide,
+    // without working out the kind's rank.
+    if a.kind == b.kind {
+        return a.name.cmp(&b.name);
+    }
+    (a.kind.rank(), &a.kind).cmp(&(b.kind.rank(), &b.kind))
 }
 
 fn plan_tenant(
