@@ -290,6 +290,10 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             let mut prepared = prepare(g, &a.args.tenants, now, true)?;
             let guard = prepared.lock("apply", a.lock)?;
             let plan = prepared.plan(false)?;
+            // The repository's texts and parsed documents are not needed past the plan: their
+            // memory is given back before the apply allocates its own.
+            drop(std::mem::take(&mut prepared.ws.loaded.files));
+            drop(std::mem::take(&mut prepared.ws.loaded.docs));
             print_plan(&plan, Format::Text, color, &ReportArgs::default())?;
             (prepared, plan, guard)
         }
