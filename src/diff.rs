@@ -114,6 +114,17 @@ pub struct Change {
     pub refresh: bool,
 }
 
+impl Change {
+    /// The unified diff for people: `diff`, or for a creation planned without one, the whole
+    /// desired content as added lines.
+    pub fn diff_text(&self) -> std::borrow::Cow<'_, str> {
+        match (&self.desired, self.action) {
+            (Some(d), Action::Create) if self.diff.is_empty() => unified(&self.address, None, Some(d)).into(),
+            _ => self.diff.as_str().into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
@@ -253,7 +264,11 @@ pub fn diff(
         if c.action == Action::Update {
             c.fields = fields(before, after);
         }
-        c.diff = unified(address, before, after);
+        // A creation's diff is all of `after`: it is written out when shown (`diff_text`),
+        // not kept in every plan (all of a first apply's contents, a second time).
+        if !(c.action == Action::Create && before.is_none()) {
+            c.diff = unified(address, before, after);
+        }
         c.risk = risk(address, c.action, &c.fields, before, after);
     }
     (Some(c), None)
@@ -605,6 +620,18 @@ mod tests {
         "2026-11-22T00:00:00Z".parse().unwrap()
     }
     const A: &str = "t1/management.tenant";
+
+    #[test]
+    fn a_creation_keeps_no_diff_and_shows_all_of_its_content_when_asked() {
+        let d = res(A, json!({"name": "T", "status": "active"}));
+        let (c, _) = diff(&addr(A), Some(&d), None, None, now(), &Options::default());
+        let c = c.unwrap();
+        assert_eq!((c.action, c.diff.as_str()), (Action::Create, ""));
+        let shown = c.diff_text();
+        assert_eq!(shown, unified(&addr(A), None, d.content.as_deref()));
+        assert!(shown.contains("+name: T\n+status: active\n"), "{shown}");
+        assert_eq!(crate::plan::change_json(&c)["diff"], json!(shown));
+    }
 
     #[test]
     fn the_table() {

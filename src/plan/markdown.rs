@@ -307,7 +307,7 @@ fn tenant_details(shown: &[&Change], full_contents: bool) -> Vec<(String, usize,
             if !full_contents && matches!(c.action, Action::Create | Action::Delete) {
                 continue;
             }
-            for line in c.diff.lines().skip(2) {
+            for line in c.diff_text().lines().skip(2) {
                 d.push_str(&fence_safe(line));
                 d.push('\n');
             }

@@ -492,7 +492,7 @@ pub fn change_json(c: &Change) -> Value {
         "drift": c.drift,
         "risk": c.risk,
         "reason": c.reason,
-        "diff": c.diff,
+        "diff": c.diff_text(),
         "before": c.before.as_ref().map(masked).unwrap_or(Value::Null),
         "after": c.desired.as_deref().filter(|_| c.action != Action::Delete).map(masked).unwrap_or(Value::Null),
         "fields": c.fields,

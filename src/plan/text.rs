@@ -79,9 +79,10 @@ pub fn changes(changes: &[Change], violations: &[Violation], color: bool, max_di
             c.reason
         );
         if matches!(c.action, Action::Update | Action::Delete | Action::Rotate) || c.drift {
-            for (n, line) in c.diff.lines().skip(2).enumerate() {
+            let diff = c.diff_text();
+            for (n, line) in diff.lines().skip(2).enumerate() {
                 if max_diff_lines > 0 && n == max_diff_lines {
-                    let _ = writeln!(out, "      … ({} more lines)", c.diff.lines().count() - 2 - n);
+                    let _ = writeln!(out, "      … ({} more lines)", diff.lines().count() - 2 - n);
                     break;
                 }
                 let colored = match line.chars().next() {
