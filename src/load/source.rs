@@ -730,9 +730,8 @@ impl WorktreeIndex {
         if stats.len() != self.entries.len() {
             return None; // a file untracked, ignored or deleted
         }
-        if self.staged(cache) {
-            return None;
-        }
+        // The files first: a work tree that differs from the index (the usual case while
+        // someone edits) is told at its first changed file, without the staged check.
         let unchanged = stats.iter().all(|(path, st)| {
             let Some(&(mtime, mtime_ns, size, ino, blob)) = self.entries.get(path) else { return false };
             let racy = i128::from(mtime) * 1_000_000_000 + i128::from(mtime_ns) >= self.written_ns;
@@ -743,7 +742,7 @@ impl WorktreeIndex {
                     git2::Oid::hash_object(git2::ObjectType::Blob, t.as_bytes()).is_ok_and(|id| id == blob)
                 })
         });
-        unchanged.then_some(self.head)
+        (unchanged && !self.staged(cache)).then_some(self.head)
     }
 }
 
