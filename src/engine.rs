@@ -421,24 +421,33 @@ impl Workspace {
             }
             tracing::debug!(elapsed = ?t.elapsed(), "render cache saved");
         }
-        // The cached folders' tenants, moved out of the cache (saved above if it changed).
-        for u in &loaded.skipped_units {
-            let Some(e) = cache.units.remove(u) else { continue };
-            for ct in e.tenants {
-                let entries = ct
-                    .resources
-                    .into_iter()
-                    .map(|r| DesiredEntry {
-                        address: r.address,
-                        fingerprint: r.fingerprint,
-                        content: r.secret.map(|s| Arc::new(Content::Secret(s))),
-                    })
-                    .collect();
-                tenants.insert(
-                    ct.id,
-                    DesiredTenant { unit: u.clone(), coordination: ct.coordination, label: ct.label, entries },
-                );
-            }
+        // The cached folders' tenants, moved out of the cache (saved above if it changed), each
+        // folder's on its own (in parallel), then inserted in order.
+        let cached: Vec<(String, crate::cache::UnitEntry)> =
+            loaded.skipped_units.iter().filter_map(|u| cache.units.remove_entry(u)).collect();
+        let mut cached: Vec<(String, DesiredTenant)> = cached
+            .into_par_iter()
+            .flat_map_iter(|(u, e)| {
+                e.tenants.into_iter().map(move |ct| {
+                    let entries = ct
+                        .resources
+                        .into_iter()
+                        .map(|r| DesiredEntry {
+                            address: r.address,
+                            fingerprint: r.fingerprint,
+                            content: r.secret.map(|s| Arc::new(Content::Secret(s))),
+                        })
+                        .collect();
+                    let t = DesiredTenant { unit: u.clone(), coordination: ct.coordination, label: ct.label, entries };
+                    (ct.id, t)
+                })
+            })
+            .collect();
+        cached.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if tenants.is_empty() {
+            tenants = cached.into_iter().collect(); // built at once from sorted entries
+        } else {
+            tenants.extend(cached);
         }
         tracing::info!(tenants = tenants.len(), cached_units = loaded.skipped_units.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "desired state ready");
         let cached_units = loaded.skipped_units.len();
