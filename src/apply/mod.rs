@@ -445,7 +445,11 @@ fn apply_tenant(
             }
             for c in refreshes {
                 match (&c.desired, &c.live_fingerprint) {
-                    (Some(d), Some(fp)) => commit.upserts.push((c.address.clone(), fp.clone(), storable(d))),
+                    (Some(d), Some(fp)) => commit.upserts.push((
+                        c.address.clone(),
+                        fp.clone(),
+                        Some(Arc::clone(d)).filter(|d| recorded(d)),
+                    )),
                     _ => commit.forget.push(c.address.clone()),
                 }
             }
@@ -528,12 +532,9 @@ fn intended_fingerprint(c: &Change, destroy_secrets: bool) -> Option<String> {
     }
 }
 
-/// What the state stores of a content (nothing for secrets).
-fn storable(c: &Arc<Content>) -> Option<Arc<Content>> {
-    match **c {
-        Content::Secret(_) | Content::SecretMeta(_) => None,
-        _ => Some(Arc::clone(c)),
-    }
+/// Whether the state records a content (not a secret's: its version is the record).
+fn recorded(c: &Content) -> bool {
+    !matches!(c, Content::Secret(_) | Content::SecretMeta(_))
 }
 
 /// After a step was undone: live is what it was before the apply. If the plan took that for
@@ -548,7 +549,7 @@ fn record_restored(commit: &mut Commit, d: &Done<'_>, restored: Option<String>) 
     let a = &d.change.address;
     match restored {
         Some(fp) => {
-            let content = d.before.as_ref().and_then(|b| b.content.clone()).map(Arc::new).as_ref().and_then(storable);
+            let content = d.before.as_ref().and_then(|b| b.content.clone()).filter(recorded).map(Arc::new);
             commit.upserts.push((a.clone(), fp, content));
         }
         None => commit.forget.push(a.clone()),
@@ -562,7 +563,7 @@ fn record_done(commit: &mut Commit, d: &Done<'_>) {
         (Some(after), _) => commit.upserts.push((
             d.change.address.clone(),
             after.fingerprint.clone(),
-            d.change.desired.as_ref().and_then(storable),
+            d.change.desired.clone().filter(|c| recorded(c)),
         )),
         (None, _) => {}
     }

@@ -138,7 +138,8 @@ pub trait Provider: Send + Sync {
     }
 
     /// Creates or replaces a resource. `secret` carries the value of a generated secret being
-    /// written (only for `openbao.secret`). Returns the resource as now live.
+    /// written (only for `openbao.secret`). Returns the resource as now live (its content
+    /// may be left out: the caller has it).
     fn put(&self, resource: &Resource, secret: Option<&SecretValue>, expect: &Expect) -> Result<LiveResource>;
 
     /// Removes a resource. For secrets, `destroy` removes every version (otherwise a soft
