@@ -10,11 +10,14 @@
 //! the end, and only then is the journal settled (see ARCHITECTURE.md, invariants).
 
 use crate::diff::{Action, Change, Risk, Severity};
-use crate::model::{Address, Charset, Content, Coordination, ProviderId, Resource, SecretSource, Strategy};
+use crate::model::{
+    Address, Charset, Content, Coordination, ProviderId, Resource, ResourceKind, SecretSource, Strategy,
+};
 use crate::plan::Plan;
 use crate::providers::secret_value::SecretValue;
 use crate::providers::{Expect, LiveResource, ProviderError, Providers, Session};
 use crate::state::{AuditEntry, Commit, JournalEntry, StateStore};
+use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use serde_json::{Value, json};
 use std::borrow::Cow;
@@ -365,7 +368,7 @@ fn apply_tenant(
     deletes.reverse();
     // A Namespace goes last: deleting it takes everything inside with it, the ISP
     // configuration too when it is a ConfigMap there, which a rollback could not bring back.
-    deletes.sort_by_key(|c| matches!(&c.address.kind, crate::model::ResourceKind::Kubernetes(k) if k == "Namespace"));
+    deletes.sort_by_key(|c| matches!(&c.address.kind, ResourceKind::Kubernetes(k) if k == "Namespace"));
     let (refreshes, writes): (Vec<&Change>, Vec<&Change>) = rest.into_iter().partition(|c| c.action == Action::Noop);
 
     // This plan's journal entries for the tenant (all written before any tenant started).
@@ -520,7 +523,7 @@ fn intended_fingerprint(c: &Change, destroy_secrets: bool) -> Option<String> {
         Some(Content::SecretMeta(m)) => m.version,
         _ => 0,
     };
-    let secret = c.address.kind == crate::model::ResourceKind::OpenbaoSecret;
+    let secret = c.address.kind == ResourceKind::OpenbaoSecret;
     match (c.action, c.desired.as_deref()) {
         (Action::Delete, _) if secret && !destroy_secrets && c.live_fingerprint.is_some() => {
             Some(format!("v{}-deleted", version()))
@@ -680,7 +683,7 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<String>, String> {
     let a = &d.change.address;
     let provider = ctx.providers.get(a.provider());
     let expect_after = Expect::from_live(d.after.as_ref().map(|x| x.fingerprint.as_str()));
-    match (&d.before, a.kind == crate::model::ResourceKind::OpenbaoSecret) {
+    match (&d.before, a.kind == ResourceKind::OpenbaoSecret) {
         (None, _) => provider.delete(a, &expect_after, true).map(|_| None).map_err(|e| e.to_string()),
         (Some(b), true) => {
             let version = match &b.content {
@@ -701,7 +704,6 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<String>, String> {
 /// the problems, and the fingerprints live has now of the written management records and
 /// ISP configurations (what the consistency check compares).
 fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> (Vec<String>, HashMap<Address, String>) {
-    use crate::model::ResourceKind;
     let one = |p: ProviderId| -> (Vec<String>, Vec<(Address, String)>) {
         let mine: Vec<&(Address, Option<String>)> = written.iter().filter(|(a, _)| a.provider() == p).collect();
         if mine.is_empty() {
@@ -734,7 +736,6 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> (Vec<
             .filter(|(a, _)| matches!(a.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig));
         (problems, compared.collect())
     };
-    use rayon::prelude::*;
     let per_provider: Vec<(Vec<String>, Vec<(Address, String)>)> =
         ProviderId::ALL.par_iter().map(|p| one(*p)).collect();
     let mut problems = Vec::new();
@@ -754,7 +755,6 @@ fn consistency(
     written: &[(Address, Option<String>)],
     known: &HashMap<&Address, &Content>,
 ) -> Result<Vec<crate::drift::Difference>, String> {
-    use crate::model::ResourceKind;
     let tenants: BTreeSet<&str> = written
         .iter()
         .filter(|(a, _)| matches!(a.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig))
@@ -791,7 +791,6 @@ fn consistency(
             _ => None,
         })
         .collect();
-    use rayon::prelude::*;
     Ok(mgmt
         .par_iter()
         .flat_map_iter(|(a, c)| match (c.as_ref(), isp.get(a.tenant.as_str())) {
@@ -804,7 +803,7 @@ fn consistency(
 /// An audit entry for a change, with before/after masked: fields for updates, fingerprints
 /// for the rest, versions for secrets; never a value.
 fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &str, message: Option<String>) -> AuditEntry {
-    let is_secret = c.address.kind == crate::model::ResourceKind::OpenbaoSecret;
+    let is_secret = c.address.kind == ResourceKind::OpenbaoSecret;
     let (before, after) = if is_secret {
         (
             c.before.as_ref().map(crate::plan::masked),
