@@ -2,10 +2,26 @@
 //! stores' indexes): fixed-width integers and length-prefixed UTF-8 text. A reader answers
 //! `None` on anything short or malformed, and a cache that does not decode is rebuilt.
 
+use crate::fingerprint::Fingerprint;
+
 /// Appends `s` as a `u32` length and its bytes.
 pub fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
+}
+
+/// Appends a fingerprint: `1` and the 32 bytes of a `sha256:` one, else `0` and its text.
+pub fn put_fingerprint(out: &mut Vec<u8>, f: &Fingerprint) {
+    match (f.digest(), f.text()) {
+        (Some(d), _) => {
+            out.push(1);
+            out.extend_from_slice(d);
+        }
+        (None, t) => {
+            out.push(0);
+            put_str(out, t.unwrap_or_default());
+        }
+    }
 }
 
 pub struct Reader<'a> {
@@ -45,6 +61,14 @@ impl<'a> Reader<'a> {
     pub fn str(&mut self) -> Option<&'a str> {
         let n = self.u32()? as usize;
         std::str::from_utf8(self.take(n)?).ok()
+    }
+    /// A fingerprint written by `put_fingerprint`.
+    pub fn fingerprint(&mut self) -> Option<Fingerprint> {
+        match self.u8()? {
+            1 => Some(Fingerprint::sha256(self.take(32)?.try_into().ok()?)),
+            0 => Some(Fingerprint::from(self.str()?)),
+            _ => None,
+        }
     }
 }
 

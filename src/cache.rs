@@ -12,20 +12,20 @@
 //! a tenant that turns out to need a change is rendered again. The cache lives in
 //! `.dotmac/cache/render.bin`; losing it costs time, never correctness.
 
-use crate::binfmt::{Reader, put_str};
+use crate::binfmt::{Reader, put_fingerprint, put_str};
 use crate::load::source::FileStat;
 use crate::model::{Address, Charset, Coordination, SecretSource, SecretSpec, Strategy, TenantLabel};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"DMRC0005";
+const MAGIC: &[u8; 8] = b"DMRC0006";
 
 /// One resource a cached tenant renders.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedResource {
     pub address: Address,
-    pub fingerprint: String,
+    pub fingerprint: crate::fingerprint::Fingerprint,
     /// The declaration, for `openbao.secret` resources (the diff reads it every time).
     pub secret: Option<SecretSpec>,
 }
@@ -168,7 +168,7 @@ fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
                 // The address without the tenant, which every resource of the entry shares.
                 let whole = r.address.to_string();
                 put_str(&mut out, &whole[t.id.len() + 1..]);
-                put_str(&mut out, &r.fingerprint);
+                put_fingerprint(&mut out, &r.fingerprint);
                 match &r.secret {
                     None => out.push(0),
                     Some(s) => {
@@ -258,7 +258,7 @@ fn decode_unit(b: &[u8]) -> Option<(String, UnitEntry)> {
         for _ in 0..m {
             let local = r.str()?;
             let address = Address::from_local(&id, local)?;
-            let fingerprint = r.str()?.to_owned();
+            let fingerprint = r.fingerprint()?;
             let secret = match r.u8()? {
                 0 => None,
                 _ => {
@@ -315,7 +315,7 @@ mod tests {
                 resources: vec![
                     CachedResource {
                         address: Address::parse("t1/isp.config").unwrap(),
-                        fingerprint: "sha256:00".into(),
+                        fingerprint: crate::fingerprint::Fingerprint::of_bytes(b"x"),
                         secret: None,
                     },
                     CachedResource {

@@ -95,12 +95,12 @@ pub struct Change {
     /// The fingerprint `desired` has once written (not for secrets: their versions are the
     /// store's to number).
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub desired_fingerprint: Option<String>,
+    pub desired_fingerprint: Option<crate::fingerprint::Fingerprint>,
     /// The live fingerprint the plan saw; apply refuses if it moved.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub live_fingerprint: Option<String>,
+    pub live_fingerprint: Option<crate::fingerprint::Fingerprint>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub last_fingerprint: Option<String>,
+    pub last_fingerprint: Option<crate::fingerprint::Fingerprint>,
     /// The live content the plan saw (for display; apply re-reads before writing).
     #[serde(skip)]
     pub before: Option<Content>,
@@ -184,8 +184,8 @@ pub fn diff(
     if let Some(Some(Content::Secret(spec))) = desired.map(|d| d.content.as_deref()) {
         return diff_secret(address, spec, live, last, now, opts);
     }
-    let live_fp = live.map(|l| l.fingerprint.as_str());
-    let last_fp = last.map(|l| l.fingerprint.as_str());
+    let live_fp = live.map(|l| &l.fingerprint);
+    let last_fp = last.map(|l| &l.fingerprint);
     let change = |action, drift, reason: String| Change {
         address: address.clone(),
         action,
@@ -194,8 +194,8 @@ pub fn diff(
         reason,
         desired: None,
         desired_fingerprint: None,
-        live_fingerprint: live_fp.map(str::to_owned),
-        last_fingerprint: last_fp.map(str::to_owned),
+        live_fingerprint: live_fp.cloned(),
+        last_fingerprint: last_fp.cloned(),
         before: live.and_then(|l| l.content.clone()),
         fields: Vec::new(),
         diff: String::new(),
@@ -214,7 +214,7 @@ pub fn diff(
             if last.is_none() {
                 return (None, None); // not managed by us
             }
-            let drift = last_fp != Some(l.fingerprint.as_str());
+            let drift = last_fp != Some(&l.fingerprint);
             change(Action::Delete, drift, "no longer in the repository".into())
         }
         (Some(d), None) => {
@@ -230,7 +230,7 @@ pub fn diff(
         (Some(d), Some(l)) => {
             let desired_fp = &d.fingerprint;
             if *desired_fp == l.fingerprint {
-                if last_fp == Some(desired_fp.as_str()) {
+                if last_fp == Some(desired_fp) {
                     return (None, None);
                 }
                 // Live already is what we want; only the record is behind.
@@ -241,7 +241,7 @@ pub fn diff(
                 c
             } else {
                 let mut c = match last_fp {
-                    Some(f) if f == l.fingerprint => change(Action::Update, false, "changed in the repository".into()),
+                    Some(f) if *f == l.fingerprint => change(Action::Update, false, "changed in the repository".into()),
                     Some(_) => {
                         change(Action::Update, true, "changed out of band; the repository's version is restored".into())
                     }
@@ -290,8 +290,8 @@ fn diff_secret(
         _ => None,
     });
     let present = meta.is_some_and(|m| !m.deleted);
-    let last_fp = last.map(|l| l.fingerprint.as_str());
-    let live_fp = live.map(|l| l.fingerprint.as_str());
+    let last_fp = last.map(|l| &l.fingerprint);
+    let live_fp = live.map(|l| &l.fingerprint);
     // Out of band: the version moved past (or away from) the one last applied.
     let drift = matches!((last_fp, live_fp), (Some(a), Some(b)) if a != b) || (last_fp.is_some() && !present);
     // The age only matters to a rotation interval.
@@ -316,8 +316,8 @@ fn diff_secret(
             reason,
             desired: (action != Action::Delete).then(|| Arc::new(Content::Secret(spec.clone()))),
             desired_fingerprint: None,
-            live_fingerprint: live_fp.map(str::to_owned),
-            last_fingerprint: last_fp.map(str::to_owned),
+            live_fingerprint: live_fp.cloned(),
+            last_fingerprint: last_fp.cloned(),
             before: live.and_then(|l| l.content.clone()),
             fields: Vec::new(),
             diff,

@@ -452,7 +452,7 @@ impl Resource {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredEntry {
     pub address: Address,
-    pub fingerprint: String,
+    pub fingerprint: crate::fingerprint::Fingerprint,
     pub content: Option<Arc<Content>>,
 }
 

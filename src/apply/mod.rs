@@ -10,6 +10,7 @@
 //! the end, and only then is the journal settled (see ARCHITECTURE.md, invariants).
 
 use crate::diff::{Action, Change, Risk, Severity};
+use crate::fingerprint::Fingerprint;
 use crate::model::{
     Address, Charset, Content, Coordination, ProviderId, Resource, ResourceKind, SecretSource, Strategy,
 };
@@ -101,7 +102,7 @@ struct TenantResult {
     outcome: TenantOutcome,
     commit: Commit,
     /// What was written and should now be live (address, fingerprint), for verification.
-    written: Vec<(Address, Option<String>)>,
+    written: Vec<(Address, Option<Fingerprint>)>,
 }
 
 struct Ctx<'a> {
@@ -177,7 +178,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             address: c.address.to_string(),
             plan_id: plan.plan_id.clone(),
             action: c.action.as_str().into(),
-            intended: intended_fingerprint(c, opts.destroy_secrets),
+            intended: intended_fingerprint(c, opts.destroy_secrets).map(|f| f.to_string()),
             started_at: started.clone(),
         })
         .collect();
@@ -194,7 +195,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     let queue = Mutex::new(by_tenant.into_iter());
     let (tx, rx) = mpsc::channel::<TenantResult>();
     let workers = opts.parallelism.max(1);
-    let mut written_all: Vec<(Address, Option<String>)> = Vec::with_capacity(plan.changes.len());
+    let mut written_all: Vec<(Address, Option<Fingerprint>)> = Vec::with_capacity(plan.changes.len());
     let mut commit_error: Option<anyhow::Error> = None;
     // What the journal learns from this apply, committed only once every write is durable.
     let mut settle = settled;
@@ -313,9 +314,8 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         .changes
         .iter()
         .filter_map(|c| {
-            let written = c.desired_fingerprint.as_deref()?;
-            (read_back.get(&c.address).map(String::as_str) == Some(written))
-                .then_some((&c.address, c.desired.as_deref()?))
+            let written = c.desired_fingerprint.as_ref()?;
+            (read_back.get(&c.address) == Some(written)).then_some((&c.address, c.desired.as_deref()?))
         })
         .collect();
     match consistency(providers, &written_all, &known) {
@@ -413,8 +413,8 @@ fn apply_tenant(
                 format!(
                     "{} changed since the plan (was {}, now {}); nothing was written for this tenant: re-plan",
                     c.address,
-                    c.live_fingerprint.as_deref().unwrap_or("absent"),
-                    now_fp.as_deref().unwrap_or("absent")
+                    shown(c.live_fingerprint.as_ref(), "absent"),
+                    shown(now_fp.as_ref(), "absent")
                 ),
                 commit,
             );
@@ -518,7 +518,7 @@ fn applied(ctx: &Ctx<'_>, now: &str, c: &Change) -> AuditEntry {
 /// across soft deletes), `v<n>-deleted` for a soft-deleted secret, and `None` for gone.
 /// The live state a change starts from is the plan's (apply refuses a tenant whose live
 /// state moved since), so `c.before` tells a secret's current version.
-fn intended_fingerprint(c: &Change, destroy_secrets: bool) -> Option<String> {
+fn intended_fingerprint(c: &Change, destroy_secrets: bool) -> Option<Fingerprint> {
     let version = || match c.before.as_ref() {
         Some(Content::SecretMeta(m)) => m.version,
         _ => 0,
@@ -526,10 +526,12 @@ fn intended_fingerprint(c: &Change, destroy_secrets: bool) -> Option<String> {
     let secret = c.address.kind == ResourceKind::OpenbaoSecret;
     match (c.action, c.desired.as_deref()) {
         (Action::Delete, _) if secret && !destroy_secrets && c.live_fingerprint.is_some() => {
-            Some(format!("v{}-deleted", version()))
+            Some(Fingerprint::from(format!("v{}-deleted", version())))
         }
         (Action::Delete, _) => None,
-        (_, Some(Content::Secret(_) | Content::SecretMeta(_))) => Some(format!("v{}", version() + 1)),
+        (_, Some(Content::Secret(_) | Content::SecretMeta(_))) => {
+            Some(Fingerprint::from(format!("v{}", version() + 1)))
+        }
         (_, Some(other)) => c.desired_fingerprint.clone().or_else(|| Some(crate::fingerprint::of(other))),
         (_, None) => None,
     }
@@ -544,9 +546,9 @@ fn recorded(c: &Content) -> bool {
 /// what was last applied (the record, or a write an interrupted apply completed), the record
 /// says so now, with the fingerprint live has again (a restored secret is a new version of
 /// the old value). Otherwise it was drift before, and stays drift.
-fn record_restored(commit: &mut Commit, d: &Done<'_>, restored: Option<String>) {
-    let before = d.before.as_ref().map(|b| b.fingerprint.as_str());
-    if d.change.last_fingerprint.as_deref() != before {
+fn record_restored(commit: &mut Commit, d: &Done<'_>, restored: Option<Fingerprint>) {
+    let before = d.before.as_ref().map(|b| &b.fingerprint);
+    if d.change.last_fingerprint.as_ref() != before {
         return;
     }
     let a = &d.change.address;
@@ -647,7 +649,7 @@ fn run_synchronized<'a>(
 fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<Option<LiveResource>, ProviderError> {
     tracing::trace!(address = %c.address, action = c.action.as_str(), "execute");
     let provider = ctx.providers.get(c.address.provider());
-    let expect = Expect::from_live(before.map(|b| b.fingerprint.as_str()));
+    let expect = Expect::from_live(before.map(|b| &b.fingerprint));
     match c.action {
         Action::Delete => {
             let destroy = ctx.opts.destroy_secrets;
@@ -679,10 +681,10 @@ fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<O
 
 /// Undoes one step from the live content read before it; returns the fingerprint live has
 /// then (`None`: gone).
-fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<String>, String> {
+fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<Fingerprint>, String> {
     let a = &d.change.address;
     let provider = ctx.providers.get(a.provider());
-    let expect_after = Expect::from_live(d.after.as_ref().map(|x| x.fingerprint.as_str()));
+    let expect_after = Expect::from_live(d.after.as_ref().map(|x| &x.fingerprint));
     match (&d.before, a.kind == ResourceKind::OpenbaoSecret) {
         (None, _) => provider.delete(a, &expect_after, true).map(|_| None).map_err(|e| e.to_string()),
         (Some(b), true) => {
@@ -700,17 +702,25 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<String>, String> {
     }
 }
 
+/// A fingerprint as a message shows it, or `none` when there is none.
+fn shown(fp: Option<&Fingerprint>, none: &str) -> String {
+    fp.map_or_else(|| none.to_owned(), ToString::to_string)
+}
+
 /// Reads back what was written and compares fingerprints, each provider on its own thread:
 /// the problems, and the fingerprints live has now of the written management records and
 /// ISP configurations (what the consistency check compares).
-fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> (Vec<String>, HashMap<Address, String>) {
-    let one = |p: ProviderId| -> (Vec<String>, Vec<(Address, String)>) {
-        let mine: Vec<&(Address, Option<String>)> = written.iter().filter(|(a, _)| a.provider() == p).collect();
+fn verify(
+    providers: &Providers,
+    written: &[(Address, Option<Fingerprint>)],
+) -> (Vec<String>, HashMap<Address, Fingerprint>) {
+    let one = |p: ProviderId| -> (Vec<String>, Vec<(Address, Fingerprint)>) {
+        let mine: Vec<&(Address, Option<Fingerprint>)> = written.iter().filter(|(a, _)| a.provider() == p).collect();
         if mine.is_empty() {
             return (Vec::new(), Vec::new());
         }
         let addrs: Vec<Address> = mine.iter().map(|(a, _)| a.clone()).collect();
-        let live: FxHashMap<Address, String> = match providers.get(p).fingerprints(&addrs) {
+        let live: FxHashMap<Address, Fingerprint> = match providers.get(p).fingerprints(&addrs) {
             Ok(l) => l.into_iter().collect(),
             Err(e) => return (vec![format!("could not read {p} back: {e}")], Vec::new()),
         };
@@ -720,14 +730,16 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> (Vec<
             let ok = match (fp, now) {
                 (Some(f), Some(n)) => f == n || (a.kind == ResourceKind::OpenbaoSecret),
                 (None, None) => true,
-                (None, Some(n)) => n.ends_with("-deleted") || providers.get(p).deletes_with_tenant(),
+                (None, Some(n)) => {
+                    n.text().is_some_and(|t| t.ends_with("-deleted")) || providers.get(p).deletes_with_tenant()
+                }
                 _ => false,
             };
             if !ok {
                 problems.push(format!(
                     "{a}: read back {} after writing {}",
-                    now.map(String::as_str).unwrap_or("nothing"),
-                    fp.as_deref().unwrap_or("nothing")
+                    shown(now, "nothing"),
+                    shown(fp.as_ref(), "nothing")
                 ));
             }
         }
@@ -736,7 +748,7 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> (Vec<
             .filter(|(a, _)| matches!(a.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig));
         (problems, compared.collect())
     };
-    let per_provider: Vec<(Vec<String>, Vec<(Address, String)>)> =
+    let per_provider: Vec<(Vec<String>, Vec<(Address, Fingerprint)>)> =
         ProviderId::ALL.par_iter().map(|p| one(*p)).collect();
     let mut problems = Vec::new();
     let mut read_back = HashMap::new();
@@ -752,7 +764,7 @@ fn verify(providers: &Providers, written: &[(Address, Option<String>)]) -> (Vec<
 /// an error when the two sides could not be read.
 fn consistency(
     providers: &Providers,
-    written: &[(Address, Option<String>)],
+    written: &[(Address, Option<Fingerprint>)],
     known: &HashMap<&Address, &Content>,
 ) -> Result<Vec<crate::drift::Difference>, String> {
     let tenants: BTreeSet<&str> = written

@@ -35,8 +35,8 @@ struct Drifted {
     address: String,
     /// changed | deleted
     kind: &'static str,
-    last_applied: String,
-    live: Option<String>,
+    last_applied: crate::fingerprint::Fingerprint,
+    live: Option<crate::fingerprint::Fingerprint>,
     impact: &'static str,
     recommendation: String,
 }
@@ -78,7 +78,7 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
             None => true,
             Some(l) => matches!(&l.content, Some(Content::SecretMeta(m)) if m.deleted),
         };
-        if !deleted && l.map(|l| l.fingerprint.as_str()) == Some(r.fingerprint.as_str()) {
+        if !deleted && l.map(|l| &l.fingerprint) == Some(&r.fingerprint) {
             continue;
         }
         let secret = r.address.kind == ResourceKind::OpenbaoSecret;
@@ -148,7 +148,7 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
                     d.address,
                     d.kind,
                     d.last_applied,
-                    d.live.as_deref().unwrap_or("absent"),
+                    d.live.as_ref().map_or_else(|| "absent".to_owned(), ToString::to_string),
                     d.impact,
                     d.recommendation
                 );

@@ -169,7 +169,10 @@ impl Provider for Counted {
     fn fetch(&self, addresses: &[Address]) -> crate::providers::Result<Vec<LiveResource>> {
         self.count("fetch", self.inner.fetch(addresses))
     }
-    fn fingerprints(&self, addresses: &[Address]) -> crate::providers::Result<Vec<(Address, String)>> {
+    fn fingerprints(
+        &self,
+        addresses: &[Address],
+    ) -> crate::providers::Result<Vec<(Address, crate::fingerprint::Fingerprint)>> {
         self.count("fetch", self.inner.fingerprints(addresses))
     }
     fn put(

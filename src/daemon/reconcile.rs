@@ -137,13 +137,14 @@ pub struct EngineCtx {
 
 fn digest_of(entries: &[crate::model::DesiredEntry]) -> String {
     use sha2::{Digest, Sha256};
-    let mut v: Vec<(String, &str)> = entries.iter().map(|e| (e.address.to_string(), e.fingerprint.as_str())).collect();
+    let mut v: Vec<(String, &crate::fingerprint::Fingerprint)> =
+        entries.iter().map(|e| (e.address.to_string(), &e.fingerprint)).collect();
     v.sort();
     let mut h = Sha256::new();
     for (a, f) in v {
         h.update(a.as_bytes());
         h.update([0]);
-        h.update(f.as_bytes());
+        f.with_str(|f| h.update(f.as_bytes()));
         h.update([0]);
     }
     crate::providers::local::hex(&h.finalize())

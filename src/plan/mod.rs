@@ -9,6 +9,7 @@ pub mod markdown;
 pub mod text;
 
 use crate::diff::{self, Action, Change, Risk, Severity, Violation};
+use crate::fingerprint::Fingerprint;
 use crate::model::{Address, Content, Coordination, DesiredEntry};
 use crate::providers::{LiveResource, TenantScope};
 use crate::state::{JournalEntry, Record};
@@ -54,7 +55,7 @@ pub struct Plan {
     pub coordination: BTreeMap<String, Coordination>,
     /// Every live fingerprint the plan saw, by address (plan files only).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub live: BTreeMap<String, String>,
+    pub live: BTreeMap<String, Fingerprint>,
 }
 
 /// What a plan is built from.
@@ -201,6 +202,15 @@ fn local_cmp(a: &Address, b: &Address) -> std::cmp::Ordering {
     (a.kind.rank(), &a.kind).cmp(&(b.kind.rank(), &b.kind))
 }
 
+/// The journal entry intended what live now holds (a delete intends nothing).
+fn intends(j: &JournalEntry, live: Option<&Fingerprint>) -> bool {
+    match (j.intended.as_deref(), live) {
+        (Some(i), Some(l)) => *l == *i,
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 fn plan_tenant(
     desired: &[DesiredEntry],
     live: &[&LiveResource],
@@ -277,9 +287,9 @@ fn plan_tenant(
         let happened = if journal.is_empty() {
             None
         } else {
-            journal.get(a.to_string().as_str()).and_then(|js| {
-                js.iter().rev().find(|j| j.intended.as_deref() == ll.map(|l| l.fingerprint.as_str())).copied()
-            })
+            journal
+                .get(a.to_string().as_str())
+                .and_then(|js| js.iter().rev().find(|j| intends(j, ll.map(|l| &l.fingerprint))).copied())
         };
         let done = happened.is_some();
         // A completed delete (gone, or a soft-deleted secret) is as if it was never recorded.
@@ -295,12 +305,12 @@ fn plan_tenant(
         }
         if let (true, Some(l)) = (done, ll) {
             let mut adopted =
-                rl.cloned().unwrap_or(Record { address: a.clone(), fingerprint: String::new(), serial: 0 });
+                rl.cloned().unwrap_or(Record { address: a.clone(), fingerprint: Default::default(), serial: 0 });
             adopted.fingerprint = l.fingerprint.clone();
             let (c, v) = diff::diff(a, dl, Some(l), Some(&adopted), now, options);
             // Nothing more to do, but the state store must learn what happened: once the
             // tenant is applied, the journal entry is gone.
-            let behind = rl.map(|r| r.fingerprint.as_str()) != Some(l.fingerprint.as_str());
+            let behind = rl.map(|r| &r.fingerprint) != Some(&l.fingerprint);
             let c = match c {
                 None if behind => Some(catch_up(a, dl, l, rl)),
                 c => c,
@@ -542,14 +552,14 @@ pub fn staleness(
         _ if plan.inputs_digest != inputs_digest => why.push("the repository's files changed since the plan".into()),
         _ => {}
     }
-    let now: HashMap<String, &str> = live.iter().map(|l| (l.address.to_string(), l.fingerprint.as_str())).collect();
+    let now: HashMap<String, &Fingerprint> = live.iter().map(|l| (l.address.to_string(), &l.fingerprint)).collect();
     let mut moved: Vec<String> = Vec::new();
     // A tenant that cannot be read now is not judged here: apply re-reads each tenant before
     // writing and fails that one alone.
     let readable = |a: &str| !unreadable.contains_key(a.split_once('/').map(|(t, _)| t).unwrap_or(a));
     for (a, fp) in plan.live.iter().filter(|(a, _)| readable(a)) {
         match now.get(a) {
-            Some(f) if f == fp => {}
+            Some(f) if *f == fp => {}
             Some(_) => moved.push(format!("{a} changed")),
             None => moved.push(format!("{a} disappeared")),
         }
@@ -602,7 +612,7 @@ pub fn differences(saved: &Plan, fresh: &Plan) -> Vec<String> {
 
 /// What must match between a saved plan and the plan made again, per address: action, the
 /// content's fingerprint, the live and recorded fingerprints, whether it only records.
-type ChangeKey<'p> = (&'p str, Option<String>, Option<&'p str>, Option<&'p str>, bool);
+type ChangeKey<'p> = (&'p str, Option<Fingerprint>, Option<&'p Fingerprint>, Option<&'p Fingerprint>, bool);
 
 fn change_keys(p: &Plan) -> BTreeMap<String, ChangeKey<'_>> {
     p.changes
@@ -611,8 +621,8 @@ fn change_keys(p: &Plan) -> BTreeMap<String, ChangeKey<'_>> {
             let key = (
                 c.action.as_str(),
                 c.desired.as_deref().map(crate::fingerprint::of),
-                c.live_fingerprint.as_deref(),
-                c.last_fingerprint.as_deref(),
+                c.live_fingerprint.as_ref(),
+                c.last_fingerprint.as_ref(),
                 c.refresh,
             );
             (c.address.to_string(), key)

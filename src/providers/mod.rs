@@ -23,7 +23,7 @@ use std::sync::Arc;
 pub struct LiveResource {
     pub address: Address,
     /// `sha256:...` of the canonical content, or a secret's version (`v3`).
-    pub fingerprint: String,
+    pub fingerprint: crate::fingerprint::Fingerprint,
     /// The content, when it was read (listing may return fingerprints only).
     pub content: Option<Content>,
 }
@@ -53,14 +53,14 @@ pub enum Expect {
     /// The resource must not exist.
     Absent,
     /// The resource must have this fingerprint.
-    Fingerprint(String),
+    Fingerprint(crate::fingerprint::Fingerprint),
 }
 
 impl Expect {
-    pub fn from_live(fp: Option<&str>) -> Expect {
+    pub fn from_live(fp: Option<&crate::fingerprint::Fingerprint>) -> Expect {
         match fp {
             None => Expect::Absent,
-            Some(f) => Expect::Fingerprint(f.to_owned()),
+            Some(f) => Expect::Fingerprint(f.clone()),
         }
     }
 }
@@ -133,7 +133,7 @@ pub trait Provider: Send + Sync {
     /// The fingerprints of these resources as live now (absent ones are left out): what
     /// apply reads back after writing. By default a `fetch`; a store that keeps fingerprints
     /// answers without reading content again.
-    fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, String)>> {
+    fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, crate::fingerprint::Fingerprint)>> {
         Ok(self.fetch(addresses)?.into_iter().map(|l| (l.address, l.fingerprint)).collect())
     }
 

@@ -522,11 +522,11 @@ impl OpenBao {
     }
 
     fn check(&self, a: &Address, expect: &Expect, found: Option<&LiveResource>) -> Result<()> {
-        let fp = found.map(|l| l.fingerprint.as_str());
+        let fp = found.map(|l| &l.fingerprint);
         let ok = match expect {
             Expect::Any => true,
             Expect::Absent => fp.is_none(),
-            Expect::Fingerprint(f) => fp == Some(f.as_str()),
+            Expect::Fingerprint(f) => fp == Some(f),
         };
         if ok {
             return Ok(());
@@ -534,10 +534,10 @@ impl OpenBao {
         Err(ProviderError::Conflict {
             address: a.to_string(),
             expected: match expect {
-                Expect::Fingerprint(f) => f.clone(),
+                Expect::Fingerprint(f) => f.to_string(),
                 _ => "nothing".into(),
             },
-            found: fp.unwrap_or("nothing").to_owned(),
+            found: fp.map_or_else(|| "nothing".into(), ToString::to_string),
         })
     }
 
@@ -584,7 +584,7 @@ impl OpenBao {
                         Some(c) => format!("v{c}"),
                     },
                     found: now
-                        .map(|m| fingerprint::secret_meta(&meta_of(&m, Timestamp::now())))
+                        .map(|m| fingerprint::secret_meta(&meta_of(&m, Timestamp::now())).to_string())
                         .unwrap_or_else(|| "nothing".into()),
                 });
             }
@@ -740,7 +740,7 @@ impl Provider for OpenBao {
                     let cas = match expect {
                         Expect::Any => None,
                         Expect::Absent => Some(0),
-                        Expect::Fingerprint(f) => Some(version_of(f).ok_or_else(|| {
+                        Expect::Fingerprint(f) => Some(f.text().and_then(version_of).ok_or_else(|| {
                             ProviderError::Other(format!("{a}: `{f}` is not a secret version such as v3"))
                         })?),
                     };
@@ -766,9 +766,9 @@ impl Provider for OpenBao {
                             let found = ops::read_policy(t, &name).await.ok().flatten();
                             Err(ProviderError::Conflict {
                                 address: s,
-                                expected: live.map(|l| l.fingerprint).unwrap_or_else(|| "nothing".into()),
+                                expected: live.map_or_else(|| "nothing".into(), |l| l.fingerprint.to_string()),
                                 found: found
-                                    .map(|p| fingerprint::of(&Content::Text(p.policy)))
+                                    .map(|p| fingerprint::of(&Content::Text(p.policy)).to_string())
                                     .unwrap_or_else(|| "nothing".into()),
                             })
                         }

@@ -33,7 +33,7 @@ pub struct StateMeta {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     pub address: Address,
-    pub fingerprint: String,
+    pub fingerprint: crate::fingerprint::Fingerprint,
     pub serial: u64,
 }
 
@@ -76,7 +76,7 @@ pub struct JournalEntry {
 /// One transaction: records to upsert and forget, audit entries, journal entries to clear.
 #[derive(Debug, Default)]
 pub struct Commit {
-    pub upserts: Vec<(Address, String, Option<Arc<Content>>)>,
+    pub upserts: Vec<(Address, crate::fingerprint::Fingerprint, Option<Arc<Content>>)>,
     pub forget: Vec<Address>,
     pub audit: Vec<AuditEntry>,
     /// Addresses whose journal entries (of every plan) are settled: their records say what is live.

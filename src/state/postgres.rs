@@ -634,7 +634,11 @@ impl StateStore for PgStore {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             if let Some(address) = Address::parse(row.get(0)) {
-                out.push(Record { address, fingerprint: row.get(1), serial: row.get::<_, i64>(2) as u64 });
+                out.push(Record {
+                    address,
+                    fingerprint: row.get::<_, String>(1).into(),
+                    serial: row.get::<_, i64>(2) as u64,
+                });
             }
         }
         Ok(out)
@@ -706,14 +710,14 @@ impl StateStore for PgStore {
             let mut address = Vec::with_capacity(chunk.len());
             let mut tenant = Vec::with_capacity(chunk.len());
             let mut provider = Vec::with_capacity(chunk.len());
-            let mut fingerprint = Vec::with_capacity(chunk.len());
+            let mut fingerprint: Vec<String> = Vec::with_capacity(chunk.len());
             let mut content: Vec<Option<String>> = Vec::with_capacity(chunk.len());
             for &i in chunk {
                 let (a, fp, body) = &c.upserts[i];
                 address.push(texts[i].as_str());
                 tenant.push(a.tenant.as_str());
                 provider.push(a.provider().as_str());
-                fingerprint.push(fp.as_str());
+                fingerprint.push(fp.to_string());
                 content.push(body.as_deref().and_then(content_to_text));
             }
             tx.execute(

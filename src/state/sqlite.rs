@@ -132,7 +132,11 @@ impl StateStore for SqliteStore {
         let mut push = |row: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
             let addr: String = row.get(0)?;
             if let Some(address) = Address::parse(&addr) {
-                out.push(Record { address, fingerprint: row.get(1)?, serial: row.get::<_, i64>(2)? as u64 });
+                out.push(Record {
+                    address,
+                    fingerprint: row.get::<_, String>(1)?.into(),
+                    serial: row.get::<_, i64>(2)? as u64,
+                });
             }
             Ok(())
         };
@@ -208,7 +212,7 @@ impl StateStore for SqliteStore {
                     a.to_string(),
                     a.tenant,
                     a.provider().as_str(),
-                    fp,
+                    fp.to_string(),
                     content.as_deref().and_then(content_to_text),
                     now,
                     serial as i64

@@ -532,7 +532,7 @@ fn a_state_of_130k_records_is_written_in_bulk_and_read_in_one_pass() {
             let what = if i < kinds.len() { kinds[i].to_owned() } else { format!("kubernetes.Deployment[app-{i}]") };
             let a = Address::parse(&format!("tenant-{t:05}/{what}")).unwrap();
             let content = (i != 3).then(|| Content::Json(json!({"tenant": t, "i": i})).into());
-            upserts.push((a, format!("sha256:{t}-{i}"), content));
+            upserts.push((a, format!("sha256:{t}-{i}").into(), content));
         }
     }
     let t = Instant::now();

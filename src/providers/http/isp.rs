@@ -13,7 +13,7 @@
 //! state's).
 
 use super::{Client, Cond, HttpSettings, Reply, conflict, each, expectation_met, path_segment};
-use crate::fingerprint;
+use crate::fingerprint::{self, Fingerprint};
 use crate::load::settings::ProviderSettings;
 use crate::load::yaml;
 use crate::model::{Address, Content, ProviderId, Resource, ResourceKind};
@@ -34,7 +34,7 @@ struct Api {
     /// The URL template, with `{tenant}`.
     template: String,
     /// tenant → (fingerprint, etag, text) of the config, from the last read or write.
-    seen: Mutex<HashMap<String, (String, String, String)>>,
+    seen: Mutex<HashMap<String, (Fingerprint, String, String)>>,
 }
 
 impl Isp {
@@ -86,7 +86,7 @@ impl Api {
         self.client.call(&base, method, &url, body, cond).await
     }
 
-    fn remember(&self, tenant: &str, seen: Option<(String, String, String)>) {
+    fn remember(&self, tenant: &str, seen: Option<(Fingerprint, String, String)>) {
         let mut m = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         match seen {
             Some(s) => m.insert(tenant.to_owned(), s),
@@ -130,7 +130,7 @@ impl Api {
             return Ok((Cond::IfNoneMatchAny, None));
         }
         let current = self.read(&a.tenant).await?;
-        let found = current.as_ref().map(|(l, _)| l.fingerprint.as_str());
+        let found = current.as_ref().map(|(l, _)| &l.fingerprint);
         if !expectation_met(expect, found) {
             return Err(conflict(a, expect, found));
         }
@@ -169,7 +169,7 @@ impl Api {
             let found = now.as_ref().map(|(l, _)| l.fingerprint.clone());
             return match now {
                 Some((l, _)) if l.fingerprint == fingerprint::of(&r.content) => Ok(l),
-                _ => Err(conflict(a, expect, found.as_deref())),
+                _ => Err(conflict(a, expect, found.as_ref())),
             };
         }
         reply.data(self.label())?;
@@ -203,8 +203,8 @@ impl Api {
     async fn delete(&self, a: &Address, expect: &Expect) -> Result<()> {
         let current = self.read(&a.tenant).await?;
         let found = current.as_ref().map(|(l, _)| l.fingerprint.clone());
-        if !expectation_met(expect, found.as_deref()) {
-            return Err(conflict(a, expect, found.as_deref()));
+        if !expectation_met(expect, found.as_ref()) {
+            return Err(conflict(a, expect, found.as_ref()));
         }
         let Some((_, etag)) = current else { return Ok(()) };
         let reply = self.call(&a.tenant, Method::DELETE, "/config", None, Cond::IfMatch(etag)).await?;

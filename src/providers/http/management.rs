@@ -14,7 +14,7 @@
 //! read back fingerprints exactly as rendered: a re-plan after apply is empty.
 
 use super::{Client, Cond, HttpSettings, Reply, conflict, each, expectation_met, path_segment};
-use crate::fingerprint;
+use crate::fingerprint::{self, Fingerprint};
 use crate::load::settings::ProviderSettings;
 use crate::model::{Address, Content, ProviderId, Resource, ResourceKind, Strategy};
 use crate::providers::secret_value::SecretValue;
@@ -48,7 +48,7 @@ struct Api {
     base: String,
     /// tenant → (fingerprint, etag) of the record, from the last read or write: a write that
     /// expects that fingerprint sends that etag, and the platform's 412 catches any move.
-    etags: Mutex<HashMap<String, (String, String)>>,
+    etags: Mutex<HashMap<String, (Fingerprint, String)>>,
 }
 
 /// A tenant as read: the record (with its etag) and the licenses.
@@ -165,7 +165,7 @@ impl Api {
             return Ok(Cond::IfNoneMatchAny);
         }
         let current = self.read_record(&a.tenant).await?;
-        let found = current.as_ref().map(|(l, _)| l.fingerprint.as_str());
+        let found = current.as_ref().map(|(l, _)| &l.fingerprint);
         if !expectation_met(expect, found) {
             return Err(conflict(a, expect, found));
         }
@@ -182,7 +182,7 @@ impl Api {
         let found = now.as_ref().map(|(l, _)| l.fingerprint.clone());
         match now {
             Some((l, _)) if l.fingerprint == fingerprint::of(&r.content) => Ok(l),
-            _ => Err(conflict(&r.address, expect, found.as_deref())),
+            _ => Err(conflict(&r.address, expect, found.as_ref())),
         }
     }
 
@@ -228,8 +228,8 @@ impl Api {
     async fn delete_record(&self, a: &Address, expect: &Expect) -> Result<()> {
         let current = self.read_record(&a.tenant).await?;
         let found = current.as_ref().map(|(l, _)| l.fingerprint.clone());
-        if !expectation_met(expect, found.as_deref()) {
-            return Err(conflict(a, expect, found.as_deref()));
+        if !expectation_met(expect, found.as_ref()) {
+            return Err(conflict(a, expect, found.as_ref()));
         }
         let Some((_, etag)) = current else { return Ok(()) };
         let url = self.url(&a.tenant, "/config")?;
@@ -255,8 +255,8 @@ impl Api {
         let mut entries = self.read_license_entries(&a.tenant).await?;
         let pos = entries.iter().position(|e| e.get("plugin_id").and_then(Value::as_str) == Some(plugin));
         let found = pos.and_then(|i| license_from_platform(&entries[i])).map(|c| fingerprint::of(&Content::Json(c)));
-        if !expectation_met(expect, found.as_deref()) {
-            return Err(conflict(a, expect, found.as_deref()));
+        if !expectation_met(expect, found.as_ref()) {
+            return Err(conflict(a, expect, found.as_ref()));
         }
         let auto_activate = match new {
             Some(content) => {

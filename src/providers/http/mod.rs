@@ -22,6 +22,7 @@ pub mod management;
 
 use super::secret_value::SecretValue;
 use super::{Expect, ProviderError, Result};
+use crate::fingerprint::Fingerprint;
 use crate::load::settings::{ProviderSettings, parse_duration};
 use crate::model::Address;
 use breaker::Breaker;
@@ -433,23 +434,23 @@ impl Client {
 }
 
 /// Whether what is live (`found`, a fingerprint) is what the caller expects.
-pub fn expectation_met(expect: &Expect, found: Option<&str>) -> bool {
+pub fn expectation_met(expect: &Expect, found: Option<&Fingerprint>) -> bool {
     match expect {
         Expect::Any => true,
         Expect::Absent => found.is_none(),
-        Expect::Fingerprint(f) => found == Some(f.as_str()),
+        Expect::Fingerprint(f) => found == Some(f),
     }
 }
 
 /// The error for a write refused because the live resource moved.
-pub fn conflict(address: &Address, expect: &Expect, found: Option<&str>) -> ProviderError {
+pub fn conflict(address: &Address, expect: &Expect, found: Option<&Fingerprint>) -> ProviderError {
     ProviderError::Conflict {
         address: address.to_string(),
         expected: match expect {
-            Expect::Fingerprint(f) => f.clone(),
+            Expect::Fingerprint(f) => f.to_string(),
             _ => "nothing".into(),
         },
-        found: found.unwrap_or("nothing").to_owned(),
+        found: found.map_or_else(|| "nothing".into(), ToString::to_string),
     }
 }
 

@@ -134,7 +134,7 @@ impl Provider for KubeIspProvider {
         self.cluster.block_on(async {
             let current = self.current(tenant, &addr).await?;
             let before = current.as_ref().map(|c| Self::live(tenant, c).fingerprint);
-            check_expect(a, expect, before.as_deref())?;
+            check_expect(a, expect, before.as_ref())?;
             let mut body = json!({
                 "apiVersion": "v1",
                 "kind": "ConfigMap",

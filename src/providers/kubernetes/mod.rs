@@ -32,7 +32,7 @@ pub mod rollout;
 
 use super::secret_value::SecretValue;
 use super::{Expect, LiveResource, Provider, ProviderError, Result, TenantScope};
-use crate::fingerprint;
+use crate::fingerprint::{self, Fingerprint};
 use crate::load::settings::{ProviderSettings, parse_duration};
 use crate::model::{Address, Content, ProviderId, Resource, ResourceKind};
 use crate::render::{MANAGED_BY, TENANT_LABEL};
@@ -316,11 +316,11 @@ pub fn resource_version(obj: &Value) -> Option<&str> {
 }
 
 /// Refuses a write whose expectation does not hold.
-pub fn check_expect(address: &Address, expect: &Expect, found: Option<&str>) -> Result<()> {
+pub fn check_expect(address: &Address, expect: &Expect, found: Option<&Fingerprint>) -> Result<()> {
     let ok = match expect {
         Expect::Any => true,
         Expect::Absent => found.is_none(),
-        Expect::Fingerprint(f) => found == Some(f.as_str()),
+        Expect::Fingerprint(f) => found == Some(f),
     };
     if ok {
         return Ok(());
@@ -328,10 +328,10 @@ pub fn check_expect(address: &Address, expect: &Expect, found: Option<&str>) -> 
     Err(ProviderError::Conflict {
         address: address.to_string(),
         expected: match expect {
-            Expect::Fingerprint(f) => f.clone(),
+            Expect::Fingerprint(f) => f.to_string(),
             _ => "nothing".into(),
         },
-        found: found.unwrap_or("nothing").to_owned(),
+        found: found.map_or_else(|| "nothing".into(), ToString::to_string),
     })
 }
 
@@ -671,7 +671,7 @@ impl Provider for KubeProvider {
             }
             let before = current.as_ref().and_then(|c| project::project(c, &self.cluster.manager, &kind.api_version, &kind.kind));
             let before_fp = before.as_ref().map(|b| fingerprint::of(&Content::Json(b.clone())));
-            check_expect(a, expect, before_fp.as_deref())?;
+            check_expect(a, expect, before_fp.as_ref())?;
             let mut body = Value::Object(obj.clone());
             if let Some(rv) = current.as_ref().and_then(resource_version) {
                 body["metadata"]["resourceVersion"] = Value::String(rv.to_owned());
@@ -743,9 +743,12 @@ mod tests {
     fn expectations() {
         let a = Address::parse("t/kubernetes.ConfigMap[c]").unwrap();
         assert!(check_expect(&a, &Expect::Absent, None).is_ok());
-        assert!(matches!(check_expect(&a, &Expect::Absent, Some("sha256:x")), Err(ProviderError::Conflict { .. })));
-        assert!(check_expect(&a, &Expect::Fingerprint("f".into()), Some("f")).is_ok());
-        assert!(check_expect(&a, &Expect::Any, Some("f")).is_ok());
+        assert!(matches!(
+            check_expect(&a, &Expect::Absent, Some(&"sha256:x".into())),
+            Err(ProviderError::Conflict { .. })
+        ));
+        assert!(check_expect(&a, &Expect::Fingerprint("f".into()), Some(&"f".into())).is_ok());
+        assert!(check_expect(&a, &Expect::Any, Some(&"f".into())).is_ok());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!
 //! The index is a cache: losing it, or a stale one, costs time, never correctness.
 
-use crate::binfmt::{Reader, put_str};
+use crate::binfmt::{Reader, put_fingerprint, put_str};
+use crate::fingerprint::Fingerprint;
 use crate::model::SecretMeta;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -42,7 +43,7 @@ pub struct CachedEntry {
     pub start: usize,
     pub end: usize,
     pub hash: [u8; 32],
-    pub fingerprint: String,
+    pub fingerprint: crate::fingerprint::Fingerprint,
     pub meta: Option<SecretMeta>,
 }
 
@@ -86,10 +87,10 @@ pub struct EntryRef<'a> {
 }
 
 impl EntryRef<'_> {
-    pub fn fingerprint(&self) -> String {
+    pub fn fingerprint(&self) -> Fingerprint {
         match self.digest {
-            Some(d) => format!("sha256:{}", super::hex(d)),
-            None => self.text.to_owned(),
+            Some(d) => Fingerprint::sha256(*d),
+            None => Fingerprint::from(self.text),
         }
     }
 }
@@ -179,16 +180,7 @@ impl Writer {
             out.extend_from_slice(&(e.end as u64).to_le_bytes());
             out.extend_from_slice(e.hash);
             // Most fingerprints are `sha256:` and 64 hex digits: kept as 32 bytes.
-            match e.fingerprint.strip_prefix("sha256:").and_then(super::unhex).filter(|d| d.len() == 32) {
-                Some(digest) => {
-                    out.push(1);
-                    out.extend_from_slice(&digest);
-                }
-                None => {
-                    out.push(0);
-                    put_str(out, e.fingerprint);
-                }
-            }
+            put_fingerprint(out, e.fingerprint);
             match e.meta {
                 None => out.push(0),
                 Some(m) => {
@@ -255,7 +247,7 @@ pub struct Cached<'a> {
     pub start: usize,
     pub end: usize,
     pub hash: &'a [u8; 32],
-    pub fingerprint: &'a str,
+    pub fingerprint: &'a Fingerprint,
     pub meta: Option<&'a SecretMeta>,
 }
 
@@ -333,7 +325,7 @@ mod tests {
                 start: 0,
                 end: 10,
                 hash: &[7; 32],
-                fingerprint: "v2",
+                fingerprint: &Fingerprint::from("v2"),
                 meta: Some(&meta),
             },
             Cached {
@@ -341,7 +333,7 @@ mod tests {
                 start: 10,
                 end: 20,
                 hash: &[8; 32],
-                fingerprint: &sha,
+                fingerprint: &Fingerprint::from(sha.as_str()),
                 meta: None,
             },
         ];
@@ -354,7 +346,7 @@ mod tests {
         let s = &back.shard(3).unwrap();
         assert_eq!((s.shard, s.stamp), (3, stamp));
         assert_eq!(s.entries[0].meta.as_ref(), Some(&meta));
-        assert_eq!((s.entries[1].fingerprint.as_str(), s.entries[1].start, s.entries[1].end), (sha.as_str(), 10, 20));
+        assert_eq!((s.entries[1].fingerprint.to_string(), s.entries[1].start, s.entries[1].end), (sha.clone(), 10, 20));
         assert_eq!(s.entries[1].hash, [8; 32]);
         std::fs::write(path(d.path()), b"garbage").unwrap();
         assert!(load(d.path()).is_none());

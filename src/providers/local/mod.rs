@@ -51,7 +51,7 @@ mod shard;
 
 use super::secret_value::SecretValue;
 use super::{Expect, LiveResource, Provider, ProviderError, Result, TenantScope};
-use crate::fingerprint;
+use crate::fingerprint::{self, Fingerprint};
 use crate::load::settings::ProviderSettings;
 use crate::load::yaml;
 use crate::model::{Address, Content, ProviderId, Resource, ResourceKind, SecretMeta};
@@ -114,12 +114,12 @@ struct Shard {
 /// An entry before this store changed it.
 struct Base {
     hash: [u8; 32],
-    fingerprint: String,
+    fingerprint: Fingerprint,
 }
 
 struct Entry {
     address: Address,
-    fingerprint: String,
+    fingerprint: Fingerprint,
     /// Secrets: the record's metadata.
     meta: Option<SecretMeta>,
     /// SHA-256 of the entry's bytes as framed (header line included).
@@ -531,20 +531,20 @@ impl LocalStore {
     }
 
     fn check(&self, s: &Shard, a: &Address, key: &str, expect: &Expect) -> Result<()> {
-        let found = s.entries.get(key).map(|e| e.fingerprint.as_str());
+        let found = s.entries.get(key).map(|e| &e.fingerprint);
         let ok = match expect {
             Expect::Any => true,
             Expect::Absent => found.is_none(),
-            Expect::Fingerprint(f) => found == Some(f.as_str()),
+            Expect::Fingerprint(f) => found == Some(f),
         };
         if !ok {
             return Err(ProviderError::Conflict {
                 address: a.to_string(),
                 expected: match expect {
-                    Expect::Fingerprint(f) => f.clone(),
+                    Expect::Fingerprint(f) => f.to_string(),
                     _ => "nothing".into(),
                 },
-                found: found.unwrap_or("nothing").to_owned(),
+                found: found.map_or_else(|| "nothing".into(), ToString::to_string),
             });
         }
         Ok(())
@@ -561,7 +561,7 @@ impl LocalStore {
 
     /// Changes the image: `key` now holds `text` (with this fingerprint and metadata), or
     /// nothing.
-    fn set(&self, s: &mut Shard, a: &Address, key: String, new: Option<(&str, String, Option<SecretMeta>)>) {
+    fn set(&self, s: &mut Shard, a: &Address, key: String, new: Option<(&str, Fingerprint, Option<SecretMeta>)>) {
         let base = s.entries.get(&key).map(|e| Base { hash: e.hash, fingerprint: e.fingerprint.clone() });
         match new {
             Some((text, fingerprint, meta)) => {
@@ -809,8 +809,8 @@ impl LocalStore {
                 tracing::warn!(address = %key, file = %self.path_of(n).display(), "changed on disk while being written; the other change is kept");
                 conflict.get_or_insert(ProviderError::Conflict {
                     address: key,
-                    expected: base.map_or_else(|| "nothing".into(), |b| b.fingerprint),
-                    found: now.map_or_else(|| "nothing".into(), |n| n.1),
+                    expected: base.map_or_else(|| "nothing".into(), |b| b.fingerprint.to_string()),
+                    found: now.map_or_else(|| "nothing".into(), |n| n.1.to_string()),
                 });
                 continue;
             }
@@ -912,7 +912,7 @@ impl Provider for LocalStore {
         Ok(out)
     }
 
-    fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, String)>> {
+    fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, Fingerprint)>> {
         self.ready()?;
         let by_shard = self.by_shard(addresses)?;
         let mut out = Vec::with_capacity(addresses.len());
@@ -1201,7 +1201,7 @@ mod tests {
         }
     }
 
-    fn fingerprints(s: &LocalStore) -> BTreeMap<String, String> {
+    fn fingerprints(s: &LocalStore) -> BTreeMap<String, Fingerprint> {
         s.list(&TenantScope::All).unwrap().into_iter().map(|r| (r.address.to_string(), r.fingerprint)).collect()
     }
 
@@ -1436,7 +1436,7 @@ mod tests {
         let before = fingerprints(&s);
         drop(s);
         let s = store(d.path(), ProviderId::Isp);
-        let listed: BTreeMap<String, String> =
+        let listed: BTreeMap<String, Fingerprint> =
             s.list(&TenantScope::All).unwrap().into_iter().map(|l| (l.address.to_string(), l.fingerprint)).collect();
         assert_eq!(listed, before, "listed from the index as written");
         for t in [&t1, &t3] {
