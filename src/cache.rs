@@ -14,28 +14,25 @@
 
 use crate::binfmt::{Reader, put_fingerprint, put_str};
 use crate::load::source::FileStat;
-use crate::model::{Address, Charset, Coordination, SecretSource, SecretSpec, Strategy, TenantLabel};
+use crate::model::{
+    Address, Charset, Content, Coordination, DesiredEntry, SecretSource, SecretSpec, Strategy, TenantLabel,
+};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"DMRC0006";
-
-/// One resource a cached tenant renders.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CachedResource {
-    pub address: Address,
-    pub fingerprint: crate::fingerprint::Fingerprint,
-    /// The declaration, for `openbao.secret` resources (the diff reads it every time).
-    pub secret: Option<SecretSpec>,
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedTenant {
     pub id: String,
     pub coordination: Coordination,
     pub label: TenantLabel,
-    pub resources: Vec<CachedResource>,
+    /// The resources it renders, as the planner takes them: address and fingerprint, and
+    /// the content of `openbao.secret` resources only (their declaration, which the diff
+    /// reads every time).
+    pub resources: Vec<DesiredEntry>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -169,9 +166,8 @@ fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
                 let whole = r.address.to_string();
                 put_str(&mut out, &whole[t.id.len() + 1..]);
                 put_fingerprint(&mut out, &r.fingerprint);
-                match &r.secret {
-                    None => out.push(0),
-                    Some(s) => {
+                match r.content.as_deref() {
+                    Some(Content::Secret(s)) => {
                         out.push(1);
                         put_str(&mut out, &s.name);
                         match s.source {
@@ -185,6 +181,7 @@ fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
                         out.extend_from_slice(&s.rotation_days.unwrap_or(u32::MAX).to_le_bytes());
                         out.push(u8::from(s.auto_rotation));
                     }
+                    _ => out.push(0),
                 }
             }
         }
@@ -275,7 +272,8 @@ fn decode_unit(b: &[u8]) -> Option<(String, UnitEntry)> {
                     Some(SecretSpec { name, source, rotation_days: (days != u32::MAX).then_some(days), auto_rotation })
                 }
             };
-            resources.push(CachedResource { address, fingerprint, secret });
+            let content = secret.map(|s| Arc::new(Content::Secret(s)));
+            resources.push(DesiredEntry { address, fingerprint, content });
         }
         tenants.push(CachedTenant {
             id,
@@ -313,20 +311,20 @@ mod tests {
                     environment: "production".into(),
                 },
                 resources: vec![
-                    CachedResource {
+                    DesiredEntry {
                         address: Address::parse("t1/isp.config").unwrap(),
                         fingerprint: crate::fingerprint::Fingerprint::of_bytes(b"x"),
-                        secret: None,
+                        content: None,
                     },
-                    CachedResource {
+                    DesiredEntry {
                         address: Address::parse("t1/openbao.secret[db/password]").unwrap(),
                         fingerprint: "spec:1".into(),
-                        secret: Some(SecretSpec {
+                        content: Some(Arc::new(Content::Secret(SecretSpec {
                             name: "db/password".into(),
                             source: SecretSource::Generated { length: 32, charset: Charset::Hex },
                             rotation_days: Some(30),
                             auto_rotation: true,
-                        }),
+                        }))),
                     },
                 ],
             }],

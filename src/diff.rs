@@ -196,7 +196,7 @@ pub fn diff(
         desired_fingerprint: None,
         live_fingerprint: live_fp.cloned(),
         last_fingerprint: last_fp.cloned(),
-        before: live.and_then(|l| l.content.clone()),
+        before: live.and_then(|l| l.content.as_deref().cloned()),
         fields: Vec::new(),
         diff: String::new(),
         refresh: false,
@@ -285,7 +285,7 @@ fn diff_secret(
     let tenant = address.tenant.as_str();
     let name = spec.name.as_str();
     // Borrowed: most secrets are unchanged, and nothing is copied for them.
-    let meta = live.and_then(|l| match &l.content {
+    let meta = live.and_then(|l| match l.content.as_deref() {
         Some(Content::SecretMeta(m)) => Some(m),
         _ => None,
     });
@@ -318,7 +318,7 @@ fn diff_secret(
             desired_fingerprint: None,
             live_fingerprint: live_fp.cloned(),
             last_fingerprint: last_fp.cloned(),
-            before: live.and_then(|l| l.content.clone()),
+            before: live.and_then(|l| l.content.as_deref().cloned()),
             fields: Vec::new(),
             diff,
             refresh: action == Action::Noop,
@@ -610,7 +610,7 @@ mod tests {
         LiveResource {
             address: r.address.clone(),
             fingerprint: r.fingerprint.clone(),
-            content: r.content.as_deref().cloned(),
+            content: r.content.as_deref().cloned().map(Box::new),
         }
     }
     fn record(l: &LiveResource) -> Record {
@@ -686,13 +686,13 @@ mod tests {
         let meta = |updated: &str| LiveResource {
             address: a.clone(),
             fingerprint: "v2".into(),
-            content: Some(Content::SecretMeta(SecretMeta {
+            content: Some(Box::new(Content::SecretMeta(SecretMeta {
                 version: 2,
                 updated: updated.into(),
                 created: updated.into(),
                 deleted: false,
                 placeholder: false,
-            })),
+            }))),
         };
         let fresh = meta("2026-11-01T00:00:00Z");
         let old = meta("2026-09-01T00:00:00Z");

@@ -2,7 +2,7 @@
 //! repository uses, reading live state from all providers at once, and making a plan. The
 //! CLI and the daemon both go through here.
 
-use crate::cache::{CachedResource, CachedTenant, RenderCache, UnitEntry};
+use crate::cache::{CachedTenant, RenderCache, UnitEntry};
 use crate::diag::Diagnostic;
 use crate::diff::{self, Action};
 use crate::load::settings::Settings;
@@ -54,8 +54,22 @@ pub fn disabled(settings: &Settings) -> Vec<ProviderId> {
 /// target), with why. Those tenants are reported and left out; the others go on.
 #[derive(Debug, Default)]
 pub struct Live {
-    pub resources: Vec<LiveResource>,
+    /// One list per provider, as each returned it: joining them would copy a million
+    /// resources into fresh memory for nothing.
+    pub resources: Vec<Vec<LiveResource>>,
     pub unreadable: BTreeMap<String, String>,
+}
+
+impl Live {
+    pub fn iter(&self) -> impl Iterator<Item = &LiveResource> {
+        self.resources.iter().flatten()
+    }
+    pub fn len(&self) -> usize {
+        self.resources.iter().map(Vec::len).sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Reads every provider's live resources for the scope, the providers in parallel.
@@ -69,7 +83,6 @@ pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]
         handles.into_iter().map(|(p, h)| (p, h.join().unwrap_or_else(|_| Ok(Vec::new())))).collect()
     });
     let mut out = Live::default();
-    out.resources.reserve_exact(results.iter().map(|(_, r)| r.as_ref().map_or(0, Vec::len)).sum());
     for (p, r) in results {
         let r = match r {
             Err(ProviderError::Partial { found, failed }) => {
@@ -88,7 +101,7 @@ pub fn read_live(providers: &Providers, scope: &TenantScope, skip: &[ProviderId]
         if let Ok(v) = &r {
             tracing::debug!(provider = %p, resources = v.len(), "read live state");
         }
-        out.resources.extend(r.with_context(|| format!("reading live state from {}", providers.get(p).describe()))?);
+        out.resources.push(r.with_context(|| format!("reading live state from {}", providers.get(p).describe()))?);
     }
     Ok(out)
 }
@@ -392,13 +405,14 @@ impl Workspace {
                             resources: tenants[&t.id]
                                 .entries
                                 .iter()
-                                .map(|e| CachedResource {
+                                .map(|e| DesiredEntry {
                                     address: e.address.clone(),
                                     fingerprint: e.fingerprint.clone(),
-                                    secret: match e.content.as_deref() {
-                                        Some(Content::Secret(s)) => Some(s.clone()),
-                                        _ => None,
-                                    },
+                                    content: e
+                                        .content
+                                        .as_ref()
+                                        .filter(|c| matches!(***c, Content::Secret(_)))
+                                        .map(Arc::clone),
                                 })
                                 .collect(),
                         })
@@ -429,15 +443,7 @@ impl Workspace {
             .into_par_iter()
             .flat_map_iter(|(u, e)| {
                 e.tenants.into_iter().map(move |ct| {
-                    let entries = ct
-                        .resources
-                        .into_iter()
-                        .map(|r| DesiredEntry {
-                            address: r.address,
-                            fingerprint: r.fingerprint,
-                            content: r.secret.map(|s| Arc::new(Content::Secret(s))),
-                        })
-                        .collect();
+                    let entries = ct.resources;
                     let t = DesiredTenant { unit: u.clone(), coordination: ct.coordination, label: ct.label, entries };
                     (ct.id, t)
                 })
@@ -554,7 +560,8 @@ impl Workspace {
             let live = read_live(providers, scope, &skip);
             (records.join().unwrap_or_else(|_| Err(anyhow::anyhow!("reading the state store failed"))), live)
         });
-        let (records, Live { resources: mut live, unreadable }) = (records?, live?);
+        let (records, mut live) = (records?, live?);
+        let unreadable = std::mem::take(&mut live.unreadable);
         tracing::debug!(live = live.len(), records = records.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read live state");
         let journal = state.journal()?;
         let meta = state.meta()?;
@@ -585,7 +592,7 @@ impl Workspace {
             },
         };
         let now = self.now;
-        let build = |entries: &dyn plan::DesiredSource, live: &[LiveResource], meta: plan::Meta| {
+        let build = |entries: &dyn plan::DesiredSource, live: &[Vec<LiveResource>], meta: plan::Meta| {
             plan::build(
                 plan::Inputs {
                     desired: entries,
@@ -602,7 +609,7 @@ impl Workspace {
             )
         };
         let mut fresh: BTreeMap<String, Vec<DesiredEntry>> = BTreeMap::new();
-        let mut plan = build(&Overlay { base: &self.tenants, fresh: &fresh }, &live, meta.clone());
+        let mut plan = build(&Overlay { base: &self.tenants, fresh: &fresh }, &live.resources, meta.clone());
         // What changes needs its content: desired (render again if cached) and live (read).
         let need_render: BTreeSet<String> = plan
             .changes
@@ -625,10 +632,12 @@ impl Workspace {
                 }
             }
             let fetched = fetch_all(providers, need_live.into_iter())?;
-            if !fetched.is_empty() {
-                live = live.into_iter().map(|l| fetched.get(&l.address).cloned().unwrap_or(l)).collect();
+            for l in live.resources.iter_mut().flatten() {
+                if let Some(f) = fetched.get(&l.address) {
+                    *l = f.clone();
+                }
             }
-            plan = build(&Overlay { base: &self.tenants, fresh: &fresh }, &live, meta);
+            plan = build(&Overlay { base: &self.tenants, fresh: &fresh }, &live.resources, meta);
         }
         tracing::info!(plan = %plan.plan_id, create = plan.summary.create, update = plan.summary.update,
             rotate = plan.summary.rotate, delete = plan.summary.delete, drift = plan.summary.drift, elapsed = ?t.elapsed(), rss_mib = rss_mib(), "planned");

@@ -554,7 +554,8 @@ fn record_restored(commit: &mut Commit, d: &Done<'_>, restored: Option<Fingerpri
     let a = &d.change.address;
     match restored {
         Some(fp) => {
-            let content = d.before.as_ref().and_then(|b| b.content.clone()).filter(recorded).map(Arc::new);
+            let content =
+                d.before.as_ref().and_then(|b| b.content.as_deref()).filter(|c| recorded(c)).cloned().map(Arc::new);
             commit.upserts.push((a.clone(), fp, content));
         }
         None => commit.forget.push(a.clone()),
@@ -688,7 +689,7 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<Fingerprint>, String> {
     match (&d.before, a.kind == ResourceKind::OpenbaoSecret) {
         (None, _) => provider.delete(a, &expect_after, true).map(|_| None).map_err(|e| e.to_string()),
         (Some(b), true) => {
-            let version = match &b.content {
+            let version = match b.content.as_deref() {
                 Some(Content::SecretMeta(m)) => m.version,
                 _ => return Err(format!("{a}: no version to restore")),
             };
@@ -788,7 +789,7 @@ fn consistency(
         }
         if !fetch.is_empty() {
             let fetched = providers.get(kind.provider()).fetch(&fetch)?;
-            have.extend(fetched.into_iter().filter_map(|l| Some((l.address, Cow::Owned(l.content?)))));
+            have.extend(fetched.into_iter().filter_map(|l| Some((l.address, Cow::Owned(*l.content?)))));
         }
         Ok(have)
     };

@@ -54,8 +54,9 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
         records.iter().map(|r| r.address.tenant.clone()),
         BTreeMap::new(),
     );
-    let engine::Live { resources: mut live, unreadable } =
+    let engine::Live { resources: live, unreadable } =
         engine::read_live(&providers, &scope, &engine::disabled(&settings))?;
+    let mut live: Vec<LiveResource> = live.into_iter().flatten().collect();
     // The consistency check reads the records in full (listing gives fingerprints).
     let wanted: Vec<Address> = live
         .iter()
@@ -76,7 +77,7 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
         let l = by_addr.get(&r.address);
         let deleted = match l {
             None => true,
-            Some(l) => matches!(&l.content, Some(Content::SecretMeta(m)) if m.deleted),
+            Some(l) => matches!(l.content.as_deref(), Some(Content::SecretMeta(m)) if m.deleted),
         };
         if !deleted && l.map(|l| &l.fingerprint) == Some(&r.fingerprint) {
             continue;
@@ -111,7 +112,7 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
     let mut mgmt: BTreeMap<&str, &serde_json::Value> = BTreeMap::new();
     let mut isp: BTreeMap<&str, &str> = BTreeMap::new();
     for l in &live {
-        match (&l.address.kind, &l.content) {
+        match (&l.address.kind, l.content.as_deref()) {
             (ResourceKind::ManagementTenant, Some(Content::Json(v))) => {
                 mgmt.insert(&l.address.tenant, v);
             }

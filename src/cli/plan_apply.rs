@@ -394,7 +394,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
             }
             let address = Address::new(t, ResourceKind::OpenbaoSecret, Some(&s.name));
             let l = live.iter().find(|x| x.address == address);
-            let present = matches!(l.and_then(|l| l.content.as_ref()), Some(Content::SecretMeta(m)) if !m.deleted);
+            let present = matches!(l.and_then(|l| l.content.as_deref()), Some(Content::SecretMeta(m)) if !m.deleted);
             changes.push(Change {
                 address: address.clone(),
                 action: if present { Action::Rotate } else { Action::Create },
@@ -405,7 +405,7 @@ pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency:
                 desired_fingerprint: None,
                 live_fingerprint: l.map(|l| l.fingerprint.clone()),
                 last_fingerprint: records.iter().find(|r| r.address == address).map(|r| r.fingerprint.clone()),
-                before: l.and_then(|l| l.content.clone()),
+                before: l.and_then(|l| l.content.as_deref().cloned()),
                 fields: Vec::new(),
                 diff: String::new(),
                 refresh: false,

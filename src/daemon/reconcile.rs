@@ -349,8 +349,8 @@ fn check_consistency(providers: &Providers, tenants: &BTreeSet<&str>) -> Vec<Dif
     };
     let mut out = Vec::new();
     for t in tenants {
-        let m = live.get(&Address::new(t, ResourceKind::ManagementTenant, None)).and_then(|l| l.content.as_ref());
-        let i = live.get(&Address::new(t, ResourceKind::IspConfig, None)).and_then(|l| l.content.as_ref());
+        let m = live.get(&Address::new(t, ResourceKind::ManagementTenant, None)).and_then(|l| l.content.as_deref());
+        let i = live.get(&Address::new(t, ResourceKind::IspConfig, None)).and_then(|l| l.content.as_deref());
         if let (Some(Content::Json(m)), Some(Content::Text(i))) = (m, i) {
             out.extend(crate::drift::consistency(t, m, i));
         }

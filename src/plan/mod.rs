@@ -78,7 +78,8 @@ impl DesiredSource for BTreeMap<String, Vec<DesiredEntry>> {
 pub struct Inputs<'a> {
     pub desired: &'a dyn DesiredSource,
     pub coordination: BTreeMap<String, Coordination>,
-    pub live: &'a [LiveResource],
+    /// Live resources, one list per provider.
+    pub live: &'a [Vec<LiveResource>],
     /// Tenants whose live state could not be read, with why: not planned, reported as errors.
     pub unreadable: &'a BTreeMap<String, String>,
     pub records: &'a [Record],
@@ -109,7 +110,7 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
     let scope = inputs.scope;
     let wanted = |t: &str| scope.contains(t) && !inputs.unreadable.contains_key(t);
     let mut live_by: FxHashMap<&str, Vec<&LiveResource>> = FxHashMap::default();
-    for l in inputs.live.iter().filter(|l| wanted(&l.address.tenant)) {
+    for l in inputs.live.iter().flatten().filter(|l| wanted(&l.address.tenant)) {
         live_by.entry(l.address.tenant.as_str()).or_default().push(l);
     }
     let mut rec_by: FxHashMap<&str, Vec<&Record>> = FxHashMap::default();
@@ -168,6 +169,7 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
         inputs
             .live
             .iter()
+            .flatten()
             .filter(|l| scope.contains(&l.address.tenant))
             .map(|l| (l.address.to_string(), l.fingerprint.clone()))
             .collect()
@@ -346,7 +348,7 @@ fn catch_up(a: &Address, desired: Option<&DesiredEntry>, live: &LiveResource, re
         desired_fingerprint: desired.map(|d| d.fingerprint.clone()),
         live_fingerprint: Some(live.fingerprint.clone()),
         last_fingerprint: record.map(|r| r.fingerprint.clone()),
-        before: live.content.clone(),
+        before: live.content.as_deref().cloned(),
         fields: Vec::new(),
         diff: String::new(),
         refresh: true,
@@ -535,7 +537,7 @@ pub fn staleness(
     revision: Option<&str>,
     inputs_digest: &str,
     state: &crate::state::StateMeta,
-    live: &[LiveResource],
+    live: &[Vec<LiveResource>],
     unreadable: &BTreeMap<String, String>,
 ) -> Vec<String> {
     let mut why = Vec::new();
@@ -552,7 +554,8 @@ pub fn staleness(
         _ if plan.inputs_digest != inputs_digest => why.push("the repository's files changed since the plan".into()),
         _ => {}
     }
-    let now: HashMap<String, &Fingerprint> = live.iter().map(|l| (l.address.to_string(), &l.fingerprint)).collect();
+    let now: HashMap<String, &Fingerprint> =
+        live.iter().flatten().map(|l| (l.address.to_string(), &l.fingerprint)).collect();
     let mut moved: Vec<String> = Vec::new();
     // A tenant that cannot be read now is not judged here: apply re-reads each tenant before
     // writing and fails that one alone.

@@ -25,7 +25,7 @@ pub struct LiveResource {
     /// `sha256:...` of the canonical content, or a secret's version (`v3`).
     pub fingerprint: crate::fingerprint::Fingerprint,
     /// The content, when it was read (listing may return fingerprints only).
-    pub content: Option<Content>,
+    pub content: Option<Box<Content>>,
 }
 
 /// Which tenants a read covers.
@@ -274,7 +274,7 @@ impl Provider for Nothing {
         Ok(LiveResource {
             address: r.address.clone(),
             fingerprint: crate::fingerprint::of(&r.content),
-            content: Some((*r.content).clone()),
+            content: Some(Box::new((*r.content).clone())),
         })
     }
     fn delete(&self, _: &Address, _: &Expect, _: bool) -> Result<()> {

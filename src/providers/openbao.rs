@@ -267,12 +267,12 @@ pub fn meta_of(m: &ReadSecretMetadataResponse, now: Timestamp) -> SecretMeta {
 
 fn secret_live(address: Address, meta: SecretMeta) -> LiveResource {
     let content = Content::SecretMeta(meta);
-    LiveResource { address, fingerprint: fingerprint::of(&content), content: Some(content) }
+    LiveResource { address, fingerprint: fingerprint::of(&content), content: Some(Box::new(content)) }
 }
 
 fn policy_live(address: Address, text: String) -> LiveResource {
     let content = Content::Text(text);
-    LiveResource { address, fingerprint: fingerprint::of(&content), content: Some(content) }
+    LiveResource { address, fingerprint: fingerprint::of(&content), content: Some(Box::new(content)) }
 }
 
 /// The version a fingerprint (`v3`, `v3-deleted`) names.
@@ -794,7 +794,7 @@ impl Provider for OpenBao {
                     t.call(&op, || kv2::delete_metadata(&t.vault, mount, &path)).await
                 }
                 Target::Secret { path } => {
-                    if matches!(&now.content, Some(Content::SecretMeta(m)) if m.deleted) {
+                    if matches!(now.content.as_deref(), Some(Content::SecretMeta(m)) if m.deleted) {
                         return Ok(());
                     }
                     let op = Op::read("delete the current version of", format!("{mount}/data/{path}"));

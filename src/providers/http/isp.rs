@@ -110,7 +110,7 @@ impl Api {
         let live = LiveResource {
             address: Address::new(tenant, ResourceKind::IspConfig, None),
             fingerprint: fingerprint::of(&content),
-            content: Some(content),
+            content: Some(Box::new(content)),
         };
         self.remember(tenant, Some((live.fingerprint.clone(), etag.to_owned(), text.to_owned())));
         Ok(Some((live, etag.to_owned())))
@@ -234,7 +234,7 @@ impl Api {
 }
 
 fn text_of(l: &LiveResource) -> Option<String> {
-    match &l.content {
+    match l.content.as_deref() {
         Some(Content::Text(t)) => Some(t.clone()),
         _ => None,
     }

@@ -119,7 +119,7 @@ impl Api {
         let live = LiveResource {
             address: Address::new(tenant, ResourceKind::ManagementTenant, None),
             fingerprint: fingerprint::of(&content),
-            content: Some(content),
+            content: Some(Box::new(content)),
         };
         self.etags
             .lock()
@@ -373,7 +373,7 @@ fn licenses_of(tenant: &str, entries: &[Value]) -> Vec<LiveResource> {
             Some(LiveResource {
                 address: Address::new(tenant, ResourceKind::ManagementLicense, Some(&plugin)),
                 fingerprint: fingerprint::of(&content),
-                content: Some(content),
+                content: Some(Box::new(content)),
             })
         })
         .collect()

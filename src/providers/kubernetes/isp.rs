@@ -60,7 +60,11 @@ impl KubeIspProvider {
     fn live(tenant: &str, obj: &Value) -> LiveResource {
         let text = obj.pointer("/data").and_then(|d| d.get(KEY)).and_then(Value::as_str).unwrap_or_default();
         let content = Content::Text(text.to_owned());
-        LiveResource { address: Self::address(tenant), fingerprint: fingerprint::of(&content), content: Some(content) }
+        LiveResource {
+            address: Self::address(tenant),
+            fingerprint: fingerprint::of(&content),
+            content: Some(Box::new(content)),
+        }
     }
 
     /// Whether a live object is a tenant's ISP configuration, as this provider writes it.

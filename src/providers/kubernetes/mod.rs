@@ -499,7 +499,7 @@ impl KubeProvider {
 
     fn live(address: Address, projection: Value) -> LiveResource {
         let content = Content::Json(projection);
-        LiveResource { address, fingerprint: fingerprint::of(&content), content: Some(content) }
+        LiveResource { address, fingerprint: fingerprint::of(&content), content: Some(Box::new(content)) }
     }
 
     /// Waits for a Deployment's rollout of `generation`.

@@ -308,7 +308,7 @@ impl LocalStore {
                 Some(address) => out.push(LiveResource {
                     fingerprint: e.fingerprint(),
                     address,
-                    content: e.meta.map(Content::SecretMeta),
+                    content: e.meta.map(|m| Box::new(Content::SecretMeta(m))),
                 }),
                 None => whole = false,
             }
@@ -606,7 +606,7 @@ impl LocalStore {
         let content = Content::SecretMeta(meta.clone());
         let fp = fingerprint::of(&content);
         self.set(s, a, key, Some((&text, fp.clone(), Some(meta))));
-        Ok(LiveResource { address: a.clone(), fingerprint: fp, content: Some(content) })
+        Ok(LiveResource { address: a.clone(), fingerprint: fp, content: Some(Box::new(content)) })
     }
 
     /// Adds a version to a secret (creating it).
@@ -905,7 +905,7 @@ impl Provider for LocalStore {
             out.extend(s.entries.values().filter(|e| scope.contains(&e.address.tenant)).map(|e| LiveResource {
                 address: e.address.clone(),
                 fingerprint: e.fingerprint.clone(),
-                content: e.meta.clone().map(Content::SecretMeta),
+                content: e.meta.clone().map(|m| Box::new(Content::SecretMeta(m))),
             }));
         }
         self.save_index();
@@ -947,7 +947,7 @@ impl Provider for LocalStore {
                 out.push(LiveResource {
                     address: a.clone(),
                     fingerprint: fingerprint::of(&content),
-                    content: Some(content),
+                    content: Some(Box::new(content)),
                 });
             }
         }
@@ -1274,7 +1274,7 @@ mod tests {
         assert_eq!(again.len(), written.len());
         for (w, content) in &written {
             let back = again.iter().find(|r| r.address == w.address).unwrap();
-            assert_eq!(back.content.as_ref(), Some(&**content), "{}", w.address);
+            assert_eq!(back.content.as_deref(), Some(&**content), "{}", w.address);
             assert_eq!(back.fingerprint, w.fingerprint, "{}", w.address);
         }
         let file = std::fs::read_to_string(shard_path(d.path(), ProviderId::Isp, "t2")).unwrap();
@@ -1299,7 +1299,7 @@ mod tests {
             let moved: Vec<&String> = after.iter().filter(|(a, f)| before[*a] != **f).map(|(a, _)| a).collect();
             assert_eq!(moved, vec![&format!("{t2}/isp.config")]);
             let got = st.fetch(&[Address::parse(&format!("{t2}/isp.config")).unwrap()]).unwrap();
-            assert_eq!(got[0].content, Some(Content::Text("level: debug\n".into())));
+            assert_eq!(got[0].content.as_deref(), Some(&Content::Text("level: debug\n".into())));
         }
         // A broken YAML body is live content too: drift, not an error.
         let m = store(d.path(), ProviderId::Management);
@@ -1308,7 +1308,7 @@ mod tests {
         m.close();
         edit(&shard_path(d.path(), ProviderId::Management, &t1), &format!("  id: {t1}"), "  id: [broken");
         let got = m.fetch(std::slice::from_ref(&r.address)).unwrap();
-        assert_eq!(got[0].content, Some(Content::Text("id: [broken\n".into())));
+        assert_eq!(got[0].content.as_deref(), Some(&Content::Text("id: [broken\n".into())));
     }
 
     #[test]
@@ -1415,7 +1415,7 @@ mod tests {
         let other = store(d.path(), ProviderId::Secrets);
         let listed = other.list(&TenantScope::All).unwrap();
         assert_eq!(listed[0].fingerprint, "v3-deleted");
-        assert!(matches!(&listed[0].content, Some(Content::SecretMeta(m)) if m.deleted && m.version == 3));
+        assert!(matches!(listed[0].content.as_deref(), Some(Content::SecretMeta(m)) if m.deleted && m.version == 3));
         other.restore_secret(&a, 2).unwrap();
         assert_eq!(other.reveal(&a).unwrap().unwrap().expose(), b"second");
         other.delete(&a, &Expect::Any, true).unwrap();
@@ -1541,7 +1541,7 @@ mod tests {
 
         let isp = store(d.path(), ProviderId::Isp);
         let got = isp.fetch(&[Address::parse("t1/isp.config").unwrap()]).unwrap();
-        assert_eq!(got[0].content, Some(Content::Text("level: info".into())));
+        assert_eq!(got[0].content.as_deref(), Some(&Content::Text("level: info".into())));
         assert!(!dir.join("isp/t1.isp_config.yaml").exists());
         assert!(shard_path(d.path(), ProviderId::Isp, "t1").exists());
         let k8s = store(d.path(), ProviderId::Kubernetes);
@@ -1574,7 +1574,7 @@ mod tests {
             assert_eq!(fingerprints(st), before);
             let addrs: Vec<Address> = before.keys().map(|a| Address::parse(a).unwrap()).collect();
             for got in st.fetch(&addrs).unwrap() {
-                assert_eq!(got.content, Some(Content::Text("a: 1\nb: 2\n".into())), "{}", got.address);
+                assert_eq!(got.content.as_deref(), Some(&Content::Text("a: 1\nb: 2\n".into())), "{}", got.address);
             }
         }
         // A write to the other entry copies the edited one byte for byte, newline restored.
@@ -1615,7 +1615,7 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), old);
         let next = store(d.path(), ProviderId::Isp);
         let got = next.fetch(&[Address::parse(a).unwrap()]).unwrap();
-        assert_eq!(got[0].content, Some(Content::Text("old\n".into())));
+        assert_eq!(got[0].content.as_deref(), Some(&Content::Text("old\n".into())));
         // The next process writes over it as usual; an hour on, the dead temp file is cleared.
         next.put(&res(a, Content::Text("newer\n".into())), None, &Expect::Any).unwrap();
         next.close();
@@ -1667,9 +1667,9 @@ mod tests {
         assert!(matches!(writer.put(&r, None, &stale), Err(ProviderError::Conflict { .. })));
         let s = store(d.path(), ProviderId::Isp);
         let got = s.fetch(&[addr(&t2), addr(&t1)]).unwrap();
-        assert_eq!(got[0].content, Some(Content::Text("level: trace\n".into())));
+        assert_eq!(got[0].content.as_deref(), Some(&Content::Text("level: trace\n".into())));
         assert_ne!(got[0].fingerprint, trusted[&addr(&t2).to_string()]);
-        assert_eq!(got[1].content, Some(Content::Text("level: info\n".into())));
+        assert_eq!(got[1].content.as_deref(), Some(&Content::Text("level: info\n".into())));
         assert_eq!(fingerprints(&s)[&addr(&t2).to_string()], got[0].fingerprint, "listing agrees once read");
         writer.put(&r, None, &Expect::Fingerprint(got[0].fingerprint.clone())).unwrap();
     }
