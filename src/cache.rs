@@ -66,8 +66,8 @@ impl RenderCache {
     /// Opens the cache of `state_dir`; entries made under other shared inputs are dropped.
     pub fn open(state_dir: &Path, shared: &str) -> RenderCache {
         let path = Self::file(state_dir);
-        let units = match std::fs::read(&path) {
-            Ok(bytes) => decode(&bytes, shared).unwrap_or_default(),
+        let units = match std::fs::File::open(&path) {
+            Ok(f) => decode(f, shared).unwrap_or_default(),
             Err(_) => HashMap::new(),
         };
         RenderCache { path, shared: shared.to_owned(), units, dirty: false }
@@ -118,8 +118,9 @@ impl RenderCache {
         std::fs::create_dir_all(dir)?;
         let tmp = dir.join(format!(".render.{}.tmp", std::process::id()));
         {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&encode(&self.units, &self.shared))?;
+            let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+            encode(&mut f, &self.units, &self.shared)?;
+            f.flush()?;
         }
         std::fs::rename(&tmp, &self.path)?;
         self.dirty = false;
@@ -127,12 +128,16 @@ impl RenderCache {
     }
 }
 
-fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(units.len() * 1500);
+/// Writes the cache unit after unit through one reused buffer (the whole file in memory
+/// would be 140 MB at 100,000 tenants, every page of it fresh).
+fn encode(w: &mut impl Write, units: &HashMap<String, UnitEntry>, shared: &str) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(1 << 16);
     out.extend_from_slice(MAGIC);
     put_str(&mut out, shared);
     out.extend_from_slice(&(units.len() as u32).to_le_bytes());
+    w.write_all(&out)?;
     for (unit, e) in units {
+        out.clear();
         // Each unit's length first, so that units decode in parallel.
         let at = out.len();
         out.extend_from_slice(&0u32.to_le_bytes());
@@ -187,8 +192,9 @@ fn encode(units: &HashMap<String, UnitEntry>, shared: &str) -> Vec<u8> {
         }
         let len = (out.len() - at - 4) as u32;
         out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        w.write_all(&out)?;
     }
-    out
+    Ok(())
 }
 
 const CHARSETS: [Charset; 6] =
@@ -202,23 +208,57 @@ fn charset_of(code: u8) -> Option<Charset> {
     CHARSETS.get(usize::from(code)).copied()
 }
 
-fn decode(b: &[u8], shared: &str) -> Option<HashMap<String, UnitEntry>> {
-    let mut r = Reader::new(b);
-    if r.take(8)? != MAGIC || r.str()? != shared {
-        return None;
-    }
-    let n = r.u32()? as usize;
-    let mut parts = Vec::with_capacity(n.min(1 << 22));
-    for _ in 0..n {
-        let len = r.u32()? as usize;
-        parts.push(r.take(len)?);
-    }
-    if !r.at_end() {
-        return None;
-    }
+/// Reads the cache in batches of units (a few MiB, decoded in parallel) through one reused
+/// buffer rather than reading the whole file into memory first.
+fn decode(f: impl std::io::Read, shared: &str) -> Option<HashMap<String, UnitEntry>> {
     use rayon::prelude::*;
-    let units: Option<Vec<(String, UnitEntry)>> = parts.par_iter().map(|b| decode_unit(b)).collect();
-    Some(units?.into_iter().collect())
+    use std::io::Read;
+    const BATCH: usize = 4 << 20;
+    fn u32_at(f: &mut impl Read) -> Option<u32> {
+        let mut b = [0u8; 4];
+        f.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+    let mut f = std::io::BufReader::with_capacity(1 << 16, f);
+    let mut magic = [0u8; 8];
+    f.read_exact(&mut magic).ok()?;
+    let n = u32_at(&mut f)? as usize;
+    if magic != *MAGIC || n != shared.len() {
+        return None;
+    }
+    let mut buf = Vec::new();
+    (&mut f).take(n as u64).read_to_end(&mut buf).ok()?;
+    if buf != shared.as_bytes() {
+        return None;
+    }
+    let n = u32_at(&mut f)? as usize;
+    let mut units = HashMap::with_capacity(n.min(1 << 22));
+    let mut ends: Vec<usize> = Vec::new();
+    buf.clear();
+    for i in 0..n {
+        let len = u32_at(&mut f)? as usize;
+        // Grows only as bytes arrive: a damaged length cannot ask for gigabytes.
+        if (&mut f).take(len as u64).read_to_end(&mut buf).ok()? != len {
+            return None;
+        }
+        ends.push(buf.len());
+        if buf.len() >= BATCH || i + 1 == n {
+            let parts: Vec<&[u8]> = ends
+                .iter()
+                .scan(0, |start, &end| {
+                    let part = &buf[*start..end];
+                    *start = end;
+                    Some(part)
+                })
+                .collect();
+            let decoded: Option<Vec<(String, UnitEntry)>> = parts.par_iter().map(|b| decode_unit(b)).collect();
+            units.extend(decoded?);
+            buf.clear();
+            ends.clear();
+        }
+    }
+    // Nothing after the last unit.
+    (f.read(&mut [0u8; 1]).ok()? == 0).then_some(units)
 }
 
 /// One unit's entry.
@@ -341,5 +381,26 @@ mod tests {
         assert!(c.known("t1", &touched, 150).is_none(), "a stat changed: read the file");
         assert!(c.known("t1", &entry.files, 200).is_none(), "known, but a license expired");
         assert!(RenderCache::open(d.path(), "shared-2").units.is_empty(), "other templates or settings");
+        // A damaged file is no cache at all: cut short, with bytes after its end, or
+        // claiming a unit longer than the file.
+        let file = RenderCache::file(d.path());
+        let good = std::fs::read(&file).unwrap();
+        let mut many = RenderCache::open(d.path(), "shared-1");
+        for i in 0..300 {
+            let mut e = entry.clone();
+            e.digest = format!("d{i}");
+            many.put(format!("u{i}"), e);
+        }
+        many.save().unwrap();
+        assert_eq!(RenderCache::open(d.path(), "shared-1").units.len(), 301, "units read back across batches");
+        for bad in [good[..good.len() - 1].to_vec(), [good.as_slice(), b"x"].concat(), {
+            let mut b = good.clone();
+            let at = 8 + 4 + "shared-1".len() + 4; // magic, shared, count: the first unit's length
+            b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+            b
+        }] {
+            std::fs::write(&file, bad).unwrap();
+            assert!(RenderCache::open(d.path(), "shared-1").units.is_empty());
+        }
     }
 }
