@@ -348,6 +348,30 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_store_of_an_older_schema_is_migrated_and_keeps_its_journal() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(d.path().join("state.db")).unwrap();
+            for sql in &MIGRATIONS[..2] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                "INSERT INTO journal VALUES ('t1/isp.config', 'plan-1', 'create', 'sha256:ab', '2026-11-22T00:00:00Z')",
+                [],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(d.path()).unwrap();
+        let version: i64 = s.conn().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version as usize, MIGRATIONS.len());
+        let j = s.journal().unwrap();
+        assert_eq!(j.len(), 1);
+        assert_eq!((j[0].address.as_str(), j[0].plan_id.as_str()), ("t1/isp.config", "plan-1"));
+        assert_eq!(j[0].intended.as_deref(), Some("sha256:ab"));
+    }
+
+    #[test]
     fn records_commit_and_survive_reopening() {
         let d = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(d.path()).unwrap();
