@@ -615,8 +615,8 @@ impl Workspace {
             .changes
             .iter()
             .filter(|c| c.desired.is_none() && c.action != Action::Delete)
-            .filter(|c| self.tenants.get(&c.address.tenant).is_some_and(|t| !t.has_content()))
-            .map(|c| c.address.tenant.clone())
+            .filter(|c| self.tenants.get(c.address.tenant.as_str()).is_some_and(|t| !t.has_content()))
+            .map(|c| c.address.tenant.to_string())
             .collect();
         let need_live: Vec<&Address> = plan
             .changes

@@ -314,17 +314,127 @@ impl ResourceKind {
     }
 }
 
+/// A tenant id inside an address. The text is shared: the million addresses of a plan of
+/// 100,000 tenants hold 100,000 tenant ids, not a million copies of them. Addresses are
+/// mostly made one tenant after another, so each thread remembers the last id it made.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(Arc<str>);
+
+impl TenantId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for TenantId {
+    fn from(s: &str) -> Self {
+        thread_local! {
+            static LAST: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+        }
+        LAST.with(|last| {
+            let mut last = last.borrow_mut();
+            match last.as_ref() {
+                Some(l) if **l == *s => TenantId(Arc::clone(l)),
+                _ => {
+                    let t: Arc<str> = Arc::from(s);
+                    *last = Some(Arc::clone(&t));
+                    TenantId(t)
+                }
+            }
+        })
+    }
+}
+
+impl From<&String> for TenantId {
+    fn from(s: &String) -> Self {
+        TenantId::from(s.as_str())
+    }
+}
+
+impl From<String> for TenantId {
+    fn from(s: String) -> Self {
+        TenantId::from(s.as_str())
+    }
+}
+
+impl std::ops::Deref for TenantId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for TenantId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for TenantId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl PartialEq<str> for TenantId {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for TenantId {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<String> for TenantId {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<TenantId> for String {
+    fn eq(&self, other: &TenantId) -> bool {
+        **self == *other.0
+    }
+}
+
+impl PartialEq<TenantId> for &str {
+    fn eq(&self, other: &TenantId) -> bool {
+        **self == *other.0
+    }
+}
+
+impl Serialize for TenantId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 /// A resource's stable address: `tenant-123/management.license[advanced_analytics]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Address {
-    pub tenant: String,
+    pub tenant: TenantId,
     pub kind: ResourceKind,
     pub name: Option<String>,
 }
 
 impl Address {
     pub fn new(tenant: &str, kind: ResourceKind, name: Option<&str>) -> Self {
-        Address { tenant: tenant.to_owned(), kind, name: name.map(str::to_owned) }
+        Address { tenant: TenantId::from(tenant), kind, name: name.map(str::to_owned) }
     }
 
     /// Parses the textual form back.
@@ -347,7 +457,7 @@ impl Address {
             "openbao.secret" => ResourceKind::OpenbaoSecret,
             k => ResourceKind::Kubernetes(k.strip_prefix("kubernetes.")?.to_owned()),
         };
-        Some(Address { tenant: tenant.to_owned(), kind, name })
+        Some(Address { tenant: TenantId::from(tenant), kind, name })
     }
 
     pub fn provider(&self) -> ProviderId {

@@ -130,7 +130,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     let mut stale: HashMap<String, Vec<String>> = HashMap::new();
     if opts.settle_journal {
         for j in state.journal()?.into_iter().filter(|j| j.plan_id != plan.plan_id) {
-            let Some(tenant) = Address::parse(&j.address).map(|a| a.tenant) else { continue };
+            let Some(tenant) = Address::parse(&j.address).map(|a| a.tenant.to_string()) else { continue };
             let in_scope = plan.tenants.as_ref().is_none_or(|ts| ts.contains(&tenant));
             if in_scope && !blocked.contains_key(tenant.as_str()) {
                 stale.entry(tenant).or_default().push(j.address);
@@ -850,7 +850,7 @@ fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &str, message: Option<S
         time: time.to_owned(),
         correlation_id: ctx.correlation.clone(),
         actor: ctx.opts.actor.clone(),
-        tenant: c.address.tenant.clone(),
+        tenant: c.address.tenant.to_string(),
         address: c.address.to_string(),
         action: c.action.as_str().into(),
         risk: c.risk.as_str().into(),

@@ -51,7 +51,7 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
     engine::begin_session(
         &providers,
         crate::plan::new_id("drift"),
-        records.iter().map(|r| r.address.tenant.clone()),
+        records.iter().map(|r| r.address.tenant.to_string()),
         BTreeMap::new(),
     );
     let engine::Live { resources: live, unreadable } =
@@ -73,7 +73,7 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
     }
     let by_addr: HashMap<&Address, &LiveResource> = live.iter().map(|l| (&l.address, l)).collect();
     let mut drifted = Vec::new();
-    for r in records.iter().filter(|r| !unreadable.contains_key(&r.address.tenant)) {
+    for r in records.iter().filter(|r| !unreadable.contains_key(r.address.tenant.as_str())) {
         let l = by_addr.get(&r.address);
         let deleted = match l {
             None => true,
@@ -99,7 +99,7 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
             ),
         };
         drifted.push(Drifted {
-            tenant: r.address.tenant.clone(),
+            tenant: r.address.tenant.to_string(),
             address: r.address.to_string(),
             kind: if deleted { "deleted" } else { "changed" },
             last_applied: r.fingerprint.clone(),

@@ -63,7 +63,7 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> 
     let state = engine::open_state(&ws.settings, &ws.state_dir)?;
     if !tenants.is_empty() {
         let recorded: BTreeSet<String> =
-            state.records(&scope_of(tenants))?.into_iter().map(|r| r.address.tenant).collect();
+            state.records(&scope_of(tenants))?.into_iter().map(|r| r.address.tenant.to_string()).collect();
         let missing: Vec<&String> =
             tenants.iter().filter(|t| !ws.tenants.contains_key(*t) && !recorded.contains(*t)).collect();
         if !missing.is_empty() {
@@ -257,7 +257,7 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             let mut known: BTreeSet<String> = prepared.state.recorded_tenants()?;
             known.retain(|t| prepared.scope.contains(t));
             known.extend(plan.live.keys().filter_map(|a| a.split_once('/')).map(|(t, _)| t.to_owned()));
-            known.extend(plan.changes.iter().map(|c| c.address.tenant.clone()));
+            known.extend(plan.changes.iter().map(|c| c.address.tenant.to_string()));
             engine::begin_session(&prepared.providers, plan.correlation_id(), known, plan.coordination.clone());
             let live =
                 engine::read_live(&prepared.providers, &prepared.scope, &engine::disabled(&prepared.ws.settings))?;

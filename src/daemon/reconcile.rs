@@ -198,7 +198,8 @@ pub fn open_engine(
         _ => {
             let providers = Providers::from_settings(&ws.settings, &ws.state_dir)?;
             let state = engine::open_state(&ws.settings, &ws.state_dir)?;
-            let recorded = state.records(&TenantScope::All)?.into_iter().map(|r| r.address.tenant).collect();
+            let recorded =
+                state.records(&TenantScope::All)?.into_iter().map(|r| r.address.tenant.to_string()).collect();
             (Arc::new(Backends { key, providers: metrics.count_errors(providers), state }), recorded)
         }
     };
@@ -458,7 +459,7 @@ fn reconcile(job: &Job) -> Result<BTreeMap<String, TenantOutcome>, String> {
         return Ok(outcomes);
     }
     let mut sub = plan;
-    sub.changes.retain(|c| apply_set.contains(&c.address.tenant));
+    sub.changes.retain(|c| apply_set.contains(c.address.tenant.as_str()));
     sub.violations.retain(|v| apply_set.contains(&v.tenant));
     sub.tenants = Some(apply_set.iter().cloned().collect());
     let opts = apply::Options {

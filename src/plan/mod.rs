@@ -170,7 +170,7 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
             .live
             .iter()
             .flatten()
-            .filter(|l| scope.contains(&l.address.tenant))
+            .filter(|l| scope.contains(l.address.tenant.as_str()))
             .map(|l| (l.address.to_string(), l.fingerprint.clone()))
             .collect()
     } else {

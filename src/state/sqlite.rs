@@ -223,7 +223,7 @@ impl StateStore for SqliteStore {
             for (a, fp, content) in &c.upserts {
                 up.execute(params![
                     a.to_string(),
-                    a.tenant,
+                    a.tenant.as_str(),
                     a.provider().as_str(),
                     fp.to_string(),
                     content.as_deref().and_then(content_to_text),

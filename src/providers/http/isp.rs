@@ -119,7 +119,7 @@ impl Api {
     /// The condition to write under and the text live before (for putting it back).
     async fn condition(&self, a: &Address, expect: &Expect) -> Result<(Cond, Option<String>)> {
         if let Expect::Fingerprint(fp) = expect {
-            let cached = self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(&a.tenant).cloned();
+            let cached = self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(a.tenant.as_str()).cloned();
             if let Some((cfp, etag, text)) = cached
                 && &cfp == fp
             {
@@ -286,7 +286,7 @@ impl Provider for Isp {
 
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {
         let mut tenants: Vec<String> =
-            addresses.iter().filter(|a| a.kind == ResourceKind::IspConfig).map(|a| a.tenant.clone()).collect();
+            addresses.iter().filter(|a| a.kind == ResourceKind::IspConfig).map(|a| a.tenant.to_string()).collect();
         tenants.sort();
         tenants.dedup();
         Client::block_on(read_tenants(self.api.clone(), tenants))

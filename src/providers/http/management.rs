@@ -154,7 +154,7 @@ impl Api {
     /// the etag of the expected fingerprint is not known).
     async fn record_condition(&self, a: &Address, expect: &Expect) -> Result<Cond> {
         if let Expect::Fingerprint(fp) = expect {
-            let cached = self.etags.lock().unwrap_or_else(|p| p.into_inner()).get(&a.tenant).cloned();
+            let cached = self.etags.lock().unwrap_or_else(|p| p.into_inner()).get(a.tenant.as_str()).cloned();
             if let Some((cfp, etag)) = cached
                 && &cfp == fp
             {
@@ -244,7 +244,7 @@ impl Api {
         if !reply.is(404) {
             reply.data(self.label())?;
         }
-        self.etags.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.tenant);
+        self.etags.lock().unwrap_or_else(|p| p.into_inner()).remove(a.tenant.as_str());
         Ok(())
     }
 
@@ -438,7 +438,7 @@ impl Provider for Management {
     }
 
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {
-        let mut tenants: Vec<String> = addresses.iter().map(|a| a.tenant.clone()).collect();
+        let mut tenants: Vec<String> = addresses.iter().map(|a| a.tenant.to_string()).collect();
         tenants.sort();
         tenants.dedup();
         let all = Client::block_on(read_tenants(self.api.clone(), tenants))?;

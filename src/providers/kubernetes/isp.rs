@@ -120,7 +120,7 @@ impl Provider for KubeIspProvider {
 
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {
         let tenants: BTreeSet<String> =
-            addresses.iter().filter(|a| a.kind == ResourceKind::IspConfig).map(|a| a.tenant.clone()).collect();
+            addresses.iter().filter(|a| a.kind == ResourceKind::IspConfig).map(|a| a.tenant.to_string()).collect();
         if tenants.is_empty() {
             return Ok(Vec::new());
         }

@@ -633,7 +633,11 @@ impl Provider for KubeProvider {
             let mut by_kind: BTreeMap<String, (Kind, BTreeSet<String>)> = BTreeMap::new();
             for a in addresses {
                 let kind = self.kind_of(a, None).await?;
-                by_kind.entry(kind.kind.clone()).or_insert_with(|| (kind, BTreeSet::new())).1.insert(a.tenant.clone());
+                by_kind
+                    .entry(kind.kind.clone())
+                    .or_insert_with(|| (kind, BTreeSet::new()))
+                    .1
+                    .insert(a.tenant.to_string());
             }
             let wanted: BTreeSet<&Address> = addresses.iter().collect();
             let mut out = Vec::new();
@@ -713,7 +717,7 @@ impl Provider for KubeProvider {
         let addr = a.to_string();
         self.cluster.block_on(async {
             let kind = self.kind_of(a, None).await?;
-            let tenants = BTreeSet::from([a.tenant.clone()]);
+            let tenants = BTreeSet::from([a.tenant.to_string()]);
             let mut found = self.list_kind(&kind, Some(&tenants)).await?;
             let Some(f) = found.remove(a) else { return Ok(()) };
             let fp = fingerprint::of(&Content::Json(f.projection));

@@ -902,10 +902,12 @@ impl Provider for LocalStore {
             }
             let slot = self.current(n)?;
             let Some(s) = slot.as_ref() else { continue };
-            out.extend(s.entries.values().filter(|e| scope.contains(&e.address.tenant)).map(|e| LiveResource {
-                address: e.address.clone(),
-                fingerprint: e.fingerprint.clone(),
-                content: e.meta.clone().map(|m| Box::new(Content::SecretMeta(m))),
+            out.extend(s.entries.values().filter(|e| scope.contains(e.address.tenant.as_str())).map(|e| {
+                LiveResource {
+                    address: e.address.clone(),
+                    fingerprint: e.fingerprint.clone(),
+                    content: e.meta.clone().map(|m| Box::new(Content::SecretMeta(m))),
+                }
             }));
         }
         self.save_index();
