@@ -274,10 +274,42 @@ pub enum ResourceKind {
     ManagementLicense,
     IspConfig,
     /// A Kubernetes manifest of the given `kind`.
-    Kubernetes(String),
+    Kubernetes(std::borrow::Cow<'static, str>),
 }
 
+/// The Kubernetes kinds a repository commonly renders: their names are shared, not copied
+/// into each of a plan's hundreds of thousands of addresses.
+const KUBERNETES_KINDS: &[&str] = &[
+    "Namespace",
+    "ResourceQuota",
+    "LimitRange",
+    "ServiceAccount",
+    "Secret",
+    "ConfigMap",
+    "Role",
+    "RoleBinding",
+    "Service",
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "Job",
+    "CronJob",
+    "Ingress",
+    "NetworkPolicy",
+    "PersistentVolumeClaim",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+];
+
 impl ResourceKind {
+    /// A Kubernetes manifest of this kind.
+    pub fn kubernetes(kind: &str) -> ResourceKind {
+        match KUBERNETES_KINDS.iter().find(|k| **k == kind) {
+            Some(k) => ResourceKind::Kubernetes(std::borrow::Cow::Borrowed(k)),
+            None => ResourceKind::Kubernetes(std::borrow::Cow::Owned(kind.to_owned())),
+        }
+    }
+
     pub fn provider(&self) -> ProviderId {
         match self {
             ResourceKind::OpenbaoPolicy | ResourceKind::OpenbaoSecret => ProviderId::Secrets,
@@ -455,7 +487,7 @@ impl Address {
             "isp.config" => ResourceKind::IspConfig,
             "openbao.policy" => ResourceKind::OpenbaoPolicy,
             "openbao.secret" => ResourceKind::OpenbaoSecret,
-            k => ResourceKind::Kubernetes(k.strip_prefix("kubernetes.")?.to_owned()),
+            k => ResourceKind::kubernetes(k.strip_prefix("kubernetes.")?),
         };
         Some(Address { tenant: TenantId::from(tenant), kind, name })
     }

@@ -266,7 +266,7 @@ impl Renderer {
             match manifests(&text, id, checksum.as_deref()) {
                 Ok(ms) => {
                     for (kind, mname, m) in ms {
-                        let address = Address::new(id, ResourceKind::Kubernetes(kind), Some(&mname));
+                        let address = Address::new(id, ResourceKind::kubernetes(&kind), Some(&mname));
                         if !seen.insert(address.to_string()) {
                             errors.push(
                                 Diagnostic::error(

@@ -480,7 +480,7 @@ impl KubeProvider {
             };
             let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
             let namespace = obj.pointer("/metadata/namespace").and_then(Value::as_str).map(str::to_owned);
-            let address = Address::new(tenant, ResourceKind::Kubernetes(kind.kind.clone()), Some(name));
+            let address = Address::new(tenant, ResourceKind::kubernetes(&kind.kind), Some(name));
             if let Some(other) = out.get(&address) {
                 return Err(ProviderError::Other(format!(
                     "{address}: two live {} objects named {name} carry tenant {tenant} (namespaces {} and {}); delete the one the repository does not declare",

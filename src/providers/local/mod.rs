@@ -1355,7 +1355,7 @@ mod tests {
     fn addresses_that_cannot_be_stored_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path(), ProviderId::Kubernetes);
-        let pod = |t: &str, kind: &str, n: &str| Address::new(t, ResourceKind::Kubernetes(kind.into()), Some(n));
+        let pod = |t: &str, kind: &str, n: &str| Address::new(t, ResourceKind::kubernetes(kind), Some(n));
         for a in [
             pod("..", "Pod", "p"),
             pod("a/b", "Pod", "p"),
