@@ -437,8 +437,8 @@ impl Workspace {
         }
         // The cached folders' tenants, moved out of the cache (saved above if it changed), each
         // folder's on its own (in parallel), then inserted in order.
-        let cached: Vec<(String, crate::cache::UnitEntry)> =
-            loaded.skipped_units.iter().filter_map(|u| cache.units.remove_entry(u)).collect();
+        let mut cached: Vec<(String, crate::cache::UnitEntry)> = Vec::with_capacity(loaded.skipped_units.len());
+        cached.extend(loaded.skipped_units.iter().filter_map(|u| cache.units.remove_entry(u)));
         let mut cached: Vec<(String, DesiredTenant)> = cached
             .into_par_iter()
             .flat_map_iter(|(u, e)| {
