@@ -191,7 +191,8 @@ impl Daemon {
 
     /// A metric's value (the sample line starting with `series`).
     pub fn metric(&self, series: &str) -> f64 {
-        let (_, text) = self.get("/metrics");
+        let (code, text) = self.get("/metrics");
+        assert_eq!(code, 200, "GET /metrics: {text}\n{}", self.log());
         text.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
             .and_then(|v| v.trim().parse().ok())
