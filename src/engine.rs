@@ -61,9 +61,6 @@ pub struct Live {
 }
 
 impl Live {
-    pub fn iter(&self) -> impl Iterator<Item = &LiveResource> {
-        self.resources.iter().flatten()
-    }
     pub fn len(&self) -> usize {
         self.resources.iter().map(Vec::len).sum()
     }
