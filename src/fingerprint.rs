@@ -58,10 +58,6 @@ impl Fingerprint {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.text() == Some("")
-    }
-
     /// Calls `f` with the text, written on the stack for a `sha256:` fingerprint.
     pub fn with_str<R>(&self, f: impl FnOnce(&str) -> R) -> R {
         match &self.0 {
