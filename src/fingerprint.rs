@@ -120,13 +120,6 @@ impl From<&String> for Fingerprint {
     }
 }
 
-impl std::str::FromStr for Fingerprint {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Fingerprint::from(s))
-    }
-}
-
 impl PartialEq<str> for Fingerprint {
     fn eq(&self, other: &str) -> bool {
         match &self.0 {
@@ -139,24 +132,6 @@ impl PartialEq<str> for Fingerprint {
 impl PartialEq<&str> for Fingerprint {
     fn eq(&self, other: &&str) -> bool {
         *self == **other
-    }
-}
-
-impl PartialEq<String> for Fingerprint {
-    fn eq(&self, other: &String) -> bool {
-        *self == *other.as_str()
-    }
-}
-
-impl PartialEq<Fingerprint> for String {
-    fn eq(&self, other: &Fingerprint) -> bool {
-        *other == *self.as_str()
-    }
-}
-
-impl PartialEq<Fingerprint> for &str {
-    fn eq(&self, other: &Fingerprint) -> bool {
-        *other == **self
     }
 }
 

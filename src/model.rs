@@ -377,33 +377,9 @@ impl From<&str> for TenantId {
     }
 }
 
-impl From<&String> for TenantId {
-    fn from(s: &String) -> Self {
-        TenantId::from(s.as_str())
-    }
-}
-
-impl From<String> for TenantId {
-    fn from(s: String) -> Self {
-        TenantId::from(s.as_str())
-    }
-}
-
 impl std::ops::Deref for TenantId {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for TenantId {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl AsRef<str> for TenantId {
-    fn as_ref(&self) -> &str {
         &self.0
     }
 }
@@ -420,39 +396,15 @@ impl fmt::Debug for TenantId {
     }
 }
 
-impl PartialEq<str> for TenantId {
-    fn eq(&self, other: &str) -> bool {
-        *self.0 == *other
+impl Serialize for TenantId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 
 impl PartialEq<&str> for TenantId {
     fn eq(&self, other: &&str) -> bool {
         *self.0 == **other
-    }
-}
-
-impl PartialEq<String> for TenantId {
-    fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
-    }
-}
-
-impl PartialEq<TenantId> for String {
-    fn eq(&self, other: &TenantId) -> bool {
-        **self == *other.0
-    }
-}
-
-impl PartialEq<TenantId> for &str {
-    fn eq(&self, other: &TenantId) -> bool {
-        **self == *other.0
-    }
-}
-
-impl Serialize for TenantId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
     }
 }
 
