@@ -63,6 +63,32 @@ impl Expect {
             Some(f) => Expect::Fingerprint(f.clone()),
         }
     }
+
+    /// Whether live, holding `found` (its fingerprint, or nothing), is what was expected.
+    pub fn met(&self, found: Option<&crate::fingerprint::Fingerprint>) -> bool {
+        match self {
+            Expect::Any => true,
+            Expect::Absent => found.is_none(),
+            Expect::Fingerprint(f) => found == Some(f),
+        }
+    }
+
+    /// The error for a write refused because live holds `found`, not what was expected.
+    pub fn conflict(&self, address: &Address, found: Option<&crate::fingerprint::Fingerprint>) -> ProviderError {
+        ProviderError::Conflict {
+            address: address.to_string(),
+            expected: match self {
+                Expect::Fingerprint(f) => f.to_string(),
+                _ => "nothing".into(),
+            },
+            found: found.map_or_else(|| "nothing".into(), ToString::to_string),
+        }
+    }
+
+    /// `Ok` when live holds what was expected, else the conflict.
+    pub fn check(&self, address: &Address, found: Option<&crate::fingerprint::Fingerprint>) -> Result<()> {
+        if self.met(found) { Ok(()) } else { Err(self.conflict(address, found)) }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

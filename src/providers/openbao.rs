@@ -521,26 +521,6 @@ impl OpenBao {
         }
     }
 
-    fn check(&self, a: &Address, expect: &Expect, found: Option<&LiveResource>) -> Result<()> {
-        let fp = found.map(|l| &l.fingerprint);
-        let ok = match expect {
-            Expect::Any => true,
-            Expect::Absent => fp.is_none(),
-            Expect::Fingerprint(f) => fp == Some(f),
-        };
-        if ok {
-            return Ok(());
-        }
-        Err(ProviderError::Conflict {
-            address: a.to_string(),
-            expected: match expect {
-                Expect::Fingerprint(f) => f.to_string(),
-                _ => "nothing".into(),
-            },
-            found: fp.map_or_else(|| "nothing".into(), ToString::to_string),
-        })
-    }
-
     /// Writes `value` as a new version of the secret at `path`, with check-and-set.
     async fn write_secret(
         &self,
@@ -754,7 +734,7 @@ impl Provider for OpenBao {
                     let now = ops::read_policy(t, &name).await.map_err(|f| to_provider(f, &s))?;
                     let version = now.as_ref().map(|p| p.version);
                     let live = now.map(|p| policy_live(a.clone(), p.policy));
-                    self.check(a, expect, live.as_ref())?;
+                    expect.check(a, live.as_ref().map(|l| &l.fingerprint))?;
                     let cas = match (expect, version) {
                         (Expect::Any, _) => None,
                         (_, None) => Some(0),
@@ -783,7 +763,7 @@ impl Provider for OpenBao {
     fn delete(&self, a: &Address, expect: &Expect, destroy: bool) -> Result<()> {
         self.block(async {
             let now = self.live_of(a.clone()).await?;
-            self.check(a, expect, now.as_ref())?;
+            expect.check(a, now.as_ref().map(|l| &l.fingerprint))?;
             let Some(now) = now else { return Ok(()) };
             let t = &self.t;
             let mount = self.cfg.mount.as_str();

@@ -12,7 +12,7 @@
 //! `TenantScope::All` means the tenants of the engine's session (the repository's and the
 //! state's).
 
-use super::{Client, Cond, HttpSettings, Reply, conflict, each, expectation_met, path_segment};
+use super::{Client, Cond, HttpSettings, Reply, each, path_segment};
 use crate::fingerprint::{self, Fingerprint};
 use crate::load::settings::ProviderSettings;
 use crate::load::yaml;
@@ -131,9 +131,7 @@ impl Api {
         }
         let current = self.read(&a.tenant).await?;
         let found = current.as_ref().map(|(l, _)| &l.fingerprint);
-        if !expectation_met(expect, found) {
-            return Err(conflict(a, expect, found));
-        }
+        expect.check(a, found)?;
         Ok(match current {
             Some((l, etag)) => (Cond::IfMatch(etag), text_of(&l)),
             None => (Cond::None, None),
@@ -169,7 +167,7 @@ impl Api {
             let found = now.as_ref().map(|(l, _)| l.fingerprint.clone());
             return match now {
                 Some((l, _)) if l.fingerprint == fingerprint::of(&r.content) => Ok(l),
-                _ => Err(conflict(a, expect, found.as_ref())),
+                _ => Err(expect.conflict(a, found.as_ref())),
             };
         }
         reply.data(self.label())?;
@@ -203,9 +201,7 @@ impl Api {
     async fn delete(&self, a: &Address, expect: &Expect) -> Result<()> {
         let current = self.read(&a.tenant).await?;
         let found = current.as_ref().map(|(l, _)| l.fingerprint.clone());
-        if !expectation_met(expect, found.as_ref()) {
-            return Err(conflict(a, expect, found.as_ref()));
-        }
+        expect.check(a, found.as_ref())?;
         let Some((_, etag)) = current else { return Ok(()) };
         let reply = self.call(&a.tenant, Method::DELETE, "/config", None, Cond::IfMatch(etag)).await?;
         match reply.status {
@@ -223,7 +219,7 @@ impl Api {
                 self.remember(&a.tenant, None);
                 Ok(())
             }
-            412 => Err(conflict(a, expect, None)),
+            412 => Err(expect.conflict(a, None)),
             _ => {
                 reply.data(self.label())?;
                 self.remember(&a.tenant, None);

@@ -13,7 +13,7 @@
 //! without `tenant_id`/`etag`; licenses with our field names), so that a record written and
 //! read back fingerprints exactly as rendered: a re-plan after apply is empty.
 
-use super::{Client, Cond, HttpSettings, Reply, conflict, each, expectation_met, path_segment};
+use super::{Client, Cond, HttpSettings, Reply, each, path_segment};
 use crate::fingerprint::{self, Fingerprint};
 use crate::load::settings::ProviderSettings;
 use crate::model::{Address, Content, ProviderId, Resource, ResourceKind, Strategy};
@@ -166,9 +166,7 @@ impl Api {
         }
         let current = self.read_record(&a.tenant).await?;
         let found = current.as_ref().map(|(l, _)| &l.fingerprint);
-        if !expectation_met(expect, found) {
-            return Err(conflict(a, expect, found));
-        }
+        expect.check(a, found)?;
         Ok(match current {
             Some((_, etag)) => Cond::IfMatch(etag),
             None => Cond::None,
@@ -182,7 +180,7 @@ impl Api {
         let found = now.as_ref().map(|(l, _)| l.fingerprint.clone());
         match now {
             Some((l, _)) if l.fingerprint == fingerprint::of(&r.content) => Ok(l),
-            _ => Err(conflict(&r.address, expect, found.as_ref())),
+            _ => Err(expect.conflict(&r.address, found.as_ref())),
         }
     }
 
@@ -228,9 +226,7 @@ impl Api {
     async fn delete_record(&self, a: &Address, expect: &Expect) -> Result<()> {
         let current = self.read_record(&a.tenant).await?;
         let found = current.as_ref().map(|(l, _)| l.fingerprint.clone());
-        if !expectation_met(expect, found.as_ref()) {
-            return Err(conflict(a, expect, found.as_ref()));
-        }
+        expect.check(a, found.as_ref())?;
         let Some((_, etag)) = current else { return Ok(()) };
         let url = self.url(&a.tenant, "/config")?;
         let reply = self.call(Method::DELETE, &url, None, Cond::IfMatch(etag)).await?;
@@ -238,7 +234,7 @@ impl Api {
             let now = self.read_record(&a.tenant).await?;
             return match now {
                 None => Ok(()),
-                Some((l, _)) => Err(conflict(a, expect, Some(&l.fingerprint))),
+                Some((l, _)) => Err(expect.conflict(a, Some(&l.fingerprint))),
             };
         }
         if !reply.is(404) {
@@ -255,9 +251,7 @@ impl Api {
         let mut entries = self.read_license_entries(&a.tenant).await?;
         let pos = entries.iter().position(|e| e.get("plugin_id").and_then(Value::as_str) == Some(plugin));
         let found = pos.and_then(|i| license_from_platform(&entries[i])).map(|c| fingerprint::of(&Content::Json(c)));
-        if !expectation_met(expect, found.as_ref()) {
-            return Err(conflict(a, expect, found.as_ref()));
-        }
+        expect.check(a, found.as_ref())?;
         let auto_activate = match new {
             Some(content) => {
                 let entry = license_to_platform(content);

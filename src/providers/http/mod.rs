@@ -21,10 +21,8 @@ pub mod isp;
 pub mod management;
 
 use super::secret_value::SecretValue;
-use super::{Expect, ProviderError, Result};
-use crate::fingerprint::Fingerprint;
+use super::{ProviderError, Result};
 use crate::load::settings::{ProviderSettings, parse_duration};
-use crate::model::Address;
 use breaker::Breaker;
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -430,27 +428,6 @@ impl Client {
     /// Runs `fut` on the shared runtime from a synchronous provider method.
     pub fn block_on<F: std::future::Future>(fut: F) -> F::Output {
         runtime().block_on(fut)
-    }
-}
-
-/// Whether what is live (`found`, a fingerprint) is what the caller expects.
-pub fn expectation_met(expect: &Expect, found: Option<&Fingerprint>) -> bool {
-    match expect {
-        Expect::Any => true,
-        Expect::Absent => found.is_none(),
-        Expect::Fingerprint(f) => found == Some(f),
-    }
-}
-
-/// The error for a write refused because the live resource moved.
-pub fn conflict(address: &Address, expect: &Expect, found: Option<&Fingerprint>) -> ProviderError {
-    ProviderError::Conflict {
-        address: address.to_string(),
-        expected: match expect {
-            Expect::Fingerprint(f) => f.to_string(),
-            _ => "nothing".into(),
-        },
-        found: found.map_or_else(|| "nothing".into(), ToString::to_string),
     }
 }
 

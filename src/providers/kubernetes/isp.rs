@@ -16,7 +16,7 @@
 //! the tenant's Namespace manifest.
 
 use super::kinds::Kind;
-use super::{Cluster, RESOURCE_LABEL, check_expect, label, resource_version, selector, terminating};
+use super::{Cluster, RESOURCE_LABEL, label, resource_version, selector, terminating};
 use crate::fingerprint;
 use crate::load::settings::ProviderSettings;
 use crate::model::{Address, Content, ProviderId, Resource, ResourceKind};
@@ -138,7 +138,7 @@ impl Provider for KubeIspProvider {
         self.cluster.block_on(async {
             let current = self.current(tenant, &addr).await?;
             let before = current.as_ref().map(|c| Self::live(tenant, c).fingerprint);
-            check_expect(a, expect, before.as_ref())?;
+            expect.check(a, before.as_ref())?;
             let mut body = json!({
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
@@ -170,7 +170,7 @@ impl Provider for KubeIspProvider {
         let addr = a.to_string();
         self.cluster.block_on(async {
             let Some(cur) = self.current(tenant, &addr).await? else { return Ok(()) };
-            check_expect(a, expect, Some(&Self::live(tenant, &cur).fingerprint))?;
+            expect.check(a, Some(&Self::live(tenant, &cur).fingerprint))?;
             let ns = namespace(tenant);
             self.cluster.delete(&self.configmaps, Some(&ns), CONFIGMAP, resource_version(&cur), &addr).await
         })

@@ -32,7 +32,7 @@ pub mod rollout;
 
 use super::secret_value::SecretValue;
 use super::{Expect, LiveResource, Provider, ProviderError, Result, TenantScope};
-use crate::fingerprint::{self, Fingerprint};
+use crate::fingerprint;
 use crate::load::settings::{ProviderSettings, parse_duration};
 use crate::model::{Address, Content, ProviderId, Resource, ResourceKind};
 use crate::render::{MANAGED_BY, TENANT_LABEL};
@@ -313,26 +313,6 @@ pub fn label<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
 
 pub fn resource_version(obj: &Value) -> Option<&str> {
     obj.pointer("/metadata/resourceVersion").and_then(Value::as_str)
-}
-
-/// Refuses a write whose expectation does not hold.
-pub fn check_expect(address: &Address, expect: &Expect, found: Option<&Fingerprint>) -> Result<()> {
-    let ok = match expect {
-        Expect::Any => true,
-        Expect::Absent => found.is_none(),
-        Expect::Fingerprint(f) => found == Some(f),
-    };
-    if ok {
-        return Ok(());
-    }
-    Err(ProviderError::Conflict {
-        address: address.to_string(),
-        expected: match expect {
-            Expect::Fingerprint(f) => f.to_string(),
-            _ => "nothing".into(),
-        },
-        found: found.map_or_else(|| "nothing".into(), ToString::to_string),
-    })
 }
 
 /// The selector of what the engine manages, optionally for some tenants only.
@@ -675,7 +655,7 @@ impl Provider for KubeProvider {
             }
             let before = current.as_ref().and_then(|c| project::project(c, &self.cluster.manager, &kind.api_version, &kind.kind));
             let before_fp = before.as_ref().map(|b| fingerprint::of(&Content::Json(b.clone())));
-            check_expect(a, expect, before_fp.as_ref())?;
+            expect.check(a, before_fp.as_ref())?;
             let mut body = Value::Object(obj.clone());
             if let Some(rv) = current.as_ref().and_then(resource_version) {
                 body["metadata"]["resourceVersion"] = Value::String(rv.to_owned());
@@ -721,7 +701,7 @@ impl Provider for KubeProvider {
             let mut found = self.list_kind(&kind, Some(&tenants)).await?;
             let Some(f) = found.remove(a) else { return Ok(()) };
             let fp = fingerprint::of(&Content::Json(f.projection));
-            check_expect(a, expect, Some(&fp))?;
+            expect.check(a, Some(&fp))?;
             let name = a.name.as_deref().unwrap_or_default();
             self.cluster.delete(&kind, f.namespace.as_deref(), name, f.resource_version.as_deref(), &addr).await
         })
@@ -746,13 +726,10 @@ mod tests {
     #[test]
     fn expectations() {
         let a = Address::parse("t/kubernetes.ConfigMap[c]").unwrap();
-        assert!(check_expect(&a, &Expect::Absent, None).is_ok());
-        assert!(matches!(
-            check_expect(&a, &Expect::Absent, Some(&"sha256:x".into())),
-            Err(ProviderError::Conflict { .. })
-        ));
-        assert!(check_expect(&a, &Expect::Fingerprint("f".into()), Some(&"f".into())).is_ok());
-        assert!(check_expect(&a, &Expect::Any, Some(&"f".into())).is_ok());
+        assert!(Expect::Absent.check(&a, None).is_ok());
+        assert!(matches!(Expect::Absent.check(&a, Some(&"sha256:x".into())), Err(ProviderError::Conflict { .. })));
+        assert!(Expect::Fingerprint("f".into()).check(&a, Some(&"f".into())).is_ok());
+        assert!(Expect::Any.check(&a, Some(&"f".into())).is_ok());
     }
 
     #[test]

@@ -531,23 +531,7 @@ impl LocalStore {
     }
 
     fn check(&self, s: &Shard, a: &Address, key: &str, expect: &Expect) -> Result<()> {
-        let found = s.entries.get(key).map(|e| &e.fingerprint);
-        let ok = match expect {
-            Expect::Any => true,
-            Expect::Absent => found.is_none(),
-            Expect::Fingerprint(f) => found == Some(f),
-        };
-        if !ok {
-            return Err(ProviderError::Conflict {
-                address: a.to_string(),
-                expected: match expect {
-                    Expect::Fingerprint(f) => f.to_string(),
-                    _ => "nothing".into(),
-                },
-                found: found.map_or_else(|| "nothing".into(), ToString::to_string),
-            });
-        }
-        Ok(())
+        expect.check(a, s.entries.get(key).map(|e| &e.fingerprint))
     }
 
     /// Readies a shard for a change: a clean image gets the file's bytes, split (a flush
