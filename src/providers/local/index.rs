@@ -74,25 +74,14 @@ struct Part {
     range: std::ops::Range<usize>,
 }
 
-/// One entry, borrowed from the index's bytes.
+/// One entry, its address borrowed from the index's bytes.
 pub struct EntryRef<'a> {
     pub address: &'a str,
     pub start: usize,
     pub end: usize,
     pub hash: &'a [u8; 32],
-    /// The fingerprint's SHA-256 (for `sha256:` fingerprints), else its text.
-    pub digest: Option<&'a [u8; 32]>,
-    pub text: &'a str,
+    pub fingerprint: Fingerprint,
     pub meta: Option<SecretMeta>,
-}
-
-impl EntryRef<'_> {
-    pub fn fingerprint(&self) -> Fingerprint {
-        match self.digest {
-            Some(d) => Fingerprint::sha256(*d),
-            None => Fingerprint::from(self.text),
-        }
-    }
 }
 
 impl Loaded {
@@ -130,7 +119,7 @@ impl Loaded {
                 start: e.start,
                 end: e.end,
                 hash: *e.hash,
-                fingerprint: e.fingerprint(),
+                fingerprint: e.fingerprint,
                 meta: e.meta,
             })
         });
@@ -288,10 +277,7 @@ fn entry<'a>(r: &mut Reader<'a>) -> Option<EntryRef<'a>> {
     let start = usize::try_from(r.u64()?).ok()?;
     let end = usize::try_from(r.u64()?).ok()?;
     let hash: &[u8; 32] = r.take(32)?.try_into().ok()?;
-    let (digest, text) = match r.u8()? {
-        1 => (Some(<&[u8; 32]>::try_from(r.take(32)?).ok()?), ""),
-        _ => (None, r.str()?),
-    };
+    let fingerprint = r.fingerprint()?;
     let meta = match r.u8()? {
         0 => None,
         _ => {
@@ -302,7 +288,7 @@ fn entry<'a>(r: &mut Reader<'a>) -> Option<EntryRef<'a>> {
             Some(SecretMeta { version, updated, created, deleted: flags & 1 != 0, placeholder: flags & 2 != 0 })
         }
     };
-    Some(EntryRef { address, start, end, hash, digest, text, meta })
+    Some(EntryRef { address, start, end, hash, fingerprint, meta })
 }
 
 #[cfg(test)]

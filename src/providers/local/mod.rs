@@ -306,7 +306,7 @@ impl LocalStore {
             }
             match Address::parse(e.address) {
                 Some(address) => out.push(LiveResource {
-                    fingerprint: e.fingerprint(),
+                    fingerprint: e.fingerprint,
                     address,
                     content: e.meta.map(|m| Box::new(Content::SecretMeta(m))),
                 }),
