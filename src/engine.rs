@@ -408,7 +408,7 @@ impl Workspace {
                                     content: e
                                         .content
                                         .as_ref()
-                                        .filter(|c| matches!(***c, Content::Secret(_)))
+                                        .filter(|c| matches!(c.as_ref(), Content::Secret(_)))
                                         .map(Arc::clone),
                                 })
                                 .collect(),
