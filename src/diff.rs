@@ -274,6 +274,23 @@ pub fn diff(
     (Some(c), None)
 }
 
+/// The rule of a development placeholder standing in for an external secret.
+pub const PLACEHOLDER_RULE: &str = "external-secret-placeholder";
+
+/// One external secret that a development placeholder stands in for. Every tenant has
+/// several and a plan of 100,000 tenants has half a million, so this is not the warning
+/// shown: the plan merges a tenant's into one warning, which names them and gives the
+/// advice. Its message is the secret's name.
+fn placeholder(tenant: &str, name: &str) -> Violation {
+    Violation {
+        tenant: tenant.to_owned(),
+        rule: PLACEHOLDER_RULE.to_owned(),
+        severity: Severity::Warning,
+        message: name.to_owned(),
+        address: None,
+    }
+}
+
 fn diff_secret(
     address: &Address,
     spec: &SecretSpec,
@@ -373,14 +390,7 @@ fn diff_secret(
                     Risk::High,
                     "external secret missing: a random development placeholder is written (dev_placeholders)".into(),
                 );
-                let v = violation(
-                    "external-secret-placeholder",
-                    Severity::Warning,
-                    format!(
-                        "tenant {tenant}: external secret `{name}` is missing; a development placeholder stands in for it. {hint}"
-                    ),
-                );
-                return (Some(c), Some(v));
+                return (Some(c), Some(placeholder(tenant, name)));
             }
             let what = if drift { "was deleted out of band" } else { "is missing" };
             (
@@ -394,15 +404,9 @@ fn diff_secret(
         }
         (SecretSource::External, true) => {
             if meta.as_ref().is_some_and(|m| m.placeholder) {
-                // The plan merges these into one warning per tenant, with its own advice.
-                let v = violation(
-                    "external-secret-placeholder",
-                    Severity::Warning,
-                    format!("tenant {tenant}: external secret `{name}` is still a development placeholder"),
-                );
                 let c = (drift || last_fp.is_none())
                     .then(|| make(Action::Noop, Risk::High, "placeholder present; recorded".into()));
-                return (c, Some(v));
+                return (c, Some(placeholder(tenant, name)));
             }
             let v = overdue.then(|| {
                 violation(

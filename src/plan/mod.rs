@@ -10,7 +10,7 @@ pub mod text;
 
 use crate::diff::{self, Action, Change, Risk, Severity, Violation};
 use crate::fingerprint::Fingerprint;
-use crate::model::{Address, Content, Coordination, DesiredEntry};
+use crate::model::{Address, Content, Coordination, DesiredEntry, TenantId};
 use crate::providers::{LiveResource, TenantScope};
 use crate::state::{JournalEntry, Record};
 use jiff::Timestamp;
@@ -109,14 +109,8 @@ pub struct Meta {
 pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
     let scope = inputs.scope;
     let wanted = |t: &str| scope.contains(t) && !inputs.unreadable.contains_key(t);
-    let mut live_by: FxHashMap<&str, Vec<&LiveResource>> = FxHashMap::default();
-    for l in inputs.live.iter().flatten().filter(|l| wanted(&l.address.tenant)) {
-        live_by.entry(l.address.tenant.as_str()).or_default().push(l);
-    }
-    let mut rec_by: FxHashMap<&str, Vec<&Record>> = FxHashMap::default();
-    for r in inputs.records.iter().filter(|r| wanted(&r.address.tenant)) {
-        rec_by.entry(r.address.tenant.as_str()).or_default().push(r);
-    }
+    let live_by = runs_by_tenant(inputs.live.iter().map(Vec::as_slice), |l| &l.address.tenant, wanted);
+    let rec_by = runs_by_tenant(std::iter::once(inputs.records), |r| &r.address.tenant, wanted);
     // A write that was in flight when an apply stopped: if live now holds what it intended,
     // it happened — treat it as recorded rather than as drift.
     let mut journal: FxHashMap<&str, Vec<&JournalEntry>> = FxHashMap::default();
@@ -132,8 +126,8 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
         .map(|t| {
             plan_tenant(
                 inputs.desired.entries_of(t).unwrap_or(&empty_d),
-                live_by.get(t).map(Vec::as_slice).unwrap_or(&[]),
-                rec_by.get(t).map(Vec::as_slice).unwrap_or(&[]),
+                live_by.get(t).map(Runs::items).unwrap_or_default(),
+                rec_by.get(t).map(Runs::items).unwrap_or_default(),
                 &journal,
                 inputs.now,
                 &inputs.options,
@@ -194,6 +188,52 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
     }
 }
 
+/// Where a tenant's items lie in a few long lists: its runs, stretches of consecutive items
+/// of that tenant. Stores list a tenant's resources together, so a tenant has about one run
+/// per list, and a million items are grouped with one map entry per run rather than per item.
+struct Runs<'a, T> {
+    first: &'a [T],
+    more: Vec<&'a [T]>,
+}
+
+impl<'a, T> Runs<'a, T> {
+    fn items(&self) -> Vec<&'a T> {
+        let mut v = Vec::with_capacity(self.first.len() + self.more.iter().map(|r| r.len()).sum::<usize>());
+        v.extend(self.first);
+        for r in &self.more {
+            v.extend(r.iter());
+        }
+        v
+    }
+}
+
+fn runs_by_tenant<'a, T>(
+    lists: impl Iterator<Item = &'a [T]>,
+    tenant: impl Fn(&T) -> &TenantId,
+    wanted: impl Fn(&str) -> bool,
+) -> FxHashMap<&'a str, Runs<'a, T>> {
+    let mut by: FxHashMap<&str, Runs<'a, T>> = FxHashMap::default();
+    for list in lists {
+        let mut rest = list;
+        while let Some(head) = rest.first() {
+            let t = tenant(head);
+            let len = rest.iter().position(|x| tenant(x) != t).unwrap_or(rest.len());
+            let (run, after) = rest.split_at(len);
+            rest = after;
+            if !wanted(t) {
+                continue;
+            }
+            match by.entry(t.as_str()) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().more.push(run),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(Runs { first: run, more: Vec::new() });
+                }
+            }
+        }
+    }
+    by
+}
+
 /// Order within a tenant: apply order (the tenant is the same for all).
 fn local_cmp(a: &Address, b: &Address) -> std::cmp::Ordering {
     // The same kind (most comparisons while a tenant's lists are walked): the names decide,
@@ -215,8 +255,8 @@ fn intends(j: &JournalEntry, live: Option<&Fingerprint>) -> bool {
 
 fn plan_tenant(
     desired: &[DesiredEntry],
-    live: &[&LiveResource],
-    records: &[&Record],
+    live: Vec<&LiveResource>,
+    records: Vec<&Record>,
     journal: &FxHashMap<&str, Vec<&JournalEntry>>,
     now: Timestamp,
     options: &diff::Options,
@@ -230,8 +270,8 @@ fn plan_tenant(
         items
     }
     let d = sorted(desired.iter().collect::<Vec<&DesiredEntry>>(), |x| &x.address);
-    let l = sorted(live.to_vec(), |x| &x.address);
-    let r = sorted(records.to_vec(), |x| &x.address);
+    let l = sorted(live, |x| &x.address);
+    let r = sorted(records, |x| &x.address);
     // Every address desired or recorded, in order: a merge of two sorted lists.
     let mut keys: Vec<&Address> = Vec::with_capacity(d.len().max(r.len()));
     let (mut i, mut j) = (0, 0);
@@ -377,16 +417,16 @@ fn forget(a: &Address) -> Change {
 /// One warning per tenant for its development placeholders, rather than one per secret (a
 /// tenant's violations at a time, while it is planned).
 fn merge_placeholder_warnings(violations: Vec<Violation>) -> Vec<Violation> {
-    const RULE: &str = "external-secret-placeholder";
+    const RULE: &str = diff::PLACEHOLDER_RULE;
     if !violations.iter().any(|v| v.rule == RULE) {
         return violations;
     }
     let (placeholders, mut rest): (Vec<Violation>, Vec<Violation>) =
         violations.into_iter().partition(|v| v.rule == RULE);
+    // Each placeholder's message is the secret's name.
     let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for v in placeholders {
-        let name = v.address.as_deref().and_then(Address::parse).and_then(|a| a.name).unwrap_or_default();
-        by_tenant.entry(v.tenant).or_default().push(name);
+        by_tenant.entry(v.tenant).or_default().push(v.message);
     }
     for (tenant, names) in by_tenant {
         rest.push(Violation {
@@ -635,4 +675,29 @@ fn change_keys(p: &Plan) -> BTreeMap<String, ChangeKey<'_>> {
 
 pub fn short(rev: &str) -> &str {
     &rev[..rev.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(a: &str) -> Record {
+        Record { address: Address::parse(a).unwrap(), fingerprint: "v1".into(), serial: 1 }
+    }
+
+    #[test]
+    fn a_tenant_split_over_lists_and_runs_keeps_every_item() {
+        // t1 in two runs of the first list and in the second; t3 not wanted.
+        let a = vec![rec("t1/isp.config"), rec("t2/isp.config"), rec("t1/management.tenant"), rec("t3/isp.config")];
+        let b = vec![rec("t2/openbao.secret[x]"), rec("t1/openbao.secret[x]"), rec("t1/openbao.secret[y]")];
+        let by = runs_by_tenant([a.as_slice(), b.as_slice()].into_iter(), |r| &r.address.tenant, |t| t != "t3");
+        let names = |t: &str| -> Vec<String> { by[t].items().iter().map(|r| r.address.to_string()).collect() };
+        assert_eq!(
+            names("t1"),
+            ["t1/isp.config", "t1/management.tenant", "t1/openbao.secret[x]", "t1/openbao.secret[y]"]
+        );
+        assert_eq!(names("t2"), ["t2/isp.config", "t2/openbao.secret[x]"]);
+        assert!(!by.contains_key("t3"));
+        assert_eq!(by.len(), 2);
+    }
 }
