@@ -75,8 +75,24 @@ struct Builder {
 }
 
 /// Parses every document of `text`. Empty documents (`---` alone, or only comments) are skipped.
+/// Most texts are read by the fast path for the plain block style (`yaml_block.rs`); the
+/// rest, and every error, by the full parser.
 pub fn parse_documents(text: &str) -> Result<Vec<YamlDoc>, YamlError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if let Some(docs) = super::yaml_block::parse(text) {
+        #[cfg(debug_assertions)]
+        {
+            let full = parse_full(text).map(|d| d.into_iter().map(|d| (d.value, d.line)).collect::<Vec<_>>());
+            let fast: Vec<(Value, usize)> = docs.iter().map(|d| (d.value.clone(), d.line)).collect();
+            assert_eq!(Ok(fast), full, "the YAML fast path and the full parser disagree on:\n{text}");
+        }
+        return Ok(docs);
+    }
+    parse_full(text)
+}
+
+/// The full parser: every document of `text` (without a byte-order mark).
+pub(crate) fn parse_full(text: &str) -> Result<Vec<YamlDoc>, YamlError> {
     let mut b = Builder { stack: Vec::new(), anchors: HashMap::new(), alias_nodes: 0, docs: Vec::new(), doc_line: 1 };
     let mut doc_root: Option<Value> = None;
     for ev in Parser::new_from_str_with_options(text, parser_options()) {
