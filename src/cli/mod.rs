@@ -328,7 +328,11 @@ pub fn main() -> ExitCode {
     // One TLS crypto provider for the process (ring); an error means one is installed already.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    init_logging(&cli.global, matches!(cli.command, Command::Daemon(_)));
+    let daemon = matches!(cli.command, Command::Daemon(_));
+    if !daemon {
+        crate::render::budget::keep_freed_memory();
+    }
+    init_logging(&cli.global, daemon);
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -15,6 +15,35 @@ use std::alloc::{GlobalAlloc, Layout};
 static INNER: MiMalloc = MiMalloc;
 use std::cell::Cell;
 
+// mimalloc's option API (built into the library the `mimalloc` crate links; the crate
+// exposes no binding for it).
+unsafe extern "C" {
+    #[cfg(test)]
+    fn mi_option_get(option: std::ffi::c_int) -> std::ffi::c_long;
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// `mi_option_purge_delay` in mimalloc 3's `mimalloc.h`: how long freed memory stays with the
+/// process before it is returned to the system, in ms (-1: never; 1000 by default).
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+/// Keeps the memory the process frees for its own reuse instead of returning it to the
+/// system after a second. For a command that runs for seconds and exits: memory given back
+/// and taken again comes back zeroed by the kernel, 2 MiB at a time, at about a second per
+/// GB on the machines measured (a cold apply of 10,000 tenants took 500 such pages instead
+/// of 410). The daemon keeps the default and gives memory back between reconciles.
+pub fn keep_freed_memory() {
+    // SAFETY: setting a mimalloc option, which takes effect on the next purge decision.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
+/// mimalloc's current purge delay (ms), to check which option the number names.
+#[cfg(test)]
+fn purge_delay() -> std::ffi::c_long {
+    // SAFETY: reading a mimalloc option.
+    unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) }
+}
+
 pub struct CountingAllocator;
 
 const NO_LIMIT: isize = isize::MAX;
@@ -114,5 +143,15 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         let _ = USED.try_with(|u| u.set((0, NO_LIMIT)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_purge_delay_option_is_the_one_named() {
+        // mimalloc 3's default purge delay; another option at this number would read
+        // otherwise (the test process never calls keep_freed_memory).
+        assert_eq!(super::purge_delay(), 1000);
     }
 }

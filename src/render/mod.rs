@@ -7,7 +7,7 @@
 //! a recursion limit, an output limit and a memory budget. Values print the way Jinja2 prints
 //! them. Nothing here reads the clock, the environment or the network.
 
-mod budget;
+pub(crate) mod budget;
 pub mod format;
 
 pub use budget::CountingAllocator;
