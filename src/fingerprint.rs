@@ -182,38 +182,43 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// JSON with object keys sorted, no insignificant whitespace.
 pub fn canonical_json(v: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::new();
     write_canonical(v, &mut out);
-    out
+    // serde_json writes UTF-8 only.
+    String::from_utf8(out).unwrap_or_default()
 }
 
-fn write_canonical(v: &Value, out: &mut String) {
+/// Writes `v` as canonical JSON. Each object's entries are sorted once, as pairs, and keys
+/// and scalars are written straight into `out` (no text of their own).
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&serde_json::to_string(k).unwrap_or_default());
-                out.push(':');
-                write_canonical(&m[k], out);
+                let _ = serde_json::to_writer(&mut *out, k);
+                out.push(b':');
+                write_canonical(v, out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
     }
 }
 
@@ -245,7 +250,11 @@ pub fn secret_spec(s: &SecretSpec) -> Fingerprint {
 pub fn of(content: &Content) -> Fingerprint {
     match content {
         Content::Text(t) => Fingerprint::of_bytes(t.as_bytes()),
-        Content::Json(v) => Fingerprint::of_bytes(canonical_json(v).as_bytes()),
+        Content::Json(v) => {
+            let mut out = Vec::with_capacity(1024);
+            write_canonical(v, &mut out);
+            Fingerprint::of_bytes(&out)
+        }
         Content::Secret(s) => secret_spec(s),
         Content::SecretMeta(m) => secret_meta(m),
     }

@@ -2,7 +2,7 @@
 //! the local live store). Block style, keys in their order, strings quoted only when a YAML
 //! 1.2 reader would otherwise see something else; what it writes reads back identical.
 
-use crate::load::yaml::resolve_plain;
+use crate::load::yaml::reads_as_text;
 use serde_json::Value;
 
 pub fn to_yaml(v: &Value) -> String {
@@ -11,7 +11,7 @@ pub fn to_yaml(v: &Value) -> String {
         Value::Object(m) if !m.is_empty() => write_map(m, 0, &mut out),
         Value::Array(a) if !a.is_empty() => write_seq(a, 0, &mut out),
         other => {
-            out.push_str(&scalar(other));
+            scalar(other, &mut out);
             out.push('\n');
         }
     }
@@ -19,15 +19,13 @@ pub fn to_yaml(v: &Value) -> String {
 }
 
 fn indent(n: usize, out: &mut String) {
-    for _ in 0..n {
-        out.push(' ');
-    }
+    out.extend(std::iter::repeat_n(' ', n));
 }
 
 fn write_map(m: &serde_json::Map<String, Value>, level: usize, out: &mut String) {
     for (k, v) in m {
         indent(level, out);
-        out.push_str(&string(k));
+        string(k, out);
         out.push(':');
         write_child(v, level, out);
     }
@@ -40,10 +38,10 @@ fn write_seq(a: &[Value], level: usize, out: &mut String) {
         match v {
             Value::Object(m) if !m.is_empty() => {
                 // First key on the dash line, the rest aligned under it.
-                let mut inner = String::new();
-                write_map(m, level + 2, &mut inner);
                 out.push(' ');
-                out.push_str(&inner[level + 2..]);
+                let first = out.len();
+                write_map(m, level + 2, out);
+                out.replace_range(first..first + level + 2, "");
             }
             _ => write_child(v, level, out),
         }
@@ -62,24 +60,28 @@ fn write_child(v: &Value, level: usize, out: &mut String) {
         }
         other => {
             out.push(' ');
-            out.push_str(&scalar(other));
+            scalar(other, out);
             out.push('\n');
         }
     }
 }
 
-fn scalar(v: &Value) -> String {
+fn scalar(v: &Value, out: &mut String) {
+    use std::fmt::Write;
     match v {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => string(s),
-        Value::Array(_) => "[]".into(),
-        Value::Object(_) => "{}".into(),
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Value::String(s) => string(s, out),
+        Value::Array(_) => out.push_str("[]"),
+        Value::Object(_) => out.push_str("{}"),
     }
 }
 
-fn string(s: &str) -> String {
+/// A string plain where a YAML 1.2 reader reads it back as the same string, else quoted.
+fn string(s: &str, out: &mut String) {
     let plain_ok = !s.is_empty()
         && s.trim() == s
         && !s.contains(['\n', '\r', '\t', '#', '"', '\''])
@@ -88,8 +90,12 @@ fn string(s: &str) -> String {
         && !s.starts_with(['-', '?', ':', ',', '[', ']', '{', '}', '&', '*', '!', '|', '>', '%', '@', '`'])
         && !s.contains(['{', '}', '[', ']', ','])
         && s.chars().all(|c| !c.is_control())
-        && matches!(resolve_plain(s), Ok(Value::String(ref t)) if t == s);
-    if plain_ok { s.to_owned() } else { serde_json::to_string(s).unwrap_or_default() }
+        && reads_as_text(s);
+    if plain_ok {
+        out.push_str(s);
+    } else {
+        out.push_str(&serde_json::to_string(s).unwrap_or_default());
+    }
 }
 
 #[cfg(test)]

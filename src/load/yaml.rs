@@ -339,6 +339,11 @@ pub fn resolve_plain(text: &str) -> Result<Value, String> {
     Ok(Value::String(text.to_owned()))
 }
 
+/// `t`, written plain, reads back as the string `t` (what `resolve_plain` would make text).
+pub fn reads_as_text(t: &str) -> bool {
+    !parse_null(t) && parse_bool(t).is_none() && matches!(parse_int(t), Ok(None)) && parse_float(t).is_none()
+}
+
 fn parse_null(t: &str) -> bool {
     matches!(t, "" | "~" | "null" | "Null" | "NULL")
 }
