@@ -198,9 +198,6 @@ pub struct Tenant {
     /// The Tenant document as written: what templates see as `tenant`.
     pub doc: Value,
     pub source: DocRef,
-    /// The PluginLicenses document, if any.
-    pub licenses_doc: Option<(DocRef, Value)>,
-    pub secrets_doc: Option<(DocRef, Value)>,
     /// Enabled features, sorted.
     pub features: Vec<String>,
     /// Licenses valid at the time of validation, as written, sorted by plugin.

@@ -664,8 +664,6 @@ impl TenantCtx<'_> {
             spec,
             doc: d.value.clone(),
             source: d.at.clone(),
-            licenses_doc: lic.map(|l| (l.at.clone(), l.value.clone())),
-            secrets_doc: sec.map(|s| (s.at.clone(), s.value.clone())),
             features,
             valid_licenses,
             secrets,
