@@ -30,9 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Schema migrations, applied in order, each recorded in `dotmac_schema_migrations`.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "the first schema",
-    r#"CREATE TABLE dotmac_state (
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "the first schema",
+        r#"CREATE TABLE dotmac_state (
         id boolean PRIMARY KEY DEFAULT true CHECK (id),
         lineage text NOT NULL,
         serial bigint NOT NULL);
@@ -71,7 +72,15 @@ const MIGRATIONS: &[(&str, &str)] = &[(
         holder text NOT NULL,
         backend_pid integer NOT NULL,
         since timestamptz NOT NULL DEFAULT now());"#,
-)];
+    ),
+    (
+        "one journal entry per address and plan",
+        // As in the embedded store: an apply recovering from a killed one journals its own
+        // writes beside the killed one's, rather than over them.
+        "ALTER TABLE dotmac_journal DROP CONSTRAINT dotmac_journal_pkey;
+         ALTER TABLE dotmac_journal ADD PRIMARY KEY (address, plan_id);",
+    ),
+];
 
 /// The transaction-level advisory lock that serialises migrations ("dmac" "migr").
 const MIGRATION_KEY: i64 = 0x646d_6163_6d69_6772;
@@ -517,7 +526,7 @@ fn journal_rows(c: &mut impl GenericClient, rows: &[&JournalEntry]) -> std::resu
     c.execute(
         "INSERT INTO dotmac_journal(address, plan_id, action, intended, started_at)
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-         ON CONFLICT (address) DO UPDATE SET plan_id = excluded.plan_id, action = excluded.action,
+         ON CONFLICT (address, plan_id) DO UPDATE SET action = excluded.action,
             intended = excluded.intended, started_at = excluded.started_at",
         &[&col(|j| &j.address), &col(|j| &j.plan_id), &col(|j| &j.action), &intended, &col(|j| &j.started_at)],
     )
@@ -769,6 +778,15 @@ impl StateStore for PgStore {
         for chunk in c.clear_journal.chunks(CHUNK) {
             tx.execute("DELETE FROM dotmac_journal WHERE address = ANY($1)", &[&chunk]).map_err(&e)?;
         }
+        for chunk in c.drop_journal.chunks(CHUNK) {
+            let addresses: Vec<&str> = chunk.iter().map(|(a, _)| a.as_str()).collect();
+            let plans: Vec<&str> = chunk.iter().map(|(_, p)| p.as_str()).collect();
+            tx.execute(
+                "DELETE FROM dotmac_journal WHERE (address, plan_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                &[&addresses, &plans],
+            )
+            .map_err(&e)?;
+        }
         tx.commit().map_err(&e)?;
         Ok(())
     }
@@ -777,14 +795,16 @@ impl StateStore for PgStore {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut last: HashMap<&str, usize> = HashMap::new();
+        // One statement may not touch a row twice: of entries for the same address and
+        // plan, the last one is written.
+        let mut last: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, j) in entries.iter().enumerate() {
-            last.insert(j.address.as_str(), i);
+            last.insert((j.address.as_str(), j.plan_id.as_str()), i);
         }
         let keep: Vec<&JournalEntry> = entries
             .iter()
             .enumerate()
-            .filter(|(i, j)| last.get(j.address.as_str()) == Some(i))
+            .filter(|(i, j)| last.get(&(j.address.as_str(), j.plan_id.as_str())) == Some(i))
             .map(|(_, j)| j)
             .collect();
         let mut c = self.conn()?;
@@ -805,7 +825,11 @@ impl StateStore for PgStore {
     fn journal(&self) -> Result<Vec<JournalEntry>> {
         let rows = self
             .conn()?
-            .query("SELECT address, plan_id, action, intended, started_at FROM dotmac_journal ORDER BY address", &[])
+            .query(
+                "SELECT address, plan_id, action, intended, started_at FROM dotmac_journal
+                 ORDER BY address, started_at, plan_id",
+                &[],
+            )
             .map_err(self.err("reading the journal"))?;
         Ok(rows
             .iter()

@@ -415,6 +415,60 @@ mod tests {
     }
 
     #[test]
+    fn the_journal_replaces_clears_and_drops_entries_one_by_one() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(d.path()).unwrap();
+        let e = |address: &str, plan: &str, intended: Option<&str>, at: &str| JournalEntry {
+            address: address.into(),
+            plan_id: plan.into(),
+            action: "create".into(),
+            intended: intended.map(str::to_owned),
+            started_at: at.into(),
+        };
+        let seen = |s: &SqliteStore| -> Vec<String> {
+            s.journal().unwrap().iter().map(|j| format!("{} {} {:?}", j.address, j.plan_id, j.intended)).collect()
+        };
+        s.journal_add(&[
+            e("t1/isp.config", "p1", Some("sha256:a"), "1"),
+            e("t1/management.tenant", "p1", None, "1"),
+            e("t2/isp.config", "p1", Some("x"), "1"),
+        ])
+        .unwrap();
+        // The same address and plan again replaces the entry; another plan adds one.
+        s.journal_add(&[
+            e("t1/isp.config", "p1", Some("sha256:b"), "2"),
+            e("t1/isp.config", "p2", Some("sha256:c"), "3"),
+        ])
+        .unwrap();
+        assert_eq!(
+            seen(&s),
+            [
+                "t1/isp.config p1 Some(\"sha256:b\")",
+                "t1/isp.config p2 Some(\"sha256:c\")",
+                "t1/management.tenant p1 None",
+                "t2/isp.config p1 Some(\"x\")",
+            ]
+        );
+        // Dropped: one plan's entry of an address. Cleared: every plan's of another.
+        s.commit(
+            0,
+            &Commit {
+                drop_journal: vec![("t1/isp.config".into(), "p2".into())],
+                clear_journal: vec!["t2/isp.config".into()],
+                ..Commit::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(seen(&s), ["t1/isp.config p1 Some(\"sha256:b\")", "t1/management.tenant p1 None"]);
+        s.commit(
+            0,
+            &Commit { clear_journal: vec!["t1/isp.config".into(), "t1/management.tenant".into()], ..Commit::default() },
+        )
+        .unwrap();
+        assert!(s.journal().unwrap().is_empty());
+    }
+
+    #[test]
     fn records_commit_and_survive_reopening() {
         let d = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(d.path()).unwrap();

@@ -118,6 +118,18 @@ fn exercise(s: &dyn StateStore) -> Vec<String> {
     )
     .unwrap();
     seen.push(format!("journal {:?}", s.journal().unwrap()));
+    // b journaled again by the same plan (replacing its entry) and by a second one; then the
+    // second plan's entry dropped.
+    let again = JournalEntry { started_at: "2026-01-01T00:00:01Z".into(), ..journal(&b, Some("sha256:2")) };
+    let other = JournalEntry {
+        plan_id: "plan-2".into(),
+        started_at: "2026-01-01T00:00:02Z".into(),
+        ..journal(&b, Some("sha256:9"))
+    };
+    s.journal_add(&[again, other]).unwrap();
+    seen.push(format!("journal {:?}", s.journal().unwrap()));
+    s.commit(serial, &Commit { drop_journal: vec![(b.to_string(), "plan-2".into())], ..Commit::default() }).unwrap();
+    seen.push(format!("journal {:?}", s.journal().unwrap()));
     let fingerprints = |scope: &TenantScope| {
         let mut v: Vec<String> = s
             .records(scope)
@@ -217,8 +229,9 @@ fn migrations_run_once_and_a_newer_schema_is_refused() {
             .collect()
     };
     let first = migrations(&mut c);
-    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first.len(), 2, "{first:?}");
     assert_eq!(first[0].1, "the first schema");
+    assert_eq!(first[1].1, "one journal entry per address and plan");
     // A re-open writes nothing: the migrations and the lineage stay as they were.
     // (A transaction that writes takes a transaction id; reads do not.)
     let xact = |c: &mut postgres::Client| -> i64 { c.query_one("SELECT txid_current()", &[]).unwrap().get(0) };
@@ -232,7 +245,7 @@ fn migrations_run_once_and_a_newer_schema_is_refused() {
     c.execute("INSERT INTO dotmac_schema_migrations(version, description) VALUES (99, 'from the future')", &[])
         .unwrap();
     let e = PgStore::open(&pg.url("")).err().expect("a newer schema is refused").to_string();
-    assert!(e.contains("newer dotmac-gitops (schema 99, this one knows 1)"), "{e}");
+    assert!(e.contains("newer dotmac-gitops (schema 99, this one knows 2)"), "{e}");
     assert!(!e.contains(&pg.password) && e.contains("dotmac_admin:***@127.0.0.1"), "{e}");
 }
 
