@@ -337,7 +337,7 @@ impl Workspace {
                 (raw, state_dir, cache)
             }
         };
-        let loaded = raw.parse(&|u, d| cache.hit(u, d, now_s).is_none());
+        let mut loaded = raw.parse(&|u, d| cache.hit(u, d, now_s).is_none());
         tracing::debug!(files = loaded.files.len(), cached = loaded.skipped_units.len(), unread = loaded.unread_units.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "read");
         let mut known: BTreeMap<String, String> = BTreeMap::new();
         for u in &loaded.skipped_units {
@@ -346,6 +346,9 @@ impl Workspace {
             }
         }
         let (desired, mut diagnostics) = validate::validate_with(&loaded, now, &known);
+        // The parsed documents are not read past validation (a tenant rendered again later is
+        // parsed again from its texts): freed now, their memory serves the rendering.
+        drop(std::mem::take(&mut loaded.docs));
         let renderer = Renderer::new(&desired);
         let (rendered, render_diags) = renderer.render_all(&desired, None);
         diagnostics.extend(render_diags);
