@@ -17,7 +17,7 @@ use crate::load::source::FileStat;
 use crate::model::{
     Address, Charset, Content, Coordination, DesiredEntry, SecretSource, SecretSpec, Strategy, TenantLabel,
 };
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,7 +54,7 @@ pub struct UnitEntry {
 pub struct RenderCache {
     path: PathBuf,
     shared: String,
-    pub units: HashMap<String, UnitEntry>,
+    pub units: FxHashMap<String, UnitEntry>,
     dirty: bool,
 }
 
@@ -68,7 +68,7 @@ impl RenderCache {
         let path = Self::file(state_dir);
         let units = match std::fs::File::open(&path) {
             Ok(f) => decode(f, shared).unwrap_or_default(),
-            Err(_) => HashMap::new(),
+            Err(_) => FxHashMap::default(),
         };
         RenderCache { path, shared: shared.to_owned(), units, dirty: false }
     }
@@ -130,7 +130,7 @@ impl RenderCache {
 
 /// Writes the cache unit after unit through one reused buffer (the whole file in memory
 /// would be 140 MB at 100,000 tenants, every page of it fresh).
-fn encode(w: &mut impl Write, units: &HashMap<String, UnitEntry>, shared: &str) -> std::io::Result<()> {
+fn encode(w: &mut impl Write, units: &FxHashMap<String, UnitEntry>, shared: &str) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(1 << 16);
     out.extend_from_slice(MAGIC);
     put_str(&mut out, shared);
@@ -209,7 +209,7 @@ fn charset_of(code: u8) -> Option<Charset> {
 
 /// Reads the cache in batches of units (a few MiB, decoded in parallel) through one reused
 /// buffer rather than reading the whole file into memory first.
-fn decode(f: impl std::io::Read, shared: &str) -> Option<HashMap<String, UnitEntry>> {
+fn decode(f: impl std::io::Read, shared: &str) -> Option<FxHashMap<String, UnitEntry>> {
     use rayon::prelude::*;
     use std::io::Read;
     // Small in unit tests, so that they cross batches.
@@ -232,7 +232,7 @@ fn decode(f: impl std::io::Read, shared: &str) -> Option<HashMap<String, UnitEnt
         return None;
     }
     let n = u32_at(&mut f)? as usize;
-    let mut units = HashMap::with_capacity(n.min(1 << 22));
+    let mut units = FxHashMap::with_capacity_and_hasher(n.min(1 << 22), Default::default());
     let mut ends: Vec<usize> = Vec::new();
     buf.clear();
     for i in 0..n {

@@ -7,7 +7,6 @@
 
 use rayon::prelude::*;
 use std::collections::BTreeSet;
-use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
 /// Files above this size are rejected before they are read.
@@ -625,7 +624,7 @@ pub struct WorktreeIndex {
     head: String,
     /// By path relative to the repository root: (mtime, mtime ns, size, inode, blob), as
     /// git keeps them (32-bit size and inode).
-    entries: HashMap<String, (i64, i64, u32, u32, git2::Oid)>,
+    entries: rustc_hash::FxHashMap<String, (i64, i64, u32, u32, git2::Oid)>,
     /// When the index file was written: an entry not older than it may hide a change made
     /// in the same clock tick (git's "racily clean" entries), so its content is compared.
     written_ns: i128,
