@@ -84,7 +84,12 @@ pub fn parse_documents(text: &str) -> Result<Vec<YamlDoc>, YamlError> {
         {
             let full = parse_full(text).map(|d| d.into_iter().map(|d| (d.value, d.line)).collect::<Vec<_>>());
             let fast: Vec<(Value, usize)> = docs.iter().map(|d| (d.value.clone(), d.line)).collect();
-            assert_eq!(Ok(fast), full, "the YAML fast path and the full parser disagree on:\n{text}");
+            // The text is not printed: it may be anything a repository or a template holds.
+            assert!(
+                Ok(&fast) == full.as_ref(),
+                "the YAML fast path and the full parser disagree on a text of {} bytes",
+                text.len()
+            );
         }
         return Ok(docs);
     }
