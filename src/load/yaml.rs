@@ -214,13 +214,7 @@ impl Builder {
             Some(Frame::Seq { items, .. }) => items.push(value),
             Some(Frame::Map { map, key, merged, .. }) => match key.take() {
                 None => {
-                    let k = match value {
-                        Value::String(s) => s,
-                        Value::Null => "null".to_owned(),
-                        Value::Bool(b) => b.to_string(),
-                        Value::Number(n) => n.to_string(),
-                        _ => return Err(err(span.start, "a mapping key must be a plain value")),
-                    };
+                    let k = key_text(value).ok_or_else(|| err(span.start, "a mapping key must be a plain value"))?;
                     *key = Some((k, span.start));
                 }
                 Some((k, at)) => {
@@ -241,6 +235,18 @@ impl Builder {
         }
         Ok(())
     }
+}
+
+/// A scalar as a mapping key: its text (`null`, `true`, `31` for `0x1F`); `None` for a
+/// collection.
+pub(super) fn key_text(value: Value) -> Option<String> {
+    Some(match value {
+        Value::String(s) => s,
+        Value::Null => "null".to_owned(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        _ => return None,
+    })
 }
 
 /// YAML merge keys (`<<: *defaults`): keys already present win.

@@ -9,7 +9,7 @@
 //! reads, it reads as the full parser does (the same values, the same document lines);
 //! debug builds check that on every call.
 
-use super::yaml::{MAX_DEPTH, YamlDoc, resolve_plain};
+use super::yaml::{MAX_DEPTH, YamlDoc, key_text, resolve_plain};
 use serde_json::{Map, Value};
 
 /// A line with content: its 1-based number, its indentation, and its text after the
@@ -139,7 +139,8 @@ impl<'a> Reader<'a> {
         let mut map = Map::new();
         while let Some(line) = self.peek().filter(|l| l.indent == indent) {
             let (key, rest) = key_split(line.text)?;
-            let key = key_text(key)?;
+            // As the full parser keys a mapping: the resolved scalar, as text.
+            let key = key_text(resolve_plain(key).ok()?)?;
             if key == "<<" || map.contains_key(&key) {
                 return None;
             }
@@ -170,17 +171,6 @@ fn key_split(text: &str) -> Option<(&str, &str)> {
         return None;
     }
     Some((key, rest))
-}
-
-/// A plain key as the full parser keys a mapping: the resolved scalar, as text.
-fn key_text(key: &str) -> Option<String> {
-    Some(match resolve_plain(key).ok()? {
-        Value::String(s) => s,
-        Value::Null => "null".to_owned(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        _ => return None,
-    })
 }
 
 /// Bytes that cannot start a plain scalar (or that this path leaves alone there).
