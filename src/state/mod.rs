@@ -37,6 +37,13 @@ pub struct Record {
     pub serial: u64,
 }
 
+impl Record {
+    /// A record from a row's columns; `None` for an address this engine cannot read.
+    pub fn from_row(address: &str, fingerprint: &str, serial: i64) -> Option<Record> {
+        Some(Record { address: Address::parse(address)?, fingerprint: fingerprint.into(), serial: serial as u64 })
+    }
+}
+
 /// One line of the audit log. Values in `before`/`after` are masked: secrets never appear.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {

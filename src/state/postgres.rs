@@ -642,13 +642,7 @@ impl StateStore for PgStore {
         let rows = c.query(sql, &params).map_err(&e)?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            if let Some(address) = Address::parse(row.get(0)) {
-                out.push(Record {
-                    address,
-                    fingerprint: row.get::<_, String>(1).into(),
-                    serial: row.get::<_, i64>(2) as u64,
-                });
-            }
+            out.extend(Record::from_row(row.get(0), row.get(1), row.get(2)));
         }
         Ok(out)
     }

@@ -157,13 +157,11 @@ impl SqliteStore {
             for mut batch in full_rx {
                 let mut start = 0;
                 for &(address_end, end, serial) in &batch.rows {
-                    if let Some(address) = Address::parse(&batch.text[start..address_end]) {
-                        out.push(Record {
-                            address,
-                            fingerprint: batch.text[address_end..end].into(),
-                            serial: serial as u64,
-                        });
-                    }
+                    out.extend(Record::from_row(
+                        &batch.text[start..address_end],
+                        &batch.text[address_end..end],
+                        serial,
+                    ));
                     start = end;
                 }
                 batch.text.clear();
@@ -203,13 +201,7 @@ impl StateStore for SqliteStore {
                 for t in tenants {
                     let mut rows = st.query(params![t])?;
                     while let Some(row) = rows.next()? {
-                        if let Some(address) = Address::parse(row.get_ref(0)?.as_str()?) {
-                            out.push(Record {
-                                address,
-                                fingerprint: row.get_ref(1)?.as_str()?.into(),
-                                serial: row.get::<_, i64>(2)? as u64,
-                            });
-                        }
+                        out.extend(Record::from_row(row.get_ref(0)?.as_str()?, row.get_ref(1)?.as_str()?, row.get(2)?));
                     }
                 }
                 Ok(out)
