@@ -334,6 +334,87 @@ mod tests {
     }
 
     #[test]
+    fn random_texts_are_read_as_the_full_parser_reads_them_or_left_to_it() {
+        // Lines put together from pieces YAML treats specially, at random indentations: what
+        // the fast path reads must be what the full parser reads (`both` asserts it).
+        const KEYS: &[&str] =
+            &["a", "b", "k8s", "1", "0x1F", "true", "null", "~", "a:b", "a b", "-x", "\"q\"", "<<", "a#b"];
+        const SEPS: &[&str] = &[": ", ":", " : ", ":  ", ": # c"];
+        const VALUES: &[&str] = &[
+            "",
+            "v",
+            "12",
+            "-3",
+            "1.5e3",
+            ".inf",
+            "yes",
+            "'s''q'",
+            "\"d\"",
+            "\"e\\n\"",
+            "[x, 'y', 2]",
+            "[]",
+            "[a,]",
+            "{}",
+            "{a: 1}",
+            "&x v",
+            "*x",
+            "|",
+            ">-",
+            "a: b",
+            "x # c",
+            "x#c",
+            "- y",
+            "\"un",
+            "'un",
+            "@x",
+            "%x",
+            "v:",
+            "http://h/p",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut read, mut total) = (0, 0);
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..1 + next(6) {
+                let indent = [0, 0, 2, 2, 4, 1, 3][next(7)];
+                text.push_str(&" ".repeat(indent));
+                match next(10) {
+                    0 => text.push_str(&format!("- {}", VALUES[next(VALUES.len())])),
+                    1 => text.push_str(&format!(
+                        "- {}{}{}",
+                        KEYS[next(KEYS.len())],
+                        SEPS[next(SEPS.len())],
+                        VALUES[next(VALUES.len())]
+                    )),
+                    2 => text.push_str(["---", "# comment", "", "-", "..."][next(5)]),
+                    _ => text.push_str(&format!(
+                        "{}{}{}",
+                        KEYS[next(KEYS.len())],
+                        SEPS[next(SEPS.len())],
+                        VALUES[next(VALUES.len())]
+                    )),
+                }
+                text.push('\n');
+            }
+            total += 1;
+            if parse(&text).is_some() {
+                let full = super::super::yaml::parse_full(&text);
+                assert!(full.is_ok(), "the fast path read what the full parser refuses:\n{text}");
+                both(&text);
+                read += 1;
+            }
+        }
+        // Enough of them are read for the comparison to mean something.
+        assert!(read > total / 20, "{read} of {total}");
+    }
+
+    #[test]
     fn leaves_everything_else_to_the_full_parser() {
         for t in [
             "a: &x 1\nb: *x\n",
