@@ -77,6 +77,11 @@ impl Fingerprint {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// A fingerprint as a message shows it, or `none` (`nothing`, `absent`) when there is none.
+pub fn shown(fp: Option<&Fingerprint>, none: &str) -> String {
+    fp.map_or_else(|| none.to_owned(), ToString::to_string)
+}
+
 /// `sha256:` and 64 lowercase hex digits, as bytes; anything else (upper case too) is kept as
 /// text, so that the text read back is always the text given.
 fn parse_sha(s: &str) -> Option<[u8; 32]> {
@@ -182,10 +187,15 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// JSON with object keys sorted, no insignificant whitespace.
 pub fn canonical_json(v: &Value) -> String {
-    let mut out = Vec::new();
-    write_canonical(v, &mut out);
     // serde_json writes UTF-8 only.
-    String::from_utf8(out).unwrap_or_default()
+    String::from_utf8(canonical_bytes(v)).unwrap_or_default()
+}
+
+/// The bytes of `canonical_json`, which are what a fingerprint hashes.
+fn canonical_bytes(v: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    write_canonical(v, &mut out);
+    out
 }
 
 /// Writes `v` as canonical JSON. Each object's entries are sorted once, as pairs, and keys
@@ -250,11 +260,7 @@ pub fn secret_spec(s: &SecretSpec) -> Fingerprint {
 pub fn of(content: &Content) -> Fingerprint {
     match content {
         Content::Text(t) => Fingerprint::of_bytes(t.as_bytes()),
-        Content::Json(v) => {
-            let mut out = Vec::with_capacity(1024);
-            write_canonical(v, &mut out);
-            Fingerprint::of_bytes(&out)
-        }
+        Content::Json(v) => Fingerprint::of_bytes(&canonical_bytes(v)),
         Content::Secret(s) => secret_spec(s),
         Content::SecretMeta(m) => secret_meta(m),
     }

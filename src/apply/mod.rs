@@ -10,7 +10,7 @@
 //! the end, and only then is the journal settled (see ARCHITECTURE.md, invariants).
 
 use crate::diff::{Action, Change, Risk, Severity};
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{Fingerprint, shown};
 use crate::model::{
     Address, Charset, Content, Coordination, ProviderId, Resource, ResourceKind, SecretSource, Strategy,
 };
@@ -701,11 +701,6 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<Fingerprint>, String> {
             provider.put(&r, None, &expect_after).map(|l| Some(l.fingerprint)).map_err(|e| e.to_string())
         }
     }
-}
-
-/// A fingerprint as a message shows it, or `none` when there is none.
-fn shown(fp: Option<&Fingerprint>, none: &str) -> String {
-    fp.map_or_else(|| none.to_owned(), ToString::to_string)
 }
 
 /// Reads back what was written and compares fingerprints, each provider on its own thread:

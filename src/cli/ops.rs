@@ -149,7 +149,7 @@ pub fn cmd_drift(g: &Global, tenants: &[String], format: Format, detailed: bool)
                     d.address,
                     d.kind,
                     d.last_applied,
-                    d.live.as_ref().map_or_else(|| "absent".to_owned(), ToString::to_string),
+                    crate::fingerprint::shown(d.live.as_ref(), "absent"),
                     d.impact,
                     d.recommendation
                 );

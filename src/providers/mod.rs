@@ -81,7 +81,7 @@ impl Expect {
                 Expect::Fingerprint(f) => f.to_string(),
                 _ => "nothing".into(),
             },
-            found: found.map_or_else(|| "nothing".into(), ToString::to_string),
+            found: crate::fingerprint::shown(found, "nothing"),
         }
     }
 
