@@ -332,6 +332,9 @@ pub fn main() -> ExitCode {
     if !daemon {
         crate::render::budget::keep_freed_memory();
     }
+    if matches!(cli.command, Command::Apply { .. }) {
+        crate::render::budget::small_pages_only();
+    }
     init_logging(&cli.global, daemon);
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),

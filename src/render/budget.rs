@@ -37,6 +37,23 @@ pub fn keep_freed_memory() {
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
+/// Has the process take its memory in 4 KiB pages instead of transparent huge pages
+/// (Linux; elsewhere a no-op). For `apply`, which builds 800 MB for 10,000 tenants in three
+/// seconds: on virtual machines that hand free memory back to the host (as the 2-core test
+/// machine does), a huge page comes from a block the host took back, and its first touch
+/// costs about 2.3 ms per 2 MiB against 0.36 ms for the same memory in small pages. Measured
+/// there on a cold apply started after the machine sat still: 3.6–4.0 s with huge pages,
+/// 3.0–3.1 s without. Right after another large process freed its memory huge pages are
+/// the faster (2.6–2.8 s); a plan, which often follows another, keeps them.
+pub fn small_pages_only() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only and changes this
+    // process's page policy for the faults to come.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 /// mimalloc's current purge delay (ms), to check which option the number names.
 #[cfg(test)]
 fn purge_delay() -> std::ffi::c_long {
@@ -153,5 +170,20 @@ mod tests {
         // mimalloc 3's default purge delay; another option at this number would read
         // otherwise (the test process never calls keep_freed_memory).
         assert_eq!(super::purge_delay(), 1000);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn small_pages_only_turns_transparent_huge_pages_off() {
+        // (for the whole test process, which is harmless)
+        let thp = || {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            status.lines().find_map(|l| l.strip_prefix("THP_enabled:")).map(|v| v.trim().to_owned())
+        };
+        super::small_pages_only();
+        // Kernels before 5.0 do not show the line.
+        if let Some(v) = thp() {
+            assert_eq!(v, "0");
+        }
     }
 }
