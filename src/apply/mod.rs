@@ -17,7 +17,7 @@ use crate::model::{
 use crate::plan::Plan;
 use crate::providers::secret_value::SecretValue;
 use crate::providers::{Expect, LiveResource, ProviderError, Providers, Session};
-use crate::state::{AuditEntry, Commit, JournalEntry, StateStore};
+use crate::state::{AuditEntry, Commit, JournalEntry, StateStore, Upsert};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use serde_json::{Value, json};
@@ -448,11 +448,7 @@ fn apply_tenant(
             }
             for c in refreshes {
                 match (&c.desired, &c.live_fingerprint) {
-                    (Some(d), Some(fp)) => commit.upserts.push((
-                        c.address.clone(),
-                        fp.clone(),
-                        Some(Arc::clone(d)).filter(|d| recorded(d)),
-                    )),
+                    (Some(d), Some(fp)) => commit.upserts.push(Upsert::new(c.address.clone(), fp.clone(), Some(d))),
                     _ => commit.forget.push(c.address.clone()),
                 }
             }
@@ -537,11 +533,6 @@ fn intended_fingerprint(c: &Change, destroy_secrets: bool) -> Option<Fingerprint
     }
 }
 
-/// Whether the state records a content (not a secret's: its version is the record).
-fn recorded(c: &Content) -> bool {
-    !matches!(c, Content::Secret(_) | Content::SecretMeta(_))
-}
-
 /// After a step was undone: live is what it was before the apply. If the plan took that for
 /// what was last applied (the record, or a write an interrupted apply completed), the record
 /// says so now, with the fingerprint live has again (a restored secret is a new version of
@@ -554,9 +545,7 @@ fn record_restored(commit: &mut Commit, d: &Done<'_>, restored: Option<Fingerpri
     let a = &d.change.address;
     match restored {
         Some(fp) => {
-            let content =
-                d.before.as_ref().and_then(|b| b.content.as_deref()).filter(|c| recorded(c)).cloned().map(Arc::new);
-            commit.upserts.push((a.clone(), fp, content));
+            commit.upserts.push(Upsert::new(a.clone(), fp, d.before.as_ref().and_then(|b| b.content.as_deref())));
         }
         None => commit.forget.push(a.clone()),
     }
@@ -566,10 +555,10 @@ fn record_restored(commit: &mut Commit, d: &Done<'_>, restored: Option<Fingerpri
 fn record_done(commit: &mut Commit, d: &Done<'_>) {
     match (&d.after, d.change.action) {
         (_, Action::Delete) => commit.forget.push(d.change.address.clone()),
-        (Some(after), _) => commit.upserts.push((
+        (Some(after), _) => commit.upserts.push(Upsert::new(
             d.change.address.clone(),
             after.fingerprint.clone(),
-            d.change.desired.clone().filter(|c| recorded(c)),
+            d.change.desired.as_deref(),
         )),
         (None, _) => {}
     }

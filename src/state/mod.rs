@@ -14,7 +14,6 @@ use crate::model::{Address, Content};
 use crate::providers::TenantScope;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 
 pub type Result<T> = anyhow::Result<T>;
 
@@ -83,7 +82,7 @@ pub struct JournalEntry {
 /// One transaction: records to upsert and forget, audit entries, journal entries to clear.
 #[derive(Debug, Default)]
 pub struct Commit {
-    pub upserts: Vec<(Address, crate::fingerprint::Fingerprint, Option<Arc<Content>>)>,
+    pub upserts: Vec<Upsert>,
     pub forget: Vec<Address>,
     pub audit: Vec<AuditEntry>,
     /// Addresses whose journal entries (of every plan) are settled: their records say what is live.
@@ -135,8 +134,24 @@ pub trait StateLock: Send {}
 
 impl StateLock for lock::LockGuard {}
 
+/// A record to write: the address, the fingerprint live has, and the content as the store
+/// keeps it (JSON text; none for secrets, whose versions are the record). The text is made
+/// where the record is, on the apply's worker threads, not by the one thread committing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upsert {
+    pub address: Address,
+    pub fingerprint: crate::fingerprint::Fingerprint,
+    pub content: Option<String>,
+}
+
+impl Upsert {
+    pub fn new(address: Address, fingerprint: crate::fingerprint::Fingerprint, content: Option<&Content>) -> Upsert {
+        Upsert { address, fingerprint, content: content.and_then(content_to_text) }
+    }
+}
+
 /// The content recorded for a resource: none for secrets (their versions are the record).
-pub(crate) fn content_to_text(c: &Content) -> Option<String> {
+fn content_to_text(c: &Content) -> Option<String> {
     match c {
         Content::Secret(_) | Content::SecretMeta(_) => None,
         other => serde_json::to_string(other).ok(),

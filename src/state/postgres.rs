@@ -17,7 +17,7 @@
 //! roots or the CA file named by `sslrootcert=PATH`. The password never appears in a message:
 //! every error and log line goes through [`PgUrl::mask`].
 
-use super::{AuditEntry, AuditQuery, Commit, JournalEntry, Record, Result, StateMeta, StateStore, content_to_text};
+use super::{AuditEntry, AuditQuery, Commit, JournalEntry, Record, Result, StateMeta, StateStore};
 use crate::load::settings::StateSettings;
 use crate::model::{Address, Content};
 use crate::providers::TenantScope;
@@ -704,7 +704,7 @@ impl StateStore for PgStore {
         let serial = serial as i64;
         // One row per address, the last upsert winning (as one statement cannot touch a row twice).
         let mut last: HashMap<String, usize> = HashMap::new();
-        let texts: Vec<String> = c.upserts.iter().map(|(a, _, _)| a.to_string()).collect();
+        let texts: Vec<String> = c.upserts.iter().map(|u| u.address.to_string()).collect();
         for (i, t) in texts.iter().enumerate() {
             last.insert(t.clone(), i);
         }
@@ -714,14 +714,14 @@ impl StateStore for PgStore {
             let mut tenant = Vec::with_capacity(chunk.len());
             let mut provider = Vec::with_capacity(chunk.len());
             let mut fingerprint: Vec<String> = Vec::with_capacity(chunk.len());
-            let mut content: Vec<Option<String>> = Vec::with_capacity(chunk.len());
+            let mut content: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
             for &i in chunk {
-                let (a, fp, body) = &c.upserts[i];
+                let u = &c.upserts[i];
                 address.push(texts[i].as_str());
-                tenant.push(a.tenant.as_str());
-                provider.push(a.provider().as_str());
-                fingerprint.push(fp.to_string());
-                content.push(body.as_deref().and_then(content_to_text));
+                tenant.push(u.address.tenant.as_str());
+                provider.push(u.address.provider().as_str());
+                fingerprint.push(u.fingerprint.to_string());
+                content.push(u.content.as_deref());
             }
             tx.execute(
                 "INSERT INTO dotmac_resources(address, tenant, provider, fingerprint, content, applied_at, serial)

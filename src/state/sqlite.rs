@@ -1,6 +1,6 @@
 //! The embedded state store: one SQLite file (WAL, synchronous=FULL), versioned migrations.
 
-use super::{AuditEntry, AuditQuery, Commit, JournalEntry, Record, Result, StateMeta, StateStore, content_to_text};
+use super::{AuditEntry, AuditQuery, Commit, JournalEntry, Record, Result, StateMeta, StateStore};
 use crate::model::{Address, Content};
 use crate::providers::TenantScope;
 use anyhow::Context;
@@ -261,13 +261,14 @@ impl StateStore for SqliteStore {
                  ON CONFLICT(address) DO UPDATE SET fingerprint = excluded.fingerprint, content = excluded.content,
                     applied_at = excluded.applied_at, serial = excluded.serial",
             )?;
-            for (a, fp, content) in &c.upserts {
+            for u in &c.upserts {
+                let a = &u.address;
                 up.execute(params![
                     a.to_string(),
                     a.tenant.as_str(),
                     a.provider().as_str(),
-                    fp.to_string(),
-                    content.as_deref().and_then(content_to_text),
+                    u.fingerprint.to_string(),
+                    u.content,
                     now,
                     serial as i64
                 ])?;
@@ -386,6 +387,7 @@ impl StateStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::Upsert;
     use serde_json::json;
 
     #[test]
@@ -493,8 +495,8 @@ mod tests {
             serial,
             &Commit {
                 upserts: vec![
-                    (a.clone(), "sha256:1".into(), Some(Content::Json(json!({"k": 1})).into())),
-                    (b.clone(), "v1".into(), None),
+                    Upsert::new(a.clone(), "sha256:1".into(), Some(&Content::Json(json!({"k": 1})))),
+                    Upsert::new(b.clone(), "v1".into(), None),
                 ],
                 audit: vec![AuditEntry {
                     id: 0,

@@ -10,7 +10,7 @@ use dotmac_gitops::model::{Address, Content, SecretMeta};
 use dotmac_gitops::providers::TenantScope;
 use dotmac_gitops::state::postgres::PgStore;
 use dotmac_gitops::state::sqlite::SqliteStore;
-use dotmac_gitops::state::{AuditEntry, AuditQuery, Commit, JournalEntry, StateStore};
+use dotmac_gitops::state::{AuditEntry, AuditQuery, Commit, JournalEntry, StateStore, Upsert};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -102,10 +102,14 @@ fn exercise(s: &dyn StateStore) -> Vec<String> {
         serial,
         &Commit {
             upserts: vec![
-                (a.clone(), "sha256:0".into(), Some(Content::Text("first".into()).into())),
-                (a.clone(), "sha256:1".into(), Some(Content::Json(json!({"k": 1, "name": "Ünïcode \u{0}"})).into())),
-                (b.clone(), "v3".into(), Some(Content::SecretMeta(meta).into())),
-                (c.clone(), "sha256:3".into(), Some(Content::Text("plan: gold\n".into()).into())),
+                Upsert::new(a.clone(), "sha256:0".into(), Some(&Content::Text("first".into()))),
+                Upsert::new(
+                    a.clone(),
+                    "sha256:1".into(),
+                    Some(&Content::Json(json!({"k": 1, "name": "Ünïcode \u{0}"}))),
+                ),
+                Upsert::new(b.clone(), "v3".into(), Some(&Content::SecretMeta(meta))),
+                Upsert::new(c.clone(), "sha256:3".into(), Some(&Content::Text("plan: gold\n".into()))),
             ],
             audit: vec![
                 entry("2026-01-01T00:00:00Z", "t1", &a.to_string(), "applied"),
@@ -406,7 +410,7 @@ fn a_commit_is_refused_once_the_lock_session_is_gone() {
         .unwrap();
     let a = Address::parse("t1/management.tenant").unwrap();
     let e = store
-        .commit(serial, &Commit { upserts: vec![(a, "sha256:1".into(), None)], ..Commit::default() })
+        .commit(serial, &Commit { upserts: vec![Upsert::new(a, "sha256:1".into(), None)], ..Commit::default() })
         .expect_err("nothing is recorded without the lock")
         .to_string();
     assert!(e.contains("the state lock was lost"), "{e}");
@@ -544,8 +548,8 @@ fn a_state_of_130k_records_is_written_in_bulk_and_read_in_one_pass() {
         for i in 0..13 {
             let what = if i < kinds.len() { kinds[i].to_owned() } else { format!("kubernetes.Deployment[app-{i}]") };
             let a = Address::parse(&format!("tenant-{t:05}/{what}")).unwrap();
-            let content = (i != 3).then(|| Content::Json(json!({"tenant": t, "i": i})).into());
-            upserts.push((a, format!("sha256:{t}-{i}").into(), content));
+            let content = (i != 3).then(|| Content::Json(json!({"tenant": t, "i": i})));
+            upserts.push(Upsert::new(a, format!("sha256:{t}-{i}").into(), content.as_ref()));
         }
     }
     let t = Instant::now();
