@@ -38,13 +38,13 @@ pub fn keep_freed_memory() {
 }
 
 /// Has the process take its memory in 4 KiB pages instead of transparent huge pages
-/// (Linux; elsewhere a no-op). For `apply`, which builds 800 MB for 10,000 tenants in three
-/// seconds: on virtual machines that hand free memory back to the host (as the 2-core test
-/// machine does), a huge page comes from a block the host took back, and its first touch
-/// costs about 2.3 ms per 2 MiB against 0.36 ms for the same memory in small pages. Measured
-/// there on a cold apply started after the machine sat still: 3.6–4.0 s with huge pages,
-/// 3.0–3.1 s without. Right after another large process freed its memory huge pages are
-/// the faster (2.6–2.8 s); a plan, which often follows another, keeps them.
+/// (Linux; elsewhere a no-op). For `apply`, which builds about 800 MB for 10,000 tenants:
+/// on a VM whose balloon driver hands free memory back to the host (the 2-core test machine
+/// does), a huge page is usually one the host took back, and its first touch costs about
+/// 2.3 ms per 2 MiB against 0.36 ms in small pages. A cold apply started after the machine
+/// sat still took 3.6–4.0 s with huge pages and 2.8–3.2 s without; right after another
+/// large process, about the same either way. Plans, run again and again, keep huge pages
+/// (ARCHITECTURE.md, Decisions).
 pub fn small_pages_only() {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only and changes this
