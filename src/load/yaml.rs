@@ -335,24 +335,26 @@ fn resolve_scalar(
 
 /// The YAML 1.2 core schema. Everything else is a string.
 pub fn resolve_plain(text: &str) -> Result<Value, String> {
+    Ok(resolve_typed(text)?.unwrap_or_else(|| Value::String(text.to_owned())))
+}
+
+/// A plain scalar as null, a boolean or a number; `None` when it is text.
+fn resolve_typed(text: &str) -> Result<Option<Value>, String> {
     if parse_null(text) {
-        return Ok(Value::Null);
+        return Ok(Some(Value::Null));
     }
     if let Some(b) = parse_bool(text) {
-        return Ok(Value::Bool(b));
+        return Ok(Some(Value::Bool(b)));
     }
     if let Some(v) = parse_int(text)? {
-        return Ok(v);
+        return Ok(Some(v));
     }
-    if let Some(v) = parse_float(text) {
-        return Ok(v);
-    }
-    Ok(Value::String(text.to_owned()))
+    Ok(parse_float(text))
 }
 
 /// `t`, written plain, reads back as the string `t` (what `resolve_plain` would make text).
 pub fn reads_as_text(t: &str) -> bool {
-    !parse_null(t) && parse_bool(t).is_none() && matches!(parse_int(t), Ok(None)) && parse_float(t).is_none()
+    matches!(resolve_typed(t), Ok(None))
 }
 
 fn parse_null(t: &str) -> bool {
