@@ -327,7 +327,7 @@ impl StateStore for SqliteStore {
     fn journal(&self) -> Result<Vec<JournalEntry>> {
         let conn = self.conn();
         let mut st = conn.prepare(
-            "SELECT address, plan_id, action, intended, started_at FROM journal ORDER BY address, started_at",
+            "SELECT address, plan_id, action, intended, started_at FROM journal ORDER BY address, started_at, plan_id",
         )?;
         let rows = st.query_map([], |r| {
             Ok(JournalEntry {
