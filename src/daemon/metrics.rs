@@ -192,6 +192,12 @@ impl Provider for Counted {
     fn restore_secret(&self, a: &Address, version: u64) -> crate::providers::Result<LiveResource> {
         self.count("restore", self.inner.restore_secret(a, version))
     }
+    fn durable_on_flush(&self) -> bool {
+        self.inner.durable_on_flush()
+    }
+    fn discard(&self) {
+        self.inner.discard()
+    }
     fn deletes_with_tenant(&self) -> bool {
         self.inner.deletes_with_tenant()
     }

@@ -183,6 +183,13 @@ impl Provider for Faulty {
     fn close(&self) {
         self.inner.close()
     }
+    fn durable_on_flush(&self) -> bool {
+        // `kill` flushes the store right after a write, which is then durable at once.
+        self.inner.durable_on_flush() && !self.rules.iter().any(|r| r.mode == Mode::Kill)
+    }
+    fn discard(&self) {
+        self.inner.discard()
+    }
     fn flush(&self) -> Result<()> {
         self.call("flush", &self.flushes, "all", || self.inner.flush())
     }

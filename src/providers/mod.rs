@@ -184,6 +184,17 @@ pub trait Provider: Send + Sync {
         Err(ProviderError::Other(format!("{address}: {} cannot restore secret versions", self.describe())))
     }
 
+    /// True when a write becomes durable only at `flush` (a local store keeps its writes in
+    /// memory until then): apply may then journal while the writes go on, as long as the
+    /// journal is durable before the flush.
+    fn durable_on_flush(&self) -> bool {
+        false
+    }
+
+    /// Forgets the writes not yet flushed (for a store that is `durable_on_flush`): the image
+    /// goes back to what is durable. Apply calls it when it could not journal its writes.
+    fn discard(&self) {}
+
     /// Called once when the engine is done with the provider (a local store keeps its index).
     fn close(&self) {}
 

@@ -192,11 +192,12 @@ fn an_apply_killed_mid_way_or_before_its_writes_are_durable_heals_on_the_next_pl
     // Killed after recording but before the final flush: the local store's writes die with
     // the process (as a power loss would take them). The record says "renamed", live says
     // otherwise, and the journal says an apply was writing it, so it is applied again, not
-    // drift.
+    // drift. (The flush starts while the last batch is being recorded: the delay lets the
+    // recording finish first.)
     let before = live_entry(&state, "tenant-123/management.tenant").unwrap();
     edit(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
-    let out =
-        run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", "management:flush:1:kill-before")]);
+    let faults = "management:flush:1:delay=1s,management:flush:1:kill-before";
+    let out = run_env(&["apply", "--auto-approve", "--now", NOW], r, &[("DOTMAC_FAULTS", faults)]);
     assert_ne!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert_eq!(live_entry(&state, "tenant-123/management.tenant").unwrap(), before, "nothing was made durable");
     let p = plan_json(r);

@@ -173,3 +173,29 @@ fn regression_a_rolled_back_rotation_keeps_the_old_values_age() {
     assert_eq!(due(&plan_json(r, NOW)), Some(Value::from("rotate")), "the rollback put the rotation off");
     converges(r);
 }
+
+#[test]
+fn an_apply_that_cannot_journal_writes_nothing() {
+    // Local stores are written to while the journal is (their writes are durable only at the
+    // flush): a journal that cannot be written must stop the apply before any flush.
+    let repo = example_repo();
+    let r = repo.path();
+    assert_eq!(apply_at(r, NOW, "").code, 0);
+    let state = r.join(".dotmac");
+    let before = live_entry(&state, "tenant-123/management.tenant").unwrap();
+    let refuse =
+        "CREATE TRIGGER refuse_journal BEFORE INSERT ON journal BEGIN SELECT RAISE(FAIL, 'disk says no'); END;";
+    let db = rusqlite::Connection::open(state.join("state/state.db")).unwrap();
+    db.execute_batch(refuse).unwrap();
+    edit_file(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP Renamed");
+    let out = apply_at(r, NOW, "");
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("could not journal the apply's writes; nothing was written"), "{}", out.stderr);
+    assert_eq!(live_entry(&state, "tenant-123/management.tenant").unwrap(), before, "nothing was flushed");
+    let plan = plan_json(r, NOW);
+    assert_eq!(drifted(&plan), Vec::<String>::new());
+    assert_eq!(change(&plan, "tenant-123/management.tenant").unwrap()["action"], "update", "still to do");
+    db.execute_batch("DROP TRIGGER refuse_journal").unwrap();
+    drop(db);
+    converges(r);
+}

@@ -1004,6 +1004,20 @@ impl Provider for LocalStore {
         self.write_out()
     }
 
+    fn durable_on_flush(&self) -> bool {
+        true
+    }
+
+    fn discard(&self) {
+        // A shard without an image is made again from its file (or the index) when needed.
+        for n in 0..SHARDS {
+            let mut slot = self.lock(n);
+            if slot.as_ref().is_some_and(Shard::dirty) {
+                *slot = None;
+            }
+        }
+    }
+
     fn restore_secret(&self, a: &Address, version: u64) -> Result<LiveResource> {
         let n = self.home(a)?;
         let mut slot = self.loaded(n)?;
@@ -1443,6 +1457,24 @@ mod tests {
         let after = fingerprints(&s);
         assert_eq!(after.get(&format!("{t3}/isp.config")), before.get(&format!("{t3}/isp.config")));
         assert_ne!(after.get(&format!("{t1}/isp.config")), before.get(&format!("{t1}/isp.config")));
+    }
+
+    #[test]
+    fn discard_forgets_what_was_not_flushed() {
+        let d = tempfile::tempdir().unwrap();
+        let (t1, _, t3) = neighbours();
+        let s = store(d.path(), ProviderId::Isp);
+        create_configs(&s, &[&t1], "x\n");
+        s.flush().unwrap();
+        let kept = fingerprints(&s);
+        s.put(&res(&format!("{t1}/isp.config"), Content::Text("y\n".into())), None, &Expect::Any).unwrap();
+        create_configs(&s, &[&t3], "z\n");
+        assert_eq!(fingerprints(&s).len(), 2);
+        s.discard();
+        assert_eq!(fingerprints(&s), kept, "back to what was flushed");
+        s.flush().unwrap();
+        assert!(!shard_path(d.path(), ProviderId::Isp, &t3).exists(), "nothing left to write");
+        assert_eq!(fingerprints(&store(d.path(), ProviderId::Isp)), kept);
     }
 
     #[test]
