@@ -3,6 +3,7 @@
 
 use super::Plan;
 use crate::diff::{Action, Change, Severity, Violation};
+use rayon::prelude::*;
 use std::fmt::Write;
 
 struct Paint(bool);
@@ -49,7 +50,39 @@ pub fn render(plan: &Plan, color: bool, max_diff_lines: usize) -> String {
 }
 
 /// Per tenant, one line per change and the diff of updates and deletes; then violations.
+/// A plan of a hundred thousand changes is written in runs of whole tenants, side by side.
 pub fn changes(changes: &[Change], violations: &[Violation], color: bool, max_diff_lines: usize) -> String {
+    const RUN: usize = 4096;
+    let mut runs: Vec<&[Change]> = Vec::with_capacity(changes.len() / RUN + 1);
+    let mut rest = changes;
+    while rest.len() > RUN {
+        // The run ends where a tenant does, so that each starts with its tenant's heading.
+        let last = &rest[RUN - 1].address.tenant;
+        let end = RUN + rest[RUN..].iter().take_while(|c| &c.address.tenant == last).count();
+        let (run, next) = rest.split_at(end);
+        runs.push(run);
+        rest = next;
+    }
+    runs.push(rest);
+    let texts: Vec<String> = runs.into_par_iter().map(|run| tenant_changes(run, color, max_diff_lines)).collect();
+    let mut out = String::with_capacity(texts.iter().map(String::len).sum::<usize>() + 64 * violations.len());
+    texts.iter().for_each(|t| out.push_str(t));
+    let p = Paint(color);
+    if !violations.is_empty() {
+        let _ = writeln!(out, "\n{}", p.c("1", "Violations"));
+        for v in violations {
+            let word = match v.severity {
+                Severity::Error => p.c("1;31", "error"),
+                Severity::Warning => p.c("1;33", "warning"),
+            };
+            let _ = writeln!(out, "  {word}[{}]: {}", v.rule, v.message);
+        }
+    }
+    out
+}
+
+/// The changes' lines, a heading before each tenant's.
+fn tenant_changes(changes: &[Change], color: bool, max_diff_lines: usize) -> String {
     let p = Paint(color);
     let mut out = String::new();
     let mut tenant = "";
@@ -95,15 +128,51 @@ pub fn changes(changes: &[Change], violations: &[Violation], color: bool, max_di
             }
         }
     }
-    if !violations.is_empty() {
-        let _ = writeln!(out, "\n{}", p.c("1", "Violations"));
-        for v in violations {
-            let word = match v.severity {
-                Severity::Error => p.c("1;31", "error"),
-                Severity::Warning => p.c("1;33", "warning"),
-            };
-            let _ = writeln!(out, "  {word}[{}]: {}", v.rule, v.message);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::Risk;
+    use crate::model::{Address, Content};
+
+    fn change(a: &str, action: Action) -> Change {
+        Change {
+            address: Address::parse(a).unwrap(),
+            action,
+            drift: false,
+            risk: Risk::Low,
+            reason: "changed in the repository".into(),
+            desired: Some(Content::Text(String::new()).into()),
+            desired_fingerprint: None,
+            live_fingerprint: None,
+            last_fingerprint: None,
+            before: None,
+            fields: Vec::new(),
+            diff: format!("--- {a}\n+++ {a}\n@@ -1 +1 @@\n-old\n+new\n"),
+            refresh: false,
         }
     }
-    out
+
+    #[test]
+    fn a_long_plan_written_in_runs_reads_as_one() {
+        // 9 changes per tenant: the runs of 4,096 changes end inside a tenant.
+        let changes: Vec<Change> = (0..1000)
+            .flat_map(|t| {
+                (0..9).map(move |i| {
+                    let action = if i % 3 == 0 { Action::Update } else { Action::Create };
+                    change(&format!("t{t:04}/kubernetes.ConfigMap[c{i}]"), action)
+                })
+            })
+            .collect();
+        let text = changes_text(&changes);
+        assert_eq!(text, tenant_changes(&changes, false, 200));
+        assert_eq!(text.matches("\nt0455\n").count(), 1, "one heading per tenant");
+        assert_eq!(text.lines().filter(|l| l.starts_with("t")).count(), 1000);
+    }
+
+    fn changes_text(changes: &[Change]) -> String {
+        super::changes(changes, &[], false, 200)
+    }
 }
