@@ -347,8 +347,9 @@ impl Workspace {
         }
         let (desired, mut diagnostics) = validate::validate_with(&loaded, now, &known);
         // The parsed documents are not read past validation (a tenant rendered again later is
-        // parsed again from its texts): freed now, their memory serves the rendering.
-        drop(std::mem::take(&mut loaded.docs));
+        // parsed again from its texts): freed now, beside the rendering, whose threads take
+        // their memory back as they allocate.
+        drop_later(std::mem::take(&mut loaded.docs));
         let renderer = Renderer::new(&desired);
         let (rendered, render_diags) = renderer.render_all(&desired, None);
         diagnostics.extend(render_diags);

@@ -135,18 +135,27 @@ pub trait StateLock: Send {}
 impl StateLock for lock::LockGuard {}
 
 /// A record to write: the address, the fingerprint live has, and the content as the store
-/// keeps it (JSON text; none for secrets, whose versions are the record). The text is made
-/// where the record is, on the apply's worker threads, not by the one thread committing.
+/// keeps it (JSON text; none for secrets, whose versions are the record). The texts are
+/// made where the record is, on the apply's worker threads, not by the one thread committing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upsert {
     pub address: Address,
     pub fingerprint: crate::fingerprint::Fingerprint,
     pub content: Option<String>,
+    /// `address` and `fingerprint` as the stores write them.
+    pub address_text: String,
+    pub fingerprint_text: String,
 }
 
 impl Upsert {
     pub fn new(address: Address, fingerprint: crate::fingerprint::Fingerprint, content: Option<&Content>) -> Upsert {
-        Upsert { address, fingerprint, content: content.and_then(content_to_text) }
+        Upsert {
+            address_text: address.to_string(),
+            fingerprint_text: fingerprint.to_string(),
+            address,
+            fingerprint,
+            content: content.and_then(content_to_text),
+        }
     }
 }
 

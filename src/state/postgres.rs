@@ -703,24 +703,24 @@ impl StateStore for PgStore {
         let now = jiff::Timestamp::now().to_string();
         let serial = serial as i64;
         // One row per address, the last upsert winning (as one statement cannot touch a row twice).
-        let mut last: HashMap<String, usize> = HashMap::new();
-        let texts: Vec<String> = c.upserts.iter().map(|u| u.address.to_string()).collect();
+        let mut last: HashMap<&str, usize> = HashMap::new();
+        let texts: Vec<&str> = c.upserts.iter().map(|u| u.address_text.as_str()).collect();
         for (i, t) in texts.iter().enumerate() {
-            last.insert(t.clone(), i);
+            last.insert(t, i);
         }
         let keep: Vec<usize> = (0..texts.len()).filter(|i| last.get(&texts[*i]) == Some(i)).collect();
         for chunk in keep.chunks(CHUNK) {
             let mut address = Vec::with_capacity(chunk.len());
             let mut tenant = Vec::with_capacity(chunk.len());
             let mut provider = Vec::with_capacity(chunk.len());
-            let mut fingerprint: Vec<String> = Vec::with_capacity(chunk.len());
+            let mut fingerprint: Vec<&str> = Vec::with_capacity(chunk.len());
             let mut content: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
             for &i in chunk {
                 let u = &c.upserts[i];
-                address.push(texts[i].as_str());
+                address.push(texts[i]);
                 tenant.push(u.address.tenant.as_str());
                 provider.push(u.address.provider().as_str());
-                fingerprint.push(u.fingerprint.to_string());
+                fingerprint.push(u.fingerprint_text.as_str());
                 content.push(u.content.as_deref());
             }
             tx.execute(

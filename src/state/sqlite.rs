@@ -269,10 +269,10 @@ impl StateStore for SqliteStore {
             for u in &c.upserts {
                 let a = &u.address;
                 up.execute(params![
-                    a.to_string(),
+                    u.address_text,
                     a.tenant.as_str(),
                     a.provider().as_str(),
-                    u.fingerprint.to_string(),
+                    u.fingerprint_text,
                     u.content,
                     now,
                     serial as i64
