@@ -608,7 +608,11 @@ mod tests {
         Address::parse(s).unwrap()
     }
     fn res(a: &str, v: Value) -> DesiredEntry {
-        DesiredEntry::rendered(crate::model::Resource { address: addr(a), content: Content::Json(v).into() })
+        DesiredEntry::rendered(crate::model::Resource {
+            fingerprint: None,
+            address: addr(a),
+            content: Content::Json(v).into(),
+        })
     }
     fn live(r: &DesiredEntry) -> LiveResource {
         LiveResource {
@@ -684,6 +688,7 @@ mod tests {
             auto_rotation: true,
         };
         let d = DesiredEntry::rendered(crate::model::Resource {
+            fingerprint: None,
             address: a.clone(),
             content: Content::Secret(spec.clone()).into(),
         });
@@ -708,6 +713,7 @@ mod tests {
         assert!(c.diff.contains("(sensitive)"));
         // an external secret that is missing is an error violation naming it
         let ext = DesiredEntry::rendered(crate::model::Resource {
+            fingerprint: None,
             address: a.clone(),
             content: Content::Secret(SecretSpec { source: SecretSource::External, ..spec }).into(),
         });

@@ -529,6 +529,9 @@ pub struct SecretMeta {
 pub struct Resource {
     pub address: Address,
     pub content: Arc<Content>,
+    /// `fingerprint::of(content)` when the caller has it already (apply has the plan's), so
+    /// that a store need not work it out again; `None`: the store does.
+    pub fingerprint: Option<crate::fingerprint::Fingerprint>,
 }
 
 impl Resource {

@@ -706,7 +706,11 @@ fn execute(ctx: &Ctx<'_>, c: &Change, before: Option<&LiveResource>) -> Result<O
                 .desired
                 .as_ref()
                 .ok_or_else(|| ProviderError::Other(format!("{}: the plan has no content to write", c.address)))?;
-            let resource = Resource { address: c.address.clone(), content: Arc::clone(desired) };
+            let resource = Resource {
+                address: c.address.clone(),
+                content: Arc::clone(desired),
+                fingerprint: c.desired_fingerprint.clone(),
+            };
             let value = match &**desired {
                 Content::Secret(spec) => Some(
                     match spec.source {
@@ -741,7 +745,7 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<Fingerprint>, String> {
         }
         (Some(b), false) => {
             let content = b.content.clone().ok_or_else(|| format!("{a}: the content before was not read"))?;
-            let r = Resource { address: a.clone(), content: content.into() };
+            let r = Resource { fingerprint: None, address: a.clone(), content: content.into() };
             provider.put(&r, None, &expect_after).map(|l| Some(l.fingerprint)).map_err(|e| e.to_string())
         }
     }

@@ -225,6 +225,7 @@ impl Renderer {
         let mut errors = Vec::new();
 
         out.push(Resource {
+            fingerprint: None,
             address: Address::new(id, ResourceKind::ManagementTenant, None),
             content: Content::Json(management_record(t)).into(),
         });
@@ -233,6 +234,7 @@ impl Renderer {
             l.remove("license_key");
             let plugin = l.get("plugin").and_then(Value::as_str).unwrap_or_default().to_owned();
             out.push(Resource {
+                fingerprint: None,
                 address: Address::new(id, ResourceKind::ManagementLicense, Some(&plugin)),
                 content: Content::Json(Value::Object(l)).into(),
             });
@@ -247,6 +249,7 @@ impl Renderer {
         for (name, stem) in &self.policy_templates {
             match self.render_template(name, &ctx, id) {
                 Ok(text) => out.push(Resource {
+                    fingerprint: None,
                     address: Address::new(id, ResourceKind::OpenbaoPolicy, Some(&format!("{id}-{stem}"))),
                     content: Content::Text(text).into(),
                 }),
@@ -278,7 +281,7 @@ impl Renderer {
                             );
                             continue;
                         }
-                        out.push(Resource { address, content: Content::Json(m).into() });
+                        out.push(Resource { fingerprint: None, address, content: Content::Json(m).into() });
                     }
                 }
                 Err(msg) => errors.push(
@@ -291,12 +294,14 @@ impl Renderer {
         }
         if let Some(text) = isp {
             out.push(Resource {
+                fingerprint: None,
                 address: Address::new(id, ResourceKind::IspConfig, None),
                 content: Content::Text(text).into(),
             });
         }
         for s in &t.secrets {
             out.push(Resource {
+                fingerprint: None,
                 address: Address::new(id, ResourceKind::OpenbaoSecret, Some(&s.name)),
                 content: Content::Secret(s.clone()).into(),
             });

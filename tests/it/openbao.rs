@@ -308,6 +308,7 @@ fn a_concurrent_writer_is_a_conflict_not_an_overwrite() {
     let p = provider_for(&bao, "DOTMAC_TEST_BAO_TOKEN_CAS");
     let a = Address::parse("t1/openbao.secret[db/password]").unwrap();
     let r = Resource {
+        fingerprint: None,
         address: a.clone(),
         content: Content::Secret(SecretSpec {
             name: "db/password".into(),
@@ -356,7 +357,8 @@ fn a_concurrent_writer_is_a_conflict_not_an_overwrite() {
     assert!(bao.metadata(path).is_none());
     // Policies: read, compared, then written with OpenBao's check-and-set.
     let pa = Address::parse("t1/openbao.policy[t1-read-secrets]").unwrap();
-    let text = |t: &str| Resource { address: pa.clone(), content: Content::Text(t.to_owned()).into() };
+    let text =
+        |t: &str| Resource { fingerprint: None, address: pa.clone(), content: Content::Text(t.to_owned()).into() };
     let first = p.put(&text("path \"a\" {\n  capabilities = [\"read\"]\n}"), None, &Expect::Absent).unwrap();
     assert_eq!(bao.policy("t1-read-secrets").as_deref(), Some("path \"a\" {\n  capabilities = [\"read\"]\n}"));
     bao.policy_write("t1-read-secrets", "path \"b\" {\n  capabilities = [\"read\"]\n}");

@@ -944,24 +944,28 @@ impl Provider for LocalStore {
         let a = &r.address;
         tracing::trace!(address = %a, ?expect, secret = ?secret, "local put");
         let n = self.home(a)?;
-        let mut slot = self.loaded(n)?;
-        let s = slot.get_or_insert_with(Shard::absent);
         if let ResourceKind::OpenbaoSecret = a.kind {
+            let mut slot = self.loaded(n)?;
+            let s = slot.get_or_insert_with(Shard::absent);
             let value = secret.ok_or_else(|| ProviderError::Other(format!("{a}: no value to write")))?;
             let placeholder =
                 matches!(&*r.content, Content::Secret(s) if matches!(s.source, crate::model::SecretSource::External));
             let v = NewVersion { value: value.expose(), placeholder, written: None };
             return self.write_secret_version(n, s, a, v, expect);
         }
+        // The entry's text and fingerprint are made before the shard is locked.
         let text: Cow<'_, str> = match &*r.content {
             Content::Text(t) => Cow::Borrowed(t),
             Content::Json(v) => Cow::Owned(yamlfmt::to_yaml(v)),
             other => return Err(ProviderError::Other(format!("{a}: cannot store {other:?} here"))),
         };
+        let fp = r.fingerprint.clone().unwrap_or_else(|| fingerprint::of(&r.content));
+        debug_assert_eq!(fp, fingerprint::of(&r.content), "{a}: the caller's fingerprint is the content's");
+        let mut slot = self.loaded(n)?;
+        let s = slot.get_or_insert_with(Shard::absent);
         let key = a.to_string();
         self.prepare(n, s)?;
         self.check(s, a, &key, expect)?;
-        let fp = fingerprint::of(&r.content);
         self.set(s, a, key, Some((&text, fp.clone(), None)));
         // The content is the caller's already: it is not copied back.
         Ok(LiveResource { address: a.clone(), fingerprint: fp, content: None })
@@ -1191,7 +1195,7 @@ mod tests {
     }
 
     fn res(address: &str, content: Content) -> Resource {
-        Resource { address: Address::parse(address).unwrap(), content: content.into() }
+        Resource { fingerprint: None, address: Address::parse(address).unwrap(), content: content.into() }
     }
 
     /// Creates `{tenant}/isp.config` holding `text` for each tenant.
@@ -1363,12 +1367,17 @@ mod tests {
             pod("", "Pod", "p"),
             pod("t1", "Pod", "p]\n=== x"),
         ] {
-            let r = Resource { address: a.clone(), content: Content::Json(json!({})).into() };
+            let r = Resource { fingerprint: None, address: a.clone(), content: Content::Json(json!({})).into() };
             assert!(s.put(&r, None, &Expect::Any).is_err(), "{a:?}");
             assert!(s.fetch(std::slice::from_ref(&a)).is_err(), "{a:?}");
         }
         let ok = pod("t1", "Deployment", "isp.framework");
-        s.put(&Resource { address: ok, content: Content::Json(json!({})).into() }, None, &Expect::Any).unwrap();
+        s.put(
+            &Resource { fingerprint: None, address: ok, content: Content::Json(json!({})).into() },
+            None,
+            &Expect::Any,
+        )
+        .unwrap();
         let sec = store(d.path(), ProviderId::Secrets);
         let bad = Address::new("t1", ResourceKind::OpenbaoSecret, Some("../x"));
         assert!(sec.reveal(&bad).is_err());
@@ -1380,6 +1389,7 @@ mod tests {
         let s = store(d.path(), ProviderId::Secrets);
         let a = Address::parse("t1/openbao.secret[db/password]").unwrap();
         let r = Resource {
+            fingerprint: None,
             address: a.clone(),
             content: Content::Secret(SecretSpec {
                 name: "db/password".into(),
