@@ -446,6 +446,39 @@ impl Address {
     }
 }
 
+impl Address {
+    /// The address as text (what `Display` writes), in one allocation of the exact size:
+    /// `to_string` grows its string piece by piece, four times for a typical address, and
+    /// an apply of 10,000 tenants makes a million of these.
+    pub fn text(&self) -> String {
+        let kind = match &self.kind {
+            ResourceKind::OpenbaoPolicy => "openbao.policy",
+            ResourceKind::OpenbaoSecret => "openbao.secret",
+            ResourceKind::ManagementTenant => "management.tenant",
+            ResourceKind::ManagementLicense => "management.license",
+            ResourceKind::IspConfig => "isp.config",
+            ResourceKind::Kubernetes(_) => "kubernetes.",
+        };
+        let k8s = match &self.kind {
+            ResourceKind::Kubernetes(k) => k.as_ref(),
+            _ => "",
+        };
+        let name = self.name.as_deref();
+        let len = self.tenant.len() + 1 + kind.len() + k8s.len() + name.map_or(0, |n| n.len() + 2);
+        let mut out = String::with_capacity(len);
+        out.push_str(&self.tenant);
+        out.push('/');
+        out.push_str(kind);
+        out.push_str(k8s);
+        if let Some(n) = name {
+            out.push('[');
+            out.push_str(n);
+            out.push(']');
+        }
+        out
+    }
+}
+
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.tenant)?;
@@ -569,8 +602,12 @@ mod tests {
             "t1/kubernetes.Deployment[isp-framework]",
             "t1/openbao.policy[t1-read-secrets]",
             "t1/openbao.secret[database/password]",
+            "tenant-000123/kubernetes.MyCustomKind[a]",
         ] {
-            assert_eq!(Address::parse(s).unwrap().to_string(), s);
+            let a = Address::parse(s).unwrap();
+            assert_eq!(a.to_string(), s);
+            let text = a.text();
+            assert_eq!((text.as_str(), text.capacity()), (s, s.len()), "one allocation of the exact size");
         }
         let mut v: Vec<Address> =
             ["t1/kubernetes.Deployment[x]", "t1/isp.config", "t1/kubernetes.Namespace[n]", "t1/openbao.policy[p]"]

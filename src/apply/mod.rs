@@ -77,7 +77,7 @@ impl Report {
 /// Refuses a plan that may not be applied as asked, before anything is written.
 pub fn preflight(plan: &Plan, opts: &Options) -> Result<(), String> {
     let deletes: Vec<String> =
-        plan.changes.iter().filter(|c| c.action == Action::Delete).map(|c| c.address.to_string()).collect();
+        plan.changes.iter().filter(|c| c.action == Action::Delete).map(|c| c.address.text()).collect();
     if !deletes.is_empty() && !opts.allow_delete {
         let n = deletes.len();
         let shown: Vec<String> = deletes.into_iter().take(5).collect();
@@ -177,7 +177,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         let journal: Vec<JournalEntry> = journaled
             .iter()
             .map(|c| JournalEntry {
-                address: c.address.to_string(),
+                address: c.address.text(),
                 plan_id: plan.plan_id.clone(),
                 action: c.action.as_str().into(),
                 intended: intended_fingerprint(c, opts.destroy_secrets).map(|f| f.to_string()),
@@ -427,7 +427,7 @@ fn apply_tenant(
     let (refreshes, writes): (Vec<&Change>, Vec<&Change>) = rest.into_iter().partition(|c| c.action == Action::Noop);
 
     // This plan's journal entries for the tenant (all written before any tenant started).
-    let journaled: Vec<String> = writes.iter().chain(&deletes).map(|c| c.address.to_string()).collect();
+    let journaled: Vec<String> = writes.iter().chain(&deletes).map(|c| c.address.text()).collect();
     let drop_mine = |commit: &mut Commit| {
         commit.drop_journal.extend(journaled.iter().map(|a| (a.clone(), ctx.plan.plan_id.clone())));
     };
@@ -528,7 +528,7 @@ fn apply_tenant(
                             rollback_failed = true;
                             // What is live now is what this apply wrote: record it as such.
                             record_done(&mut commit, d);
-                            commit.clear_journal.push(d.change.address.to_string());
+                            commit.clear_journal.push(d.change.address.text());
                             commit.audit.push(audit(ctx, &now, d.change, "rollback_failed", Some(e.clone())));
                             outcome.error = Some(format!(
                                 "{}; rolling back {} failed too: {e}",
@@ -544,7 +544,7 @@ fn apply_tenant(
                 // No rollback asked: what was written stays, and is recorded.
                 for d in &done {
                     record_done(&mut commit, d);
-                    commit.clear_journal.push(d.change.address.to_string());
+                    commit.clear_journal.push(d.change.address.text());
                     commit.audit.push(applied(ctx, &now, d.change));
                 }
             }
@@ -604,7 +604,7 @@ fn record_restored(commit: &mut Commit, d: &Done<'_>, restored: Option<Fingerpri
         }
         None => commit.forget.push(a.clone()),
     }
-    commit.clear_journal.push(a.to_string());
+    commit.clear_journal.push(a.text());
 }
 
 fn record_done(commit: &mut Commit, d: &Done<'_>) {
@@ -894,7 +894,7 @@ fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &str, message: Option<S
         correlation_id: ctx.correlation.clone(),
         actor: ctx.opts.actor.clone(),
         tenant: c.address.tenant.to_string(),
-        address: c.address.to_string(),
+        address: c.address.text(),
         action: c.action.as_str().into(),
         risk: c.risk.as_str().into(),
         outcome: outcome.into(),

@@ -92,7 +92,7 @@ fn tenant_changes(changes: &[Change], color: bool, max_diff_lines: usize) -> Str
             let _ = writeln!(out, "\n{}", p.c("1", tenant));
         }
         let (sym, code) = symbol(c);
-        let local = &c.address.to_string()[tenant.len() + 1..];
+        let local = &c.address.text()[tenant.len() + 1..];
         let mut flags = vec![c.action.as_str().to_owned(), c.risk.as_str().to_owned()];
         if c.drift {
             flags.push("drift".into());

@@ -150,7 +150,7 @@ pub struct Upsert {
 impl Upsert {
     pub fn new(address: Address, fingerprint: crate::fingerprint::Fingerprint, content: Option<&Content>) -> Upsert {
         Upsert {
-            address_text: address.to_string(),
+            address_text: address.text(),
             fingerprint_text: fingerprint.to_string(),
             address,
             fingerprint,

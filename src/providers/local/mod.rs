@@ -603,7 +603,7 @@ impl LocalStore {
         expect: &Expect,
     ) -> Result<LiveResource> {
         let NewVersion { value, placeholder, written } = v;
-        let key = a.to_string();
+        let key = a.text();
         self.prepare(n, s)?;
         self.check(s, a, &key, expect)?;
         let mut rec = self.record(n, s, &key)?.unwrap_or_default();
@@ -673,7 +673,7 @@ impl LocalStore {
         let n = self.home(a)?;
         let mut slot = self.current(n)?;
         let s = slot.get_or_insert_with(Shard::absent);
-        let Some(rec) = self.record(n, s, &a.to_string())? else { return Ok(None) };
+        let Some(rec) = self.record(n, s, &a.text())? else { return Ok(None) };
         if rec.deleted {
             return Ok(None);
         }
@@ -906,7 +906,7 @@ impl Provider for LocalStore {
             let slot = self.current(n)?;
             let Some(s) = slot.as_ref() else { continue };
             for a in wanted {
-                if let Some(e) = s.entries.get(&a.to_string()) {
+                if let Some(e) = s.entries.get(&a.text()) {
                     out.push((a.clone(), e.fingerprint.clone()));
                 }
             }
@@ -921,7 +921,7 @@ impl Provider for LocalStore {
             let mut slot = self.current(n)?;
             let Some(s) = slot.as_mut() else { continue };
             for a in wanted {
-                let key = a.to_string();
+                let key = a.text();
                 let Some(e) = s.entries.get(&key) else { continue };
                 let content = match &e.meta {
                     Some(m) => Content::SecretMeta(m.clone()),
@@ -963,7 +963,7 @@ impl Provider for LocalStore {
         debug_assert_eq!(fp, fingerprint::of(&r.content), "{a}: the caller's fingerprint is the content's");
         let mut slot = self.loaded(n)?;
         let s = slot.get_or_insert_with(Shard::absent);
-        let key = a.to_string();
+        let key = a.text();
         self.prepare(n, s)?;
         self.check(s, a, &key, expect)?;
         self.set(s, a, key, Some((&text, fp.clone(), None)));
@@ -976,7 +976,7 @@ impl Provider for LocalStore {
         let n = self.home(a)?;
         let mut slot = self.loaded(n)?;
         let s = slot.get_or_insert_with(Shard::absent);
-        let key = a.to_string();
+        let key = a.text();
         self.check(s, a, &key, expect)?;
         if !s.entries.contains_key(&key) {
             return Ok(());
@@ -1027,7 +1027,7 @@ impl Provider for LocalStore {
         let mut slot = self.loaded(n)?;
         let s = slot.get_or_insert_with(Shard::absent);
         let rec = self
-            .record(n, s, &a.to_string())?
+            .record(n, s, &a.text())?
             .ok_or_else(|| ProviderError::Other(format!("{a}: no such secret to restore")))?;
         let value = self.read_version(a, &rec, version)?;
         // The restored value is as old as the version it comes from: its age, and so its
