@@ -256,15 +256,20 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             unjournaled.store(true, Ordering::SeqCst);
             journal_error = Some(e);
         }
-        // The committer: records and audit entries, a batch of tenants at a time.
+        // The committer: records and audit entries, a batch of tenants at a time. A batch
+        // committed is freed on a thread of its own (a million small allocations for 10,000
+        // tenants, a tenth of the committing thread's time), behind the committer too.
+        let (spent_tx, spent_rx) = mpsc::channel::<Commit>();
+        s.spawn(move || {
+            behind_the_committer();
+            spent_rx.into_iter().for_each(drop);
+        });
         let mut batch: Vec<TenantResult> = Vec::new();
-        // One buffer for every batch: its vectors keep their capacity from one batch to the next.
-        let mut commit = Commit::default();
         let mut flush = |batch: &mut Vec<TenantResult>, report: &mut Report| {
             if batch.is_empty() || journal_error.is_some() {
                 return;
             }
-            commit.clear();
+            let mut commit = Commit::default();
             for r in batch.drain(..) {
                 commit.upserts.extend(r.commit.upserts);
                 commit.forget.extend(r.commit.forget);
@@ -278,6 +283,9 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
                 && commit_error.is_none()
             {
                 commit_error = Some(e);
+            }
+            if let Err(spent) = spent_tx.send(commit) {
+                drop(spent.0);
             }
         };
         loop {
@@ -310,6 +318,8 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             durable =
                 flushing.join().unwrap_or_else(|_| Err(ProviderError::Other("flushing the providers panicked".into())));
         }
+        // The freeing thread ends once the committer lets go of its sender.
+        drop(spent_tx);
     });
     if let Some(e) = journal_error {
         // What the tenants that had started wrote is in memory only: it is forgotten.

@@ -93,15 +93,6 @@ pub struct Commit {
 }
 
 impl Commit {
-    /// Empties it, keeping the vectors' capacity for the next batch.
-    pub fn clear(&mut self) {
-        self.upserts.clear();
-        self.forget.clear();
-        self.audit.clear();
-        self.clear_journal.clear();
-        self.drop_journal.clear();
-    }
-
     pub fn is_empty(&self) -> bool {
         self.upserts.is_empty()
             && self.forget.is_empty()

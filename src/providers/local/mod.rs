@@ -356,6 +356,10 @@ impl LocalStore {
     fn current(&self, n: usize) -> Result<MutexGuard<'_, Option<Shard>>> {
         self.ready()?;
         let mut slot = self.slot(n);
+        if slot.as_ref().is_some_and(Shard::dirty) {
+            // Left alone, as `refresh` would: no need to look at the file.
+            return Ok(slot);
+        }
         let now = self.stat(n)?;
         self.refresh(n, &mut slot, now)?;
         Ok(slot)
