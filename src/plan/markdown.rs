@@ -399,11 +399,12 @@ fn fence_safe(line: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::model::{Address, Content};
 
-    fn change(a: &str, action: Action, risk: Risk, lines: usize) -> Change {
+    /// A change of `lines` changed lines, for the plan's output tests.
+    pub(in crate::plan) fn change(a: &str, action: Action, risk: Risk, lines: usize) -> Change {
         let address = Address::parse(a).unwrap();
         let mut diff = format!("--- {a}\n+++ {a}\n@@ -1,{lines} +1,{lines} @@\n");
         for i in 0..lines {

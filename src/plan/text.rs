@@ -135,25 +135,7 @@ fn tenant_changes(changes: &[Change], color: bool, max_diff_lines: usize) -> Str
 mod tests {
     use super::*;
     use crate::diff::Risk;
-    use crate::model::{Address, Content};
-
-    fn change(a: &str, action: Action) -> Change {
-        Change {
-            address: Address::parse(a).unwrap(),
-            action,
-            drift: false,
-            risk: Risk::Low,
-            reason: "changed in the repository".into(),
-            desired: Some(Content::Text(String::new()).into()),
-            desired_fingerprint: None,
-            live_fingerprint: None,
-            last_fingerprint: None,
-            before: None,
-            fields: Vec::new(),
-            diff: format!("--- {a}\n+++ {a}\n@@ -1 +1 @@\n-old\n+new\n"),
-            refresh: false,
-        }
-    }
+    use crate::plan::markdown::tests::change;
 
     #[test]
     fn a_long_plan_written_in_runs_reads_as_one() {
@@ -162,7 +144,7 @@ mod tests {
             .flat_map(|t| {
                 (0..9).map(move |i| {
                     let action = if i % 3 == 0 { Action::Update } else { Action::Create };
-                    change(&format!("t{t:04}/kubernetes.ConfigMap[c{i}]"), action)
+                    change(&format!("t{t:04}/kubernetes.ConfigMap[c{i}]"), action, Risk::Low, 1)
                 })
             })
             .collect();
