@@ -444,25 +444,12 @@ impl Address {
     pub fn provider(&self) -> ProviderId {
         self.kind.provider()
     }
-}
 
-impl Address {
     /// The address as text (what `Display` writes), in one allocation of the exact size:
     /// `to_string` grows its string piece by piece, four times for a typical address, and
     /// an apply of 10,000 tenants makes a million of these.
     pub fn text(&self) -> String {
-        let kind = match &self.kind {
-            ResourceKind::OpenbaoPolicy => "openbao.policy",
-            ResourceKind::OpenbaoSecret => "openbao.secret",
-            ResourceKind::ManagementTenant => "management.tenant",
-            ResourceKind::ManagementLicense => "management.license",
-            ResourceKind::IspConfig => "isp.config",
-            ResourceKind::Kubernetes(_) => "kubernetes.",
-        };
-        let k8s = match &self.kind {
-            ResourceKind::Kubernetes(k) => k.as_ref(),
-            _ => "",
-        };
+        let (kind, k8s) = self.kind_text();
         let name = self.name.as_deref();
         let len = self.tenant.len() + 1 + kind.len() + k8s.len() + name.map_or(0, |n| n.len() + 2);
         let mut out = String::with_capacity(len);
@@ -477,20 +464,28 @@ impl Address {
         }
         out
     }
+
+    /// The kind as an address spells it, in two parts: `kubernetes.` and the Kubernetes
+    /// kind, or the whole name and nothing.
+    fn kind_text(&self) -> (&'static str, &str) {
+        match &self.kind {
+            ResourceKind::OpenbaoPolicy => ("openbao.policy", ""),
+            ResourceKind::OpenbaoSecret => ("openbao.secret", ""),
+            ResourceKind::ManagementTenant => ("management.tenant", ""),
+            ResourceKind::ManagementLicense => ("management.license", ""),
+            ResourceKind::IspConfig => ("isp.config", ""),
+            ResourceKind::Kubernetes(k) => ("kubernetes.", k.as_ref()),
+        }
+    }
 }
 
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (kind, k8s) = self.kind_text();
         f.write_str(&self.tenant)?;
         f.write_str("/")?;
-        match &self.kind {
-            ResourceKind::OpenbaoPolicy => f.write_str("openbao.policy")?,
-            ResourceKind::OpenbaoSecret => f.write_str("openbao.secret")?,
-            ResourceKind::ManagementTenant => f.write_str("management.tenant")?,
-            ResourceKind::ManagementLicense => f.write_str("management.license")?,
-            ResourceKind::IspConfig => f.write_str("isp.config")?,
-            ResourceKind::Kubernetes(k) => write!(f, "kubernetes.{k}")?,
-        }
+        f.write_str(kind)?;
+        f.write_str(k8s)?;
         if let Some(n) = &self.name {
             write!(f, "[{n}]")?;
         }

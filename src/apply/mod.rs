@@ -284,9 +284,8 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             {
                 commit_error = Some(e);
             }
-            if let Err(spent) = spent_tx.send(commit) {
-                drop(spent.0);
-            }
+            // Freed here instead if the freeing thread is gone.
+            let _ = spent_tx.send(commit);
         };
         loop {
             match rx.recv_timeout(std::time::Duration::from_millis(200)) {
@@ -321,18 +320,15 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         // The freeing thread ends once the committer lets go of its sender.
         drop(spent_tx);
     });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     if let Some(e) = journal_error {
         // What the tenants that had started wrote is in memory only: it is forgotten.
         for p in ProviderId::ALL {
             providers.get(p).discard();
         }
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
         return Err(e.context("could not journal the apply's writes; nothing was written"));
-    }
-    if let Some(b) = bar {
-        b.finish_and_clear();
     }
     tracing::debug!(tenants = report.outcomes.len(), elapsed = ?started_at.elapsed(), rss_mib = crate::engine::rss_mib(), "applied and recorded");
     // The journal is settled once everything written is durable: until then the next plan
@@ -436,7 +432,8 @@ fn apply_tenant(
     deletes.sort_by_key(|c| matches!(&c.address.kind, ResourceKind::Kubernetes(k) if k == "Namespace"));
     let (refreshes, writes): (Vec<&Change>, Vec<&Change>) = rest.into_iter().partition(|c| c.action == Action::Noop);
 
-    // This plan's journal entries for the tenant (all written before any tenant started).
+    // This plan's journal entries for the tenant (written before any tenant started, or,
+    // with local stores only, before anything is flushed).
     let journaled: Vec<String> = writes.iter().chain(&deletes).map(|c| c.address.text()).collect();
     let drop_mine = |commit: &mut Commit| {
         commit.drop_journal.extend(journaled.iter().map(|a| (a.clone(), ctx.plan.plan_id.clone())));

@@ -131,9 +131,8 @@ impl StateLock for lock::LockGuard {}
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upsert {
     pub address: Address,
-    pub fingerprint: crate::fingerprint::Fingerprint,
     pub content: Option<String>,
-    /// `address` and `fingerprint` as the stores write them.
+    /// `address` and the fingerprint as the stores write them.
     pub address_text: String,
     pub fingerprint_text: String,
 }
@@ -144,7 +143,6 @@ impl Upsert {
             address_text: address.text(),
             fingerprint_text: fingerprint.to_string(),
             address,
-            fingerprint,
             content: content.and_then(content_to_text),
         }
     }
