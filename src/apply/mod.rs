@@ -127,9 +127,11 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         .map(|v| (v.tenant.as_str(), v.message.clone()))
         .collect();
     // Journal entries of interrupted applies, by tenant, that this plan has settled.
+    let prior = state.journal()?;
+    let journal_was_empty = prior.is_empty();
     let mut stale: HashMap<String, Vec<String>> = HashMap::new();
     if opts.settle_journal {
-        for j in state.journal()?.into_iter().filter(|j| j.plan_id != plan.plan_id) {
+        for j in prior.into_iter().filter(|j| j.plan_id != plan.plan_id) {
             let Some(tenant) = Address::parse(&j.address).map(|a| a.tenant.to_string()) else { continue };
             let in_scope = plan.tenants.as_ref().is_none_or(|ts| ts.contains(&tenant));
             if in_scope && !blocked.contains_key(tenant.as_str()) {
@@ -332,7 +334,11 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     }
     tracing::debug!(tenants = report.outcomes.len(), elapsed = ?started_at.elapsed(), rss_mib = crate::engine::rss_mib(), "applied and recorded");
     // The journal is settled once everything written is durable: until then the next plan
-    // knows these writes were in flight.
+    // knows these writes were in flight. When it held nothing before and every tenant
+    // applied, all it holds is settled.
+    if journal_was_empty && report.outcomes.iter().all(|o| o.ok) {
+        settle = Commit { clear_whole_journal: true, ..Commit::default() };
+    }
     let cleared = durable.map_err(anyhow::Error::from).and_then(|_| state.commit(serial, &settle));
     if let Err(e) = cleared
         && commit_error.is_none()

@@ -90,6 +90,10 @@ pub struct Commit {
     /// (address, plan id): one plan's entries that did not happen or were undone; entries of
     /// other plans for the address stay.
     pub drop_journal: Vec<(String, String)>,
+    /// Every journal entry is settled: the journal held none before this apply, whose writes
+    /// all landed, so what it holds is this apply's alone. It is emptied in one statement
+    /// instead of address by address (130,000 of them for 10,000 tenants).
+    pub clear_whole_journal: bool,
 }
 
 impl Commit {
@@ -99,6 +103,7 @@ impl Commit {
             && self.audit.is_empty()
             && self.clear_journal.is_empty()
             && self.drop_journal.is_empty()
+            && !self.clear_whole_journal
     }
 }
 

@@ -769,6 +769,9 @@ impl StateStore for PgStore {
             )
             .map_err(&e)?;
         }
+        if c.clear_whole_journal {
+            tx.execute("DELETE FROM dotmac_journal", &[]).map_err(&e)?;
+        }
         for chunk in c.clear_journal.chunks(CHUNK) {
             tx.execute("DELETE FROM dotmac_journal WHERE address = ANY($1)", &[&chunk]).map_err(&e)?;
         }

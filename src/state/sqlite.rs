@@ -337,6 +337,9 @@ impl StateStore for SqliteStore {
                     e.message
                 ])?;
             }
+            if c.clear_whole_journal {
+                tx.execute("DELETE FROM journal", [])?;
+            }
             let mut cj = tx.prepare_cached("DELETE FROM journal WHERE address = ?1")?;
             for a in &c.clear_journal {
                 cj.execute(params![a])?;

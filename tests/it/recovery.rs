@@ -199,3 +199,35 @@ fn an_apply_that_cannot_journal_writes_nothing() {
     drop(db);
     converges(r);
 }
+
+/// An apply that finds the journal empty and applies every tenant empties it in one statement;
+/// one that finds entries of an interrupted apply clears only what it settles.
+#[test]
+fn a_scoped_apply_after_a_killed_one_leaves_the_other_tenants_journal() {
+    let repo = example_repo();
+    let r = repo.path();
+    assert_eq!(apply_at(r, NOW, "").code, 0);
+    edit_file(&r.join("tenants/tenant-123/tenant.yaml"), "name: Demo ISP", "name: Demo ISP One");
+    edit_file(&r.join("tenants/northwind-isp/tenant.yaml"), "name: Northwind Broadband", "name: Northwind Two");
+    // Every write is done and recorded, and journaled; the process dies before the flush.
+    killed(r, NOW, "management:flush:1:delay=1s,management:flush:1:kill-before");
+    let journal = || SqliteStore::open(&r.join(".dotmac/state")).unwrap().journal().unwrap();
+    let tenants = |entries: &[dotmac_gitops::state::JournalEntry]| -> std::collections::BTreeSet<String> {
+        entries.iter().map(|e| e.address.split('/').next().unwrap().to_owned()).collect()
+    };
+    assert_eq!(tenants(&journal()), ["northwind-isp", "tenant-123"].map(String::from).into());
+
+    let out = run(&["apply", "--auto-approve", "--now", NOW, "--tenant", "tenant-123"], r);
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        tenants(&journal()),
+        ["northwind-isp"].map(String::from).into(),
+        "northwind-isp's writes are still in flight"
+    );
+    let plan = plan_json(r, NOW);
+    assert_eq!(drifted(&plan), Vec::<String>::new());
+    assert!(
+        change(&plan, "northwind-isp/management.tenant").unwrap()["reason"].as_str().unwrap().contains("interrupted")
+    );
+    converges(r);
+}
