@@ -387,38 +387,45 @@ impl Workspace {
             for t in desired.tenants.values() {
                 per_unit.entry(t.unit.as_str()).or_default().push(t);
             }
-            for (u, digest) in &loaded.unit_digests {
-                if loaded.skipped_units.contains(u) || troubled.contains(u) {
-                    continue;
-                }
-                let ts = per_unit.get(u.as_str()).cloned().unwrap_or_default();
-                let entry = UnitEntry {
-                    digest: digest.clone(),
-                    files: Vec::new(),
-                    not_before: ts.iter().map(|t| t.window.0).max().unwrap_or(i64::MIN),
-                    not_after: ts.iter().map(|t| t.window.1).min().unwrap_or(i64::MAX),
-                    tenants: ts
-                        .iter()
-                        .map(|t| CachedTenant {
-                            id: t.id.clone(),
-                            coordination: t.spec.coordination.clone(),
-                            label: crate::model::TenantLabel::of(&t.spec),
-                            resources: tenants[&t.id]
-                                .entries
-                                .iter()
-                                .map(|e| DesiredEntry {
-                                    address: e.address.clone(),
-                                    fingerprint: e.fingerprint.clone(),
-                                    content: e
-                                        .content
-                                        .as_ref()
-                                        .filter(|c| matches!(c.as_ref(), Content::Secret(_)))
-                                        .map(Arc::clone),
-                                })
-                                .collect(),
-                        })
-                        .collect(),
-                };
+            // Built in parallel (130,000 entries for 10,000 tenants; one thread left the other
+            // core idle), stored in order.
+            let fresh: Vec<(&String, UnitEntry)> = loaded
+                .unit_digests
+                .par_iter()
+                .filter(|(u, _)| !loaded.skipped_units.contains(*u) && !troubled.contains(*u))
+                .map(|(u, digest)| {
+                    let ts = per_unit.get(u.as_str()).cloned().unwrap_or_default();
+                    let entry = UnitEntry {
+                        digest: digest.clone(),
+                        files: Vec::new(),
+                        not_before: ts.iter().map(|t| t.window.0).max().unwrap_or(i64::MIN),
+                        not_after: ts.iter().map(|t| t.window.1).min().unwrap_or(i64::MAX),
+                        tenants: ts
+                            .iter()
+                            .map(|t| CachedTenant {
+                                id: t.id.clone(),
+                                coordination: t.spec.coordination.clone(),
+                                label: crate::model::TenantLabel::of(&t.spec),
+                                resources: tenants[&t.id]
+                                    .entries
+                                    .iter()
+                                    .map(|e| DesiredEntry {
+                                        address: e.address.clone(),
+                                        fingerprint: e.fingerprint.clone(),
+                                        content: e
+                                            .content
+                                            .as_ref()
+                                            .filter(|c| matches!(c.as_ref(), Content::Secret(_)))
+                                            .map(Arc::clone),
+                                    })
+                                    .collect(),
+                            })
+                            .collect(),
+                    };
+                    (u, entry)
+                })
+                .collect();
+            for (u, entry) in fresh {
                 cache.put(u.clone(), entry);
             }
             // Folders read this time vouch for their entry by their files' `stat`s.
