@@ -99,28 +99,9 @@ fn plain_ok(s: &str) -> bool {
     if !s.is_ascii() {
         return plain_ok_any(s);
     }
-    if first == b' '
-        || last == b' '
-        || last == b':'
-        || matches!(
-            first,
-            b'-' | b'?'
-                | b':'
-                | b','
-                | b'['
-                | b']'
-                | b'{'
-                | b'}'
-                | b'&'
-                | b'*'
-                | b'!'
-                | b'|'
-                | b'>'
-                | b'%'
-                | b'@'
-                | b'`'
-        )
-    {
+    // The reader's own list of what cannot start a plain scalar (it also names `#`, `'`
+    // and `"`, which the loop below refuses anywhere).
+    if first == b' ' || last == b' ' || last == b':' || crate::load::yaml_block::starts_indicator(first) {
         return false;
     }
     let mut after_colon = false;

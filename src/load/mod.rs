@@ -6,7 +6,7 @@
 pub mod settings;
 pub mod source;
 pub mod yaml;
-mod yaml_block;
+pub(crate) mod yaml_block;
 
 use crate::diag::Diagnostic;
 use crate::model::DocRef;

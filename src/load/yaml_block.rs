@@ -174,7 +174,7 @@ fn key_split(text: &str) -> Option<(&str, &str)> {
 }
 
 /// Bytes that cannot start a plain scalar (or that this path leaves alone there).
-fn starts_indicator(b: u8) -> bool {
+pub(crate) fn starts_indicator(b: u8) -> bool {
     matches!(
         b,
         b'-' | b'?'
