@@ -394,7 +394,7 @@ impl Workspace {
                 .par_iter()
                 .filter(|(u, _)| !loaded.skipped_units.contains(*u) && !troubled.contains(*u))
                 .map(|(u, digest)| {
-                    let ts = per_unit.get(u.as_str()).cloned().unwrap_or_default();
+                    let ts: &[&crate::model::Tenant] = per_unit.get(u.as_str()).map_or(&[], Vec::as_slice);
                     let entry = UnitEntry {
                         digest: digest.clone(),
                         files: Vec::new(),

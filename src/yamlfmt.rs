@@ -125,7 +125,7 @@ fn plain_ok_any(s: &str) -> bool {
         && !s.contains(['\n', '\r', '\t', '#', '"', '\''])
         && !s.contains(": ")
         && !s.ends_with(':')
-        && !s.starts_with(['-', '?', ':', ',', '[', ']', '{', '}', '&', '*', '!', '|', '>', '%', '@', '`'])
+        && !s.as_bytes().first().is_some_and(|&b| crate::load::yaml_block::starts_indicator(b))
         && !s.contains(['{', '}', '[', ']', ','])
         && s.chars().all(|c| !c.is_control())
         && reads_as_text(s)
