@@ -434,15 +434,21 @@ mod tests {
     use crate::state::Upsert;
     use serde_json::json;
 
+    /// A state file in `dir` as a store of schema `version` left it, to be filled by the test.
+    fn store_of_schema(dir: &Path, version: usize) -> Connection {
+        let conn = Connection::open(dir.join("state.db")).unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64).unwrap();
+        conn
+    }
+
     #[test]
     fn a_store_of_an_older_schema_is_migrated_and_keeps_its_journal() {
         let d = tempfile::tempdir().unwrap();
         {
-            let conn = Connection::open(d.path().join("state.db")).unwrap();
-            for sql in &MIGRATIONS[..2] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 2).unwrap();
+            let conn = store_of_schema(d.path(), 2);
             conn.execute(
                 "INSERT INTO journal VALUES ('t1/isp.config', 'plan-1', 'create', 'sha256:ab', '2026-11-22T00:00:00Z')",
                 [],
@@ -613,11 +619,7 @@ mod tests {
     fn a_store_of_schema_3_keeps_its_records_and_knows_their_tenants() {
         let d = tempfile::tempdir().unwrap();
         {
-            let conn = Connection::open(d.path().join("state.db")).unwrap();
-            for sql in &MIGRATIONS[..3] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 3).unwrap();
+            let conn = store_of_schema(d.path(), 3);
             conn.execute_batch(
                 "INSERT INTO resources VALUES
                     ('t1/isp.config', 't1', 'isp', 'sha256:a', '{\"type\":\"text\",\"value\":\"x\"}', '2026-01-01T00:00:00Z', 1),
