@@ -1,9 +1,10 @@
 //! Content checks that no schema can express: secret references, credential-looking values,
 //! safe secret names.
 
-use regex::Regex;
+use regex::{Regex, RegexSet};
 use serde_json::Value;
 use std::sync::OnceLock;
+use std::fmt::Write as _;
 
 /// A `${SECRET:name}` reference found in a document, or a malformed one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,8 +22,7 @@ pub fn walk_strings<'v>(v: &'v Value, f: &mut impl FnMut(&str, Option<&str>, &'v
             Value::Array(a) => {
                 for (i, item) in a.iter().enumerate() {
                     let len = ptr.len();
-                    ptr.push('/');
-                    ptr.push_str(&i.to_string());
+                    let _ = write!(ptr, "/{i}");
                     go(item, ptr, key, f);
                     ptr.truncate(len);
                 }
@@ -31,7 +31,12 @@ pub fn walk_strings<'v>(v: &'v Value, f: &mut impl FnMut(&str, Option<&str>, &'v
                 for (k, item) in m {
                     let len = ptr.len();
                     ptr.push('/');
-                    ptr.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                    // RFC 6901 escapes, written only for the rare key that needs them.
+                    if k.contains(['~', '/']) {
+                        ptr.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                    } else {
+                        ptr.push_str(k);
+                    }
                     go(item, ptr, Some(k), f);
                     ptr.truncate(len);
                 }
@@ -89,6 +94,9 @@ pub fn secret_name_problem(name: &str) -> Option<&'static str> {
 
 struct Patterns {
     value: Vec<(Regex, &'static str)>,
+    /// All of `value` in one automaton: one pass over a string tells whether any matches
+    /// (most strings match none), then `value` in order names the first that does.
+    any: RegexSet,
 }
 
 fn patterns() -> &'static Patterns {
@@ -105,11 +113,10 @@ fn patterns() -> &'static Patterns {
             (r"\bpat-(na|eu)[0-9]-[0-9a-f-]{20,}", "a HubSpot private app token"),
             (r"\beyJ[0-9A-Za-z_-]{8,}\.eyJ[0-9A-Za-z_-]{8,}\.[0-9A-Za-z_-]{8,}", "a JSON Web Token"),
             (r"://[^/\s:@]+:[^/\s@$]{3,}@", "a URL with a password in it"),
-        ]
-        .into_iter()
-        .map(|(re, what)| (Regex::new(re).expect("built-in pattern"), what))
-        .collect();
-        Patterns { value }
+        ];
+        let any = RegexSet::new(value.iter().map(|(re, _)| re)).expect("built-in patterns");
+        let value = value.into_iter().map(|(re, what)| (Regex::new(re).expect("built-in pattern"), what)).collect();
+        Patterns { value, any }
     })
 }
 
@@ -118,12 +125,23 @@ pub fn credential_pattern(text: &str) -> Option<&'static str> {
     if text.len() < 8 {
         return None;
     }
-    patterns().value.iter().find(|(re, _)| re.is_match(text)).map(|(_, what)| *what)
+    let p = patterns();
+    if !p.any.is_match(text) {
+        return None;
+    }
+    p.value.iter().find(|(re, _)| re.is_match(text)).map(|(_, what)| *what)
 }
 
 /// Keys whose value is a credential: it must be a `${SECRET:...}` reference.
 pub fn is_credential_key(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
+    // Most keys hold no upper case: lower-case a copy only for those that do.
+    let lowered;
+    let k = if key.bytes().any(|b| b.is_ascii_uppercase()) {
+        lowered = key.to_ascii_lowercase();
+        lowered.as_str()
+    } else {
+        key
+    };
     if k == "publishable_key" || k == "public_key" {
         return false;
     }
@@ -142,10 +160,10 @@ pub fn is_credential_key(key: &str) -> bool {
         "client_secret",
         "credentials",
     ];
-    if EXACT.contains(&k.as_str()) {
+    if EXACT.contains(&k) {
         return true;
     }
-    let last = k.rsplit(['_', '-']).next().unwrap_or(&k);
+    let last = k.rsplit(['_', '-']).next().unwrap_or(k);
     matches!(last, "password" | "passwd" | "pwd" | "secret" | "token" | "apikey" | "passphrase")
 }
 
