@@ -449,10 +449,19 @@ impl Address {
     /// `to_string` grows its string piece by piece, four times for a typical address, and
     /// an apply of 10,000 tenants makes a million of these.
     pub fn text(&self) -> String {
+        let mut out = String::new();
+        self.write_text(&mut out);
+        out
+    }
+
+    /// The address as text into `out`, which is cleared first: for lookups by text, one
+    /// buffer for many addresses.
+    pub fn write_text(&self, out: &mut String) {
         let (kind, k8s) = self.kind_text();
         let name = self.name.as_deref();
         let len = self.tenant.len() + 1 + kind.len() + k8s.len() + name.map_or(0, |n| n.len() + 2);
-        let mut out = String::with_capacity(len);
+        out.clear();
+        out.reserve_exact(len);
         out.push_str(&self.tenant);
         out.push('/');
         out.push_str(kind);
@@ -462,7 +471,6 @@ impl Address {
             out.push_str(n);
             out.push(']');
         }
-        out
     }
 
     /// The kind as an address spells it, in two parts: `kubernetes.` and the Kubernetes

@@ -3,8 +3,8 @@
 
 use regex::{Regex, RegexSet};
 use serde_json::Value;
-use std::sync::OnceLock;
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 
 /// A `${SECRET:name}` reference found in a document, or a malformed one.
 #[derive(Debug, Clone, PartialEq, Eq)]

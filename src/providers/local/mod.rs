@@ -906,11 +906,13 @@ impl Provider for LocalStore {
         self.ready()?;
         let by_shard = self.by_shard(addresses)?;
         let mut out = Vec::with_capacity(addresses.len());
+        let mut key = String::new();
         for (n, wanted) in by_shard {
             let slot = self.current(n)?;
             let Some(s) = slot.as_ref() else { continue };
             for a in wanted {
-                if let Some(e) = s.entries.get(&a.text()) {
+                a.write_text(&mut key);
+                if let Some(e) = s.entries.get(&key) {
                     out.push((a.clone(), e.fingerprint.clone()));
                 }
             }
@@ -921,11 +923,12 @@ impl Provider for LocalStore {
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {
         let by_shard = self.by_shard(addresses)?;
         let mut out = Vec::new();
+        let mut key = String::new();
         for (n, wanted) in by_shard {
             let mut slot = self.current(n)?;
             let Some(s) = slot.as_mut() else { continue };
             for a in wanted {
-                let key = a.text();
+                a.write_text(&mut key);
                 let Some(e) = s.entries.get(&key) else { continue };
                 let content = match &e.meta {
                     Some(m) => Content::SecretMeta(m.clone()),
