@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use serde_json::{Value, json};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -120,7 +120,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     for c in &plan.changes {
         by_tenant.entry(c.address.tenant.as_str()).or_default().push(c);
     }
-    let blocked: HashMap<&str, String> = plan
+    let blocked: FxHashMap<&str, String> = plan
         .violations
         .iter()
         .filter(|v| v.severity == Severity::Error)
@@ -129,7 +129,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     // Journal entries of interrupted applies, by tenant, that this plan has settled.
     let prior = state.journal()?;
     let journal_was_empty = prior.is_empty();
-    let mut stale: HashMap<String, Vec<String>> = HashMap::new();
+    let mut stale: FxHashMap<String, Vec<String>> = FxHashMap::default();
     if opts.settle_journal {
         for j in prior.into_iter().filter(|j| j.plan_id != plan.plan_id) {
             let Some(tenant) = Address::parse(&j.address).map(|a| a.tenant.to_string()) else { continue };
@@ -354,7 +354,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     tracing::debug!(elapsed = ?started_at.elapsed(), rss_mib = crate::engine::rss_mib(), "read back");
     // What was written and read back unchanged (same fingerprint, so the same content) is
     // compared as the plan had it; only the other side of a tenant is read again.
-    let known: HashMap<&Address, &Content> = plan
+    let known: FxHashMap<&Address, &Content> = plan
         .changes
         .iter()
         .filter_map(|c| {
@@ -460,7 +460,7 @@ fn apply_tenant(
     };
 
     // 1. Read live again: it must still be what the plan saw.
-    let mut live_now: HashMap<Address, LiveResource> = HashMap::new();
+    let mut live_now: FxHashMap<Address, LiveResource> = FxHashMap::default();
     for p in ProviderId::ALL {
         let addrs: Vec<Address> =
             writes.iter().chain(&deletes).filter(|c| c.address.provider() == p).map(|c| c.address.clone()).collect();
@@ -637,7 +637,7 @@ type Failure<'a> = Option<(&'a Change, String)>;
 fn run_sequence<'a>(
     ctx: &Ctx<'_>,
     changes: impl Iterator<Item = &'a Change>,
-    live: &HashMap<Address, LiveResource>,
+    live: &FxHashMap<Address, LiveResource>,
 ) -> (Vec<Done<'a>>, Failure<'a>) {
     let mut done = Vec::new();
     for c in changes {
@@ -681,7 +681,7 @@ fn run_synchronized<'a>(
     ctx: &Ctx<'_>,
     writes: &[&'a Change],
     deletes: &[&'a Change],
-    live: &HashMap<Address, LiveResource>,
+    live: &FxHashMap<Address, LiveResource>,
 ) -> (Vec<Done<'a>>, Failure<'a>) {
     let of = |p: ProviderId| writes.iter().copied().filter(move |c| c.address.provider() == p);
     let (mut done, failure) = run_sequence(ctx, of(ProviderId::Secrets), live);
@@ -770,7 +770,7 @@ fn undo(ctx: &Ctx<'_>, d: &Done<'_>) -> Result<Option<Fingerprint>, String> {
 fn verify(
     providers: &Providers,
     written: &[(Address, Option<Fingerprint>)],
-) -> (Vec<String>, HashMap<Address, Fingerprint>) {
+) -> (Vec<String>, FxHashMap<Address, Fingerprint>) {
     let one = |p: ProviderId| -> (Vec<String>, Vec<(Address, Fingerprint)>) {
         let mine: Vec<&(Address, Option<Fingerprint>)> = written.iter().filter(|(a, _)| a.provider() == p).collect();
         if mine.is_empty() {
@@ -808,7 +808,7 @@ fn verify(
     let per_provider: Vec<(Vec<String>, Vec<(Address, Fingerprint)>)> =
         ProviderId::ALL.par_iter().map(|p| one(*p)).collect();
     let mut problems = Vec::new();
-    let mut read_back = HashMap::new();
+    let mut read_back = FxHashMap::default();
     for (p, r) in per_provider {
         problems.extend(p);
         read_back.extend(r);
@@ -822,7 +822,7 @@ fn verify(
 fn consistency(
     providers: &Providers,
     written: &[(Address, Option<Fingerprint>)],
-    known: &HashMap<&Address, &Content>,
+    known: &FxHashMap<&Address, &Content>,
 ) -> Result<Vec<crate::drift::Difference>, String> {
     let tenants: BTreeSet<&str> = written
         .iter()
@@ -853,7 +853,7 @@ fn consistency(
         (Ok(m), Ok(i)) => (m, i),
         (Err(e), _) | (_, Err(e)) => return Err(format!("consistency validation could not read both sides: {e}")),
     };
-    let isp: HashMap<&str, &str> = isp
+    let isp: FxHashMap<&str, &str> = isp
         .iter()
         .filter_map(|(a, c)| match c.as_ref() {
             Content::Text(t) => Some((a.tenant.as_str(), t.as_str())),
