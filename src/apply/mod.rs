@@ -520,7 +520,7 @@ fn apply_tenant(
                     _ => commit.forget.push(c.address.clone()),
                 }
             }
-            commit.clear_journal.extend(journaled.iter().cloned());
+            commit.clear_journal.extend(journaled);
             commit.clear_journal.extend(settles.iter().cloned());
         }
         Some((failed, err)) => {
