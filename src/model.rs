@@ -195,8 +195,9 @@ pub struct Tenant {
     /// The folder (or file) directly under `tenants/` that holds this tenant's documents.
     pub unit: String,
     pub spec: TenantDoc,
-    /// The Tenant document as written: what templates see as `tenant`.
-    pub doc: Value,
+    /// The Tenant document as written: what templates see as `tenant` (shared with the
+    /// loaded document it was validated from).
+    pub doc: std::sync::Arc<Value>,
     pub source: DocRef,
     /// Enabled features, sorted.
     pub features: Vec<String>,

@@ -40,7 +40,8 @@ pub struct LoadedDoc {
     pub role: FileRole,
     /// 1-based line of the document's start.
     pub line: usize,
-    pub value: Value,
+    /// Shared: a Tenant document is kept as the validated tenant's `doc` without a copy.
+    pub value: Arc<Value>,
 }
 
 /// A repository read at one revision.
@@ -269,7 +270,7 @@ pub fn parse_files(
                         at: DocRef { file: path.clone(), doc: i },
                         role,
                         line: d.line,
-                        value: d.value,
+                        value: Arc::new(d.value),
                     })
                     .collect()),
                 Err(e) => Err(Diagnostic::error("yaml", format!("invalid YAML: {}", e.message))

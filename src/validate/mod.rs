@@ -92,7 +92,7 @@ pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, S
             );
             continue;
         }
-        environments.insert(name, (d.at.clone(), d.value.clone()));
+        environments.insert(name, (d.at.clone(), (*d.value).clone()));
     }
     for d in loaded.docs.iter().filter(|d| d.role != FileRole::Tenant) {
         credential_scan(d, None, &mut diags);
@@ -410,7 +410,7 @@ impl TenantCtx<'_> {
         let err = |rule: &'static str, msg: String, ptr: &str| {
             Diagnostic::error(rule, msg).file(file).at(d.at.doc, ptr, Target::Value).tenant(id)
         };
-        let spec: TenantDoc = match TenantDoc::deserialize(&d.value) {
+        let spec: TenantDoc = match TenantDoc::deserialize(&*d.value) {
             Ok(s) => s,
             Err(e) => {
                 out.push(err("schema", format!("cannot read the tenant: {e}"), ""));
@@ -476,7 +476,7 @@ impl TenantCtx<'_> {
             let lerr = |rule: &'static str, msg: String, ptr: String| {
                 Diagnostic::error(rule, msg).file(&*l.at.file).at(l.at.doc, ptr, Target::Value).tenant(id)
             };
-            let doc: LicensesDoc = match LicensesDoc::deserialize(&l.value) {
+            let doc: LicensesDoc = match LicensesDoc::deserialize(&*l.value) {
                 Ok(doc) => doc,
                 Err(e) => {
                     out.push(lerr("schema", format!("cannot read the licenses: {e}"), String::new()));
@@ -587,7 +587,7 @@ impl TenantCtx<'_> {
             let serr = |msg: String, ptr: String| {
                 Diagnostic::error("secret", msg).file(&*s.at.file).at(s.at.doc, ptr, Target::Key).tenant(id)
             };
-            match SecretRefsDoc::deserialize(&s.value) {
+            match SecretRefsDoc::deserialize(&*s.value) {
                 Err(e) => out.push(serr(format!("cannot read the secrets: {e}"), String::new())),
                 Ok(doc) => {
                     for (name, decl) in &doc.secrets {
@@ -630,7 +630,7 @@ impl TenantCtx<'_> {
                 }
             }
         }
-        for (doc, value) in [(Some(d), &d.value), (lic, lic.map(|l| &l.value).unwrap_or(&Value::Null))] {
+        for (doc, value) in [(Some(d), &*d.value), (lic, lic.map(|l| &*l.value).unwrap_or(&Value::Null))] {
             let Some(doc) = doc else { continue };
             for r in checks::secret_refs(value) {
                 let diag = match r {
