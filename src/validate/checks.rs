@@ -203,5 +203,50 @@ mod tests {
         assert!(!is_credential_key("token_ttl"));
         assert!(!is_credential_key("publishable_key"));
         assert!(!is_credential_key("secrets"));
+        // Upper case is folded (only such keys are copied to fold them).
+        assert!(is_credential_key("Client_Secret"));
+        assert!(is_credential_key("API_KEY"));
+        assert!(!is_credential_key("Public_Key"));
+    }
+
+    #[test]
+    fn every_pattern_is_named_and_the_first_one_that_matches_wins() {
+        let examples = [
+            ("rk_test_0123456789", "a Stripe secret key"),
+            ("whsec_0123456789ab", "a Stripe webhook signing secret"),
+            ("AKIAABCDEFGHIJKLMNOP", "an AWS access key id"),
+            ("ghp_012345678901234567890123456789ab", "a GitHub token"),
+            ("github_pat_012345678901234567890123456789", "a GitHub token"),
+            ("xoxb-0123456789-abc", "a Slack token"),
+            ("pat-na1-0123456789abcdef01234", "a HubSpot private app token"),
+            ("eyJabcdefghij.eyJabcdefghij.abcdefghij", "a JSON Web Token"),
+        ];
+        for (text, what) in examples {
+            assert_eq!(credential_pattern(text), Some(what), "{text}");
+            assert_eq!(credential_pattern(&format!("see {text} here")), Some(what), "{text} inside a sentence");
+        }
+        // Two patterns in one string: the list's order decides, as before the patterns ran as
+        // one set first.
+        assert_eq!(credential_pattern("https://u:pass@x sk_live_abcdefgh1234"), Some("a Stripe secret key"));
+        assert_eq!(credential_pattern("no credential in this sentence at all"), None);
+    }
+
+    #[test]
+    fn pointers_escape_keys_and_count_array_items() {
+        let v = json!({"a/b": {"c~d": ["x", {"e": "y"}]}, "plain": "z"});
+        let mut seen = Vec::new();
+        walk_strings(&v, &mut |ptr, key, text| seen.push((ptr.to_owned(), key.map(str::to_owned), text.to_owned())));
+        assert_eq!(
+            seen,
+            vec![
+                ("/a~1b/c~0d/0".to_owned(), Some("c~d".to_owned()), "x".to_owned()),
+                ("/a~1b/c~0d/1/e".to_owned(), Some("e".to_owned()), "y".to_owned()),
+                ("/plain".to_owned(), Some("plain".to_owned()), "z".to_owned()),
+            ]
+        );
+        // The pointers resolve to the strings they name.
+        for (ptr, _, text) in &seen {
+            assert_eq!(v.pointer(ptr).and_then(Value::as_str), Some(text.as_str()), "{ptr}");
+        }
     }
 }
