@@ -225,7 +225,7 @@ pub struct Catalog {
 pub struct Desired {
     pub settings: Settings,
     pub catalog: Catalog,
-    pub environments: BTreeMap<String, (DocRef, Value)>,
+    pub environments: BTreeMap<String, (DocRef, std::sync::Arc<Value>)>,
     pub tenants: BTreeMap<String, Tenant>,
     /// Template sources from the repository's own `templates/` (name -> text).
     pub templates: BTreeMap<String, Arc<str>>,

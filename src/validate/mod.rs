@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use schema::Kind;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// Validates a loaded repository at time `now` (licenses expire, secrets age).
 pub fn validate(loaded: &Loaded, now: Timestamp) -> (Desired, Vec<Diagnostic>) {
@@ -80,7 +81,7 @@ pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, S
         catalog.tiers = entries(&d.value, "tiers");
         catalog.sources.insert("tiers", d.at.clone());
     }
-    let mut environments: BTreeMap<String, (DocRef, Value)> = BTreeMap::new();
+    let mut environments: BTreeMap<String, (DocRef, Arc<Value>)> = BTreeMap::new();
     for d in docs_of(Kind::Environment) {
         let name = d.value["name"].as_str().unwrap_or_default().to_owned();
         if let Some((first, _)) = environments.get(&name) {
@@ -92,7 +93,7 @@ pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, S
             );
             continue;
         }
-        environments.insert(name, (d.at.clone(), (*d.value).clone()));
+        environments.insert(name, (d.at.clone(), Arc::clone(&d.value)));
     }
     for d in loaded.docs.iter().filter(|d| d.role != FileRole::Tenant) {
         credential_scan(d, None, &mut diags);
@@ -381,7 +382,7 @@ fn credential_scan(d: &LoadedDoc, tenant: Option<&str>, diags: &mut Vec<Diagnost
 
 struct TenantCtx<'a> {
     catalog: &'a Catalog,
-    environments: &'a BTreeMap<String, (DocRef, Value)>,
+    environments: &'a BTreeMap<String, (DocRef, Arc<Value>)>,
     now: Timestamp,
     have_plans: bool,
     have_tiers: bool,
