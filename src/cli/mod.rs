@@ -148,7 +148,8 @@ pub enum Command {
         /// Remove every version of deleted secrets (default: a soft delete that keeps them).
         #[arg(long)]
         destroy_secrets: bool,
-        /// Tenants applied at the same time (default: [apply] parallelism, else 8).
+        /// Tenants applied at the same time (default: [apply] parallelism, else 8); with
+        /// local stores only, at most one per core.
         #[arg(long, value_name = "N")]
         parallelism: Option<usize>,
         #[command(flatten)]

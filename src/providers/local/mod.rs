@@ -59,6 +59,7 @@ use crate::yamlfmt;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use index::Stamp;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
@@ -107,8 +108,9 @@ struct Shard {
     /// By address text, which is the order in the file.
     entries: BTreeMap<String, Entry>,
     /// Entries put or deleted since the file was read or written, with what they replaced (for
-    /// merging with an edit made on disk meanwhile). Not empty: the image is dirty.
-    changed: BTreeMap<String, Option<Base>>,
+    /// merging with an edit made on disk meanwhile). Not empty: the image is dirty. Hashed:
+    /// it is looked up on every put and read in order only by a merge, which is rare.
+    changed: FxHashMap<String, Option<Base>>,
 }
 
 /// An entry before this store changed it.
@@ -142,7 +144,7 @@ impl Shard {
             bytes: None,
             split: true,
             entries: BTreeMap::new(),
-            changed: BTreeMap::new(),
+            changed: FxHashMap::default(),
         }
     }
 
@@ -277,7 +279,7 @@ impl LocalStore {
                 bytes: None,
                 split: false,
                 entries,
-                changed: BTreeMap::new(),
+                changed: FxHashMap::default(),
             });
         }
         slot
@@ -445,7 +447,7 @@ impl LocalStore {
             bytes: Some(bytes),
             split: true,
             entries,
-            changed: BTreeMap::new(),
+            changed: FxHashMap::default(),
         })
     }
 
@@ -550,20 +552,33 @@ impl LocalStore {
     /// Changes the image: `key` now holds `text` (with this fingerprint and metadata), or
     /// nothing.
     fn set(&self, s: &mut Shard, a: &Address, key: String, new: Option<(&str, Fingerprint, Option<SecretMeta>)>) {
-        let base = s.entries.get(&key).map(|e| Base { hash: e.hash, fingerprint: e.fingerprint.clone() });
+        use std::collections::btree_map::Entry as Slot;
+        let base_of = |e: &Entry| Some(Base { hash: e.hash, fingerprint: e.fingerprint.clone() });
         match new {
             Some((text, fingerprint, meta)) => {
                 let mut framed = Vec::with_capacity(text.len() + text.len() / 16 + key.len() + 32);
                 shard::frame(&mut framed, &key, text);
                 let entry =
                     Entry { address: a.clone(), fingerprint, meta, hash: digest(&framed), body: Body::New(framed) };
-                s.changed.entry(key.clone()).or_insert(base);
-                s.entries.insert(key, entry);
+                // One search of the entries: what it replaces, then the new entry in its place.
+                match s.entries.entry(key) {
+                    Slot::Occupied(mut o) => {
+                        if !s.changed.contains_key(o.key()) {
+                            s.changed.insert(o.key().clone(), base_of(o.get()));
+                        }
+                        o.insert(entry);
+                    }
+                    Slot::Vacant(v) => {
+                        if !s.changed.contains_key(v.key()) {
+                            s.changed.insert(v.key().clone(), None);
+                        }
+                        v.insert(entry);
+                    }
+                }
             }
             None => {
-                if base.is_some() {
-                    s.changed.entry(key.clone()).or_insert(base);
-                    s.entries.remove(&key);
+                if let Some(old) = s.entries.remove(&key) {
+                    s.changed.entry(key).or_insert_with(|| base_of(&old));
                 }
             }
         }
@@ -791,7 +806,10 @@ impl LocalStore {
     fn merge(&self, n: usize, s: &mut Shard) -> Result<Option<ProviderError>> {
         let mut disk = self.read_shard(n, Some(s))?;
         let mut conflict = None;
-        for (key, base) in std::mem::take(&mut s.changed) {
+        // In address order, so that the conflict reported is the same whatever the hashing.
+        let mut changed: Vec<(String, Option<Base>)> = std::mem::take(&mut s.changed).into_iter().collect();
+        changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, base) in changed {
             let now = disk.entries.get(&key).map(|e| (e.hash, e.fingerprint.clone()));
             if now.as_ref().map(|n| n.0) != base.as_ref().map(|b| b.hash) {
                 tracing::warn!(address = %key, file = %self.path_of(n).display(), "changed on disk while being written; the other change is kept");
