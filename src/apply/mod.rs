@@ -10,6 +10,7 @@
 //! the end, and only then is the journal settled (see ARCHITECTURE.md, invariants).
 
 use crate::diff::{Action, Change, Risk, Severity};
+use crate::drift::Difference;
 use crate::fingerprint::{Fingerprint, shown};
 use crate::model::{
     Address, Charset, Content, Coordination, ProviderId, Resource, ResourceKind, SecretSource, Strategy,
@@ -62,7 +63,7 @@ pub struct Report {
     /// Problems found by reading back what was written (consistency validation).
     pub verification: Vec<String>,
     /// The management/ISP disagreements among them, one per difference.
-    pub inconsistencies: Vec<crate::drift::Difference>,
+    pub inconsistencies: Vec<Difference>,
 }
 
 impl Report {
@@ -213,6 +214,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     // Set when the journal could not be written: no tenant starts, nothing is flushed.
     let unjournaled = AtomicBool::new(false);
     let mut journal_error: Option<anyhow::Error> = None;
+    let mut expected: FxHashMap<&str, Vec<Difference>> = FxHashMap::default();
     std::thread::scope(|s| {
         for _ in 0..workers {
             let tx = tx.clone();
@@ -315,9 +317,14 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         // journal is settled only once both are over.
         if journal_error.is_none() {
             let flushing = s.spawn(|| flush_all(providers));
+            // Meanwhile, what consistency validation will find where both sides are read back
+            // as planned: the cores have room while the flush waits for the disk.
+            let checking = s.spawn(|| planned_consistency(plan));
             flush(&mut batch, &mut report);
             durable =
                 flushing.join().unwrap_or_else(|_| Err(ProviderError::Other("flushing the providers panicked".into())));
+            // A panic here only loses the head start: every tenant is then compared below.
+            expected = checking.join().unwrap_or_default();
         }
         // The freeing thread ends once the committer lets go of its sender.
         drop(spent_tx);
@@ -362,7 +369,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             (read_back.get(&c.address) == Some(written)).then_some((&c.address, c.desired.as_deref()?))
         })
         .collect();
-    match consistency(providers, &written_all, &known) {
+    match consistency(providers, &written_all, &known, &expected) {
         Ok(differences) => {
             report.verification.extend(differences.iter().map(|d| {
                 format!(
@@ -826,14 +833,35 @@ fn verify(
     (problems, read_back)
 }
 
+/// The differences between each tenant's planned management record and ISP configuration,
+/// for the tenants whose plan writes both.
+fn planned_consistency(plan: &Plan) -> FxHashMap<&str, Vec<Difference>> {
+    let mut pairs: FxHashMap<&str, (Option<&Value>, Option<&str>)> = FxHashMap::default();
+    for c in &plan.changes {
+        match (&c.address.kind, c.desired.as_deref()) {
+            (ResourceKind::ManagementTenant, Some(Content::Json(v))) => {
+                pairs.entry(c.address.tenant.as_str()).or_default().0 = Some(v);
+            }
+            (ResourceKind::IspConfig, Some(Content::Text(t))) => {
+                pairs.entry(c.address.tenant.as_str()).or_default().1 = Some(t);
+            }
+            _ => {}
+        }
+    }
+    pairs.into_par_iter().filter_map(|(t, (m, i))| Some((t, crate::drift::consistency(t, m?, i?)))).collect()
+}
+
 /// Consistency validation: for every tenant whose management record or ISP configuration
 /// was written, both sides are read again and compared (plan, features, billing gateway);
-/// an error when the two sides could not be read.
+/// an error when the two sides could not be read. Where both sides were read back as the
+/// plan wrote them (`known`), the comparison is the plan's, made during the flush
+/// (`expected`).
 fn consistency(
     providers: &Providers,
     written: &[(Address, Option<Fingerprint>)],
     known: &FxHashMap<&Address, &Content>,
-) -> Result<Vec<crate::drift::Difference>, String> {
+    expected: &FxHashMap<&str, Vec<Difference>>,
+) -> Result<Vec<Difference>, String> {
     let tenants: BTreeSet<&str> = written
         .iter()
         .filter(|(a, _)| matches!(a.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig))
@@ -842,11 +870,33 @@ fn consistency(
     if tenants.is_empty() {
         return Ok(Vec::new());
     }
+    let as_planned = |t: &str| {
+        let read_back = |kind: ResourceKind| known.contains_key(&Address::new(t, kind, None));
+        expected.contains_key(t) && read_back(ResourceKind::ManagementTenant) && read_back(ResourceKind::IspConfig)
+    };
+    let (planned, tenants): (BTreeSet<&str>, BTreeSet<&str>) = tenants.into_iter().partition(|t| as_planned(t));
+    let mut found = compare_live(providers, &tenants, known)?;
+    found.extend(planned.into_iter().flat_map(|t| expected[t].iter().cloned()));
+    // In tenant order, as one pass over all of them would give.
+    found.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    Ok(found)
+}
+
+/// Reads both sides of these tenants (the plan's content where it was read back unchanged)
+/// and compares them.
+fn compare_live(
+    providers: &Providers,
+    tenants: &BTreeSet<&str>,
+    known: &FxHashMap<&Address, &Content>,
+) -> Result<Vec<Difference>, String> {
+    if tenants.is_empty() {
+        return Ok(Vec::new());
+    }
     // Each side: the content the plan wrote where it was read back unchanged, else fetched.
     let read = |kind: ResourceKind| -> crate::providers::Result<Vec<(Address, Cow<'_, Content>)>> {
         let mut have = Vec::new();
         let mut fetch = Vec::new();
-        for t in &tenants {
+        for t in tenants {
             let a = Address::new(t, kind.clone(), None);
             match known.get(&a) {
                 Some(c) => have.push((a, Cow::Borrowed(*c))),
