@@ -561,17 +561,17 @@ impl LocalStore {
                 let entry =
                     Entry { address: a.clone(), fingerprint, meta, hash: digest(&framed), body: Body::New(framed) };
                 // One search of the entries: what it replaces, then the new entry in its place.
-                match s.entries.entry(key) {
+                let slot = s.entries.entry(key);
+                let base = match &slot {
+                    Slot::Occupied(o) => base_of(o.get()),
+                    Slot::Vacant(_) => None,
+                };
+                s.changed.entry(slot.key().clone()).or_insert(base);
+                match slot {
                     Slot::Occupied(mut o) => {
-                        if !s.changed.contains_key(o.key()) {
-                            s.changed.insert(o.key().clone(), base_of(o.get()));
-                        }
                         o.insert(entry);
                     }
                     Slot::Vacant(v) => {
-                        if !s.changed.contains_key(v.key()) {
-                            s.changed.insert(v.key().clone(), None);
-                        }
                         v.insert(entry);
                     }
                 }
