@@ -94,6 +94,8 @@ pub struct Note {
 /// Compares the repository at `root` between the revisions `base` and `head`.
 pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<PrDiff> {
     let t = std::time::Instant::now();
+    // Both revisions are validated: the schemas compile on the other core meanwhile.
+    std::thread::spawn(validate::schema::compile_all);
     let (repo, prefix) = source::open_git(root).map_err(|e| anyhow!(e))?;
     let base_id = source::resolve_rev(&repo, base).map_err(|e| anyhow!("--base: {e}"))?;
     let head_id = source::resolve_rev(&repo, head).map_err(|e| anyhow!("--head: {e}"))?;
@@ -939,6 +941,86 @@ mod tests {
         let c = change(&a, Some(&Content::Secret(s)), Some(&Content::Secret(longer)), "why").unwrap();
         assert_eq!((c.action, c.risk), (Action::Update, Risk::High));
         assert!(c.diff.contains("-(sensitive) generated, 32 hex") && c.diff.contains("+(sensitive) generated, 48 hex"));
+    }
+
+    /// Builds nested trees from (path, mode, text) and returns the root's id.
+    fn tree_of(repo: &git2::Repository, files: &[(&str, i32, &str)]) -> git2::Oid {
+        let mut here = repo.treebuilder(None).unwrap();
+        let mut below: BTreeMap<&str, Vec<(&str, i32, &str)>> = BTreeMap::new();
+        for &(path, mode, text) in files {
+            match path.split_once('/') {
+                Some((dir, rest)) => below.entry(dir).or_default().push((rest, mode, text)),
+                None => {
+                    here.insert(path, repo.blob(text.as_bytes()).unwrap(), mode).unwrap();
+                }
+            }
+        }
+        for (dir, files) in below {
+            here.insert(dir, tree_of(repo, &files), 0o040000).unwrap();
+        }
+        here.write().unwrap()
+    }
+
+    #[test]
+    fn the_tree_walk_finds_what_libgit2_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = git2::Repository::init(dir.path()).unwrap();
+        let base = tree_of(
+            &repo,
+            &[
+                ("a/b.yaml", 0o100644, "1"),
+                ("a/same.yaml", 0o100644, "same"),
+                ("a-b", 0o100644, "x"),
+                ("a.c", 0o100644, "file, then a folder"),
+                ("link", 0o120000, "target"),
+                ("run.sh", 0o100644, "echo"),
+                ("tenants/t1/tenant.yaml", 0o100644, "t1"),
+                ("tenants/t2/tenant.yaml", 0o100644, "t2"),
+                ("tenants/t2/more/deep.yaml", 0o100644, "deep"),
+                ("untouched/deep/z.yaml", 0o100644, "z"),
+                ("ünïcode", 0o100644, "u"),
+            ],
+        );
+        let head = tree_of(
+            &repo,
+            &[
+                ("a/b.yaml", 0o100644, "2"),
+                ("a/same.yaml", 0o100644, "same"),
+                ("a.c/d.yaml", 0o100644, "now inside a folder"),
+                ("a0", 0o100644, "added after the folder a in git's order"),
+                ("link", 0o100644, "target"),
+                ("run.sh", 0o100755, "echo"),
+                ("tenants/t1/tenant.yaml", 0o100644, "t1"),
+                ("tenants/t3/tenant.yaml", 0o100644, "t3"),
+                ("untouched/deep/z.yaml", 0o100644, "z"),
+                ("ünïcode", 0o100644, "v"),
+            ],
+        );
+        let mut ours = Vec::new();
+        let (old, new) = (repo.find_tree(base).unwrap(), repo.find_tree(head).unwrap());
+        differing_paths(&repo, Some(&old), Some(&new), "", &mut ours).unwrap();
+        let ours: Vec<(String, Option<i32>, Option<i32>)> = ours.into_iter().map(|d| (d.path, d.old, d.new)).collect();
+
+        let mut opts = git2::DiffOptions::new();
+        opts.include_typechange(true);
+        let diff = repo.diff_tree_to_tree(Some(&old), Some(&new), Some(&mut opts)).unwrap();
+        let mut theirs: Vec<(String, Option<i32>, Option<i32>)> = diff
+            .deltas()
+            .map(|d| {
+                let side =
+                    |f: git2::DiffFile<'_>| (f.mode() != git2::FileMode::Unreadable).then(|| i32::from(f.mode()));
+                let path = d.new_file().path().or(d.old_file().path()).unwrap().to_string_lossy().into_owned();
+                (path, side(d.old_file()), side(d.new_file()))
+            })
+            .collect();
+        theirs.sort();
+        let mut sorted = ours.clone();
+        sorted.sort();
+        assert_eq!(sorted, theirs);
+        assert_eq!(ours.len(), 11, "{ours:?}");
+        assert!(ours.contains(&("link".into(), Some(0o120000), Some(0o100644))));
+        assert!(ours.contains(&("run.sh".into(), Some(0o100644), Some(0o100755))));
+        assert!(ours.contains(&("tenants/t2/more/deep.yaml".into(), Some(0o100644), None)));
     }
 
     #[test]

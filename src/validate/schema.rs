@@ -95,6 +95,16 @@ fn compiled(kind: Kind) -> &'static Compiled {
     })
 }
 
+/// Compiles every kind's schema now, instead of on first use. `diff` has a thread of its
+/// own do it while it reads the two commits' trees: compiling them (and the regular
+/// expressions of their patterns) took about 10 ms of a 45 ms diff at 100,000 tenants,
+/// most of the rest reading a 4 MB `tenants/` tree object at each commit.
+pub fn compile_all() {
+    for kind in Kind::DOCUMENT_KINDS.into_iter().chain([Kind::Settings]) {
+        compiled(kind);
+    }
+}
+
 /// A schema violation, ready to become a diagnostic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Violation {
