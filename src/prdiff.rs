@@ -100,12 +100,28 @@ pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<Pr
     let base_id = source::resolve_rev(&repo, base).map_err(|e| anyhow!("--base: {e}"))?;
     let head_id = source::resolve_rev(&repo, head).map_err(|e| anyhow!("--head: {e}"))?;
     tracing::debug!(elapsed = ?t.elapsed(), "opened the repository");
-    let files = changed_files(&repo, &prefix, base_id, head_id)
+    // The head revision is read through a second handle on the repository: a thread of its
+    // own reads the head's `tenants/` tree into that handle's cache while this one reads
+    // the base's, the two largest reads of a diff (4 MB each at 100,000 tenants) at once.
+    let head_handle = {
+        let (path, prefix) = (repo.path().to_owned(), prefix.clone());
+        std::thread::spawn(move || {
+            let handle = git2::Repository::open(path).ok()?;
+            read_tenants_tree(&handle, &prefix, head_id);
+            Some(handle)
+        })
+    };
+    read_tenants_tree(&repo, &prefix, base_id);
+    let head_handle = head_handle.join().ok().flatten();
+    let head_repo = head_handle.as_ref().unwrap_or(&repo);
+    let files = changed_files(&repo, head_repo, &prefix, base_id, head_id)
         .with_context(|| format!("comparing the trees of {} and {}", short(base_id), short(head_id)))?;
     tracing::info!(files = files.len(), elapsed = ?t.elapsed(), "tree diff");
     let touched = Touched::of(&files);
     let mut reasons = touched.reasons();
-    let load = |id: git2::Oid, scope: &Scope| load::load_commit(root, &repo, &prefix, id, scope);
+    let load = |id: git2::Oid, scope: &Scope| {
+        load::load_commit(root, if id == head_id { head_repo } else { &repo }, &prefix, id, scope)
+    };
 
     // What the shared files change: everything, some catalog entries, or nothing.
     let mut every = touched.templates.first().map(|p| format!("{p} changed: every tenant is compared"));
@@ -169,7 +185,7 @@ pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<Pr
                 }
                 None => {
                     let first = load(head_id, &Scope::Units(set.clone()));
-                    let head_tree = root_tree(&repo, &prefix, head_id)?;
+                    let head_tree = root_tree(head_repo, &prefix, head_id)?;
                     let extra = same_id_units(&first, set, |unit| {
                         head_tree.as_ref().is_some_and(|t| t.get_path(Path::new(&format!("tenants/{unit}"))).is_ok())
                     });
@@ -337,22 +353,36 @@ fn root_tree<'r>(repo: &'r git2::Repository, prefix: &str, id: git2::Oid) -> Res
     }
 }
 
+/// Reads a commit's `tenants/` tree into the handle's object cache (it keeps large trees,
+/// see `cli::main`); what cannot be read is left for the reader that needs it to report.
+fn read_tenants_tree(repo: &git2::Repository, prefix: &str, id: git2::Oid) {
+    if let Ok(Some(root)) = root_tree(repo, prefix, id)
+        && let Some(entry) = root.get_name("tenants")
+    {
+        let _ = repo.find_tree(entry.id());
+    }
+}
+
 /// The files that differ between two commits under the repository root, renames detected.
 ///
 /// libgit2's tree-to-tree diff walks every blob of both trees; with thousands of tenant
 /// folders that is most of the cost. So the trees are compared here, skipping every subtree
 /// whose id is the same on both sides; libgit2 is asked only to find renames, among the
 /// files added and deleted, when there are both.
+///
+/// The base revision is read through `repo`, the head through `head_repo` (two handles on
+/// the same repository, or the same one twice).
 pub fn changed_files(
     repo: &git2::Repository,
+    head_repo: &git2::Repository,
     prefix: &str,
     base: git2::Oid,
     head: git2::Oid,
 ) -> Result<Vec<FileChange>> {
     let old = root_tree(repo, prefix, base)?;
-    let new = root_tree(repo, prefix, head)?;
+    let new = root_tree(head_repo, prefix, head)?;
     let mut found = Vec::new();
-    differing_paths(repo, old.as_ref(), new.as_ref(), "", &mut found)?;
+    differing_paths((repo, head_repo), old.as_ref(), new.as_ref(), "", &mut found)?;
     let mut out = Vec::new();
     let (mut added, mut deleted) = (Vec::new(), Vec::new());
     for d in found {
@@ -373,6 +403,8 @@ pub fn changed_files(
         for p in added.iter().chain(&deleted) {
             opts.pathspec(p);
         }
+        // Both trees through one handle, as libgit2's diff looks their subtrees up in it.
+        let new = root_tree(repo, prefix, head)?;
         let mut diff = repo.diff_tree_to_tree(old.as_ref(), new.as_ref(), Some(&mut opts))?;
         let mut find = git2::DiffFindOptions::new();
         find.renames(true);
@@ -421,9 +453,10 @@ fn git_order(a: &git2::TreeEntry<'_>, b: &git2::TreeEntry<'_>) -> std::cmp::Orde
     next(x, a).cmp(&next(y, b))
 }
 
-/// The files that differ between two trees; subtrees with the same id are not read.
-fn differing_paths(
-    repo: &git2::Repository,
+/// The files that differ between two trees; subtrees with the same id are not read. Each
+/// side's subtrees are read through its own handle (base, head).
+fn differing_paths<'r>(
+    repos: (&'r git2::Repository, &'r git2::Repository),
     old: Option<&git2::Tree<'_>>,
     new: Option<&git2::Tree<'_>>,
     at: &str,
@@ -454,15 +487,15 @@ fn differing_paths(
         let any = left.as_ref().or(right.as_ref()).expect("one side has the entry");
         let name = String::from_utf8_lossy(any.name_bytes()).into_owned();
         let path = if at.is_empty() { name } else { format!("{at}/{name}") };
-        let tree = |e: &Option<git2::TreeEntry<'_>>| -> Result<Option<git2::Tree<'_>>> {
+        let tree = |e: &Option<git2::TreeEntry<'_>>, repo: &'r git2::Repository| -> Result<Option<git2::Tree<'r>>> {
             match e {
                 Some(e) if e.kind() == Some(git2::ObjectType::Tree) => Ok(Some(repo.find_tree(e.id())?)),
                 _ => Ok(None),
             }
         };
-        let (lt, rt) = (tree(&left)?, tree(&right)?);
+        let (lt, rt) = (tree(&left, repos.0)?, tree(&right, repos.1)?);
         if lt.is_some() || rt.is_some() {
-            differing_paths(repo, lt.as_ref(), rt.as_ref(), &path, out)?;
+            differing_paths(repos, lt.as_ref(), rt.as_ref(), &path, out)?;
         } else {
             let mode = |e: &Option<git2::TreeEntry<'_>>| {
                 e.as_ref().filter(|e| e.kind() == Some(git2::ObjectType::Blob)).map(|e| e.filemode())
@@ -998,7 +1031,7 @@ mod tests {
         );
         let mut ours = Vec::new();
         let (old, new) = (repo.find_tree(base).unwrap(), repo.find_tree(head).unwrap());
-        differing_paths(&repo, Some(&old), Some(&new), "", &mut ours).unwrap();
+        differing_paths((&repo, &repo), Some(&old), Some(&new), "", &mut ours).unwrap();
         let ours: Vec<(String, Option<i32>, Option<i32>)> = ours.into_iter().map(|d| (d.path, d.old, d.new)).collect();
 
         let mut opts = git2::DiffOptions::new();
