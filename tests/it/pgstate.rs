@@ -408,6 +408,13 @@ fn a_commit_is_refused_once_the_lock_session_is_gone() {
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'dotmac-gitops lock'",
         )
         .unwrap();
+    // pg_terminate_backend only signals: the session, and its advisory lock, go a moment
+    // later. Once they have gone, the commit must notice.
+    wait_for(
+        &pg,
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted)",
+        "the lock's session to end",
+    );
     let a = Address::parse("t1/management.tenant").unwrap();
     let e = store
         .commit(serial, &Commit { upserts: vec![Upsert::new(a, "sha256:1".into(), None)], ..Commit::default() })
