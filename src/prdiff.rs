@@ -100,19 +100,25 @@ pub fn compare(root: &Path, base: &str, head: &str, now: Timestamp) -> Result<Pr
     let base_id = source::resolve_rev(&repo, base).map_err(|e| anyhow!("--base: {e}"))?;
     let head_id = source::resolve_rev(&repo, head).map_err(|e| anyhow!("--head: {e}"))?;
     tracing::debug!(elapsed = ?t.elapsed(), "opened the repository");
-    // The head revision is read through a second handle on the repository: a thread of its
-    // own reads the head's `tenants/` tree into that handle's cache while this one reads
-    // the base's, the two largest reads of a diff (4 MB each at 100,000 tenants) at once.
-    let head_handle = {
-        let (path, prefix) = (repo.path().to_owned(), prefix.clone());
-        std::thread::spawn(move || {
+    // The largest reads of a diff are the two commits' `tenants/` trees (4 MB each at
+    // 100,000 tenants), when they differ. They are read at once: the head revision goes
+    // through a second handle on the repository, whose cache a thread fills with the head's
+    // tree while this handle reads the base's; each handle then serves its own revision.
+    let tenants_tree =
+        |id| -> Option<git2::Oid> { root_tree(&repo, &prefix, id).ok()??.get_name("tenants").map(|e| e.id()) };
+    let mut head_handle = None;
+    if let (Some(b), Some(h)) = (tenants_tree(base_id), tenants_tree(head_id))
+        && b != h
+    {
+        let path = repo.path().to_owned();
+        let reading = std::thread::spawn(move || {
             let handle = git2::Repository::open(path).ok()?;
-            read_tenants_tree(&handle, &prefix, head_id);
+            let _ = handle.find_tree(h);
             Some(handle)
-        })
-    };
-    read_tenants_tree(&repo, &prefix, base_id);
-    let head_handle = head_handle.join().ok().flatten();
+        });
+        let _ = repo.find_tree(b);
+        head_handle = reading.join().ok().flatten();
+    }
     let head_repo = head_handle.as_ref().unwrap_or(&repo);
     let files = changed_files(&repo, head_repo, &prefix, base_id, head_id)
         .with_context(|| format!("comparing the trees of {} and {}", short(base_id), short(head_id)))?;
@@ -350,16 +356,6 @@ fn root_tree<'r>(repo: &'r git2::Repository, prefix: &str, id: git2::Oid) -> Res
     match tree.get_path(Path::new(prefix)) {
         Ok(entry) if entry.kind() == Some(git2::ObjectType::Tree) => Ok(Some(repo.find_tree(entry.id())?)),
         _ => Ok(None),
-    }
-}
-
-/// Reads a commit's `tenants/` tree into the handle's object cache (it keeps large trees,
-/// see `cli::main`); what cannot be read is left for the reader that needs it to report.
-fn read_tenants_tree(repo: &git2::Repository, prefix: &str, id: git2::Oid) {
-    if let Ok(Some(root)) = root_tree(repo, prefix, id)
-        && let Some(entry) = root.get_name("tenants")
-    {
-        let _ = repo.find_tree(entry.id());
     }
 }
 
