@@ -552,7 +552,6 @@ impl LocalStore {
     /// Changes the image: `key` now holds `text` (with this fingerprint and metadata), or
     /// nothing.
     fn set(&self, s: &mut Shard, a: &Address, key: String, new: Option<(&str, Fingerprint, Option<SecretMeta>)>) {
-        use std::collections::btree_map::Entry as Slot;
         let base_of = |e: &Entry| Some(Base { hash: e.hash, fingerprint: e.fingerprint.clone() });
         match new {
             Some((text, fingerprint, meta)) => {
@@ -560,21 +559,9 @@ impl LocalStore {
                 shard::frame(&mut framed, &key, text);
                 let entry =
                     Entry { address: a.clone(), fingerprint, meta, hash: digest(&framed), body: Body::New(framed) };
-                // One search of the entries: what it replaces, then the new entry in its place.
-                let slot = s.entries.entry(key);
-                let base = match &slot {
-                    Slot::Occupied(o) => base_of(o.get()),
-                    Slot::Vacant(_) => None,
-                };
-                s.changed.entry(slot.key().clone()).or_insert(base);
-                match slot {
-                    Slot::Occupied(mut o) => {
-                        o.insert(entry);
-                    }
-                    Slot::Vacant(v) => {
-                        v.insert(entry);
-                    }
-                }
+                // One search of the entries: the insert hands back what it replaced.
+                let old = s.entries.insert(key.clone(), entry);
+                s.changed.entry(key).or_insert_with(|| old.as_ref().and_then(base_of));
             }
             None => {
                 if let Some(old) = s.entries.remove(&key) {
