@@ -328,7 +328,13 @@ impl Workspace {
                 let (shared, problems) = tree.shared();
                 let (state_dir, cache) = open_cache(&shared);
                 tracing::debug!(units = cache.units.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "opened the render cache");
-                let units = tree.units(&Scope::All, &|u, files| cache.known(u, files, now_s));
+                let units = tree.units(
+                    &Scope::All,
+                    load::source::KnownUnits {
+                        has: &|u| cache.units.contains_key(u),
+                        digest: &|u, files| cache.known(u, files, now_s),
+                    },
+                );
                 (load::Raw::from_worktree(root, &tree, shared, problems, units), state_dir, cache)
             }
             Some(_) => {

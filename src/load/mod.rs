@@ -368,7 +368,8 @@ impl Loaded {
         raw.extend(self.templates.iter().map(|(n, t)| RawFile::new(format!("templates/{n}"), t.to_string())));
         let unread: BTreeSet<String> = units.intersection(&self.unread_units).cloned().collect();
         if !unread.is_empty() {
-            let read = source::Worktree::open(&self.root).units(&Scope::Units(unread.clone()), &|_, _| None);
+            let read =
+                source::Worktree::open(&self.root).units(&Scope::Units(unread.clone()), source::KnownUnits::NONE);
             if let Some(p) = read.problems.first() {
                 return Err(format!("`{}` {}", p.path, p.message));
             }

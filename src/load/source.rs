@@ -139,7 +139,7 @@ pub fn find_root(start: &Path) -> Option<PathBuf> {
 pub fn read_worktree(root: &Path, scope: &Scope) -> (Vec<RawFile>, Vec<FileProblem>) {
     let tree = Worktree::open(root);
     let (mut files, mut problems) = tree.shared();
-    let units = tree.units(scope, &|_, _| None);
+    let units = tree.units(scope, KnownUnits::NONE);
     files.extend(units.files);
     problems.extend(units.problems);
     files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -163,9 +163,20 @@ pub struct UnitsRead {
     pub problems: Vec<FileProblem>,
 }
 
-/// Tells, from the `stat` of every file of a tenant folder, the digest of the folder if it is
-/// known unchanged (`None`: read it).
-pub type KnownUnit<'a> = &'a (dyn Fn(&str, &[(String, FileStat)]) -> Option<String> + Sync);
+/// What a render cache knows of the tenant folders.
+#[derive(Clone, Copy)]
+pub struct KnownUnits<'a> {
+    /// Whether the folder has an entry at all: only then are its files `stat`ed.
+    pub has: &'a (dyn Fn(&str) -> bool + Sync),
+    /// From the `stat` of every file of a folder, the digest of the folder if it is known
+    /// unchanged (`None`: read it).
+    pub digest: &'a (dyn Fn(&str, &[(String, FileStat)]) -> Option<String> + Sync),
+}
+
+impl KnownUnits<'static> {
+    /// Knows no folder: every one is read.
+    pub const NONE: KnownUnits<'static> = KnownUnits { has: &|_| false, digest: &|_, _| None };
+}
 
 /// A work tree being read: the shared files first, then the tenant folders.
 pub struct Worktree {
@@ -263,7 +274,7 @@ impl Worktree {
     /// The tenant folders in `scope`, each walked in parallel. A folder of plain files whose
     /// `stat`s `known` recognises is not read (the `stat` is git's test of "unchanged", and
     /// a file changed just before this read is never offered).
-    pub fn units(&self, scope: &Scope, known: KnownUnit<'_>) -> UnitsRead {
+    pub fn units(&self, scope: &Scope, known: KnownUnits<'_>) -> UnitsRead {
         let root = match &self.root {
             Ok(r) => r,
             Err(_) => return UnitsRead::default(),
@@ -295,8 +306,9 @@ impl Worktree {
                 }
                 found.retain(|(p, _)| role_of(p).is_some());
                 if probs.is_empty()
+                    && (known.has)(name)
                     && let Some(stats) = self.vouching_stats(root, &found)
-                    && let Some(digest) = known(name, &stats)
+                    && let Some(digest) = (known.digest)(name, &stats)
                 {
                     return One::Unread(UnreadUnit { unit: name.clone(), digest, files: stats });
                 }
@@ -402,18 +414,31 @@ fn read_one(root: &Path, rel: &str, link: bool) -> Result<RawFile, FileProblem> 
     };
     let mut bytes = Vec::new();
     let stat = std::fs::File::open(&target)
-        .and_then(|f| {
+        .and_then(|mut f| {
             let m = f.metadata()?;
-            // Exactly the file's size (and a byte to see the end): 20,000 tenant files held
-            // in 8 KiB buffers were three times their text.
-            bytes.reserve_exact((m.len().min(MAX_FILE_BYTES) + 1) as usize);
-            f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
-            Ok(FileStat::of(&m))
+            if m.len() > MAX_FILE_BYTES {
+                return Ok(Err(m.len()));
+            }
+            // The size the `stat` gives, as git reads a file: into a buffer of exactly that
+            // size (20,000 tenant files held in 8 KiB buffers were three times their text),
+            // in one `read` where the file system allows, without a second one to find the
+            // end (20,000 system calls at 10,000 tenants). A file written meanwhile has an
+            // mtime that keeps its `stat` from vouching for it (`FileStat::racy`).
+            bytes.resize(m.len() as usize, 0);
+            let mut filled = 0;
+            while filled < bytes.len() {
+                match f.read(&mut bytes[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            bytes.truncate(filled);
+            Ok(Ok(FileStat::of(&m)))
         })
-        .map_err(|e| problem(format!("cannot be read: {e}")))?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(too_big(rel, bytes.len() as u64));
-    }
+        .map_err(|e| problem(format!("cannot be read: {e}")))?
+        .map_err(|size| too_big(rel, size))?;
     // A symbolic link's index entry describes the link, not its target.
     let stat = (!link).then_some(stat);
     Ok(RawFile { path: rel.to_owned(), text: decode(rel, bytes)?, stat })
