@@ -59,7 +59,7 @@ fn document(lines: &mut Vec<Line<'_>>, docs: &mut Vec<YamlDoc>) -> Option<()> {
     let Some(first) = lines.first().copied() else {
         return Some(());
     };
-    let mut r = Reader { lines: std::mem::take(lines), at: 0 };
+    let mut r = Reader { lines: std::mem::take(lines), at: 0, spare: Vec::new() };
     let value = r.node(first.indent, 0)?;
     if r.at != r.lines.len() {
         return None;
@@ -73,6 +73,10 @@ fn document(lines: &mut Vec<Line<'_>>, docs: &mut Vec<YamlDoc>) -> Option<()> {
 struct Reader<'a> {
     lines: Vec<Line<'a>>,
     at: usize,
+    /// Entry buffers for the mappings being read, one per nesting level in use: a mapping's
+    /// entries are gathered here and its map made once at its final size, instead of grown
+    /// (and its index rehashed) entry by entry.
+    spare: Vec<Vec<(String, Value)>>,
 }
 
 fn is_item(text: &str) -> bool {
@@ -136,12 +140,28 @@ impl<'a> Reader<'a> {
     }
 
     fn mapping(&mut self, indent: usize, depth: usize) -> Option<Value> {
-        let mut map = Map::new();
+        let mut entries = self.spare.pop().unwrap_or_default();
+        let map = self.entries(indent, depth, &mut entries).and_then(|()| {
+            let mut map = Map::with_capacity(entries.len());
+            for (key, value) in entries.drain(..) {
+                if map.insert(key, value).is_some() {
+                    // A key given twice: the full parser's error.
+                    return None;
+                }
+            }
+            Some(map)
+        });
+        entries.clear();
+        self.spare.push(entries);
+        map.map(Value::Object)
+    }
+
+    fn entries(&mut self, indent: usize, depth: usize, entries: &mut Vec<(String, Value)>) -> Option<()> {
         while let Some(line) = self.peek().filter(|l| l.indent == indent) {
             let (key, rest) = key_split(line.text)?;
             // As the full parser keys a mapping: the resolved scalar, as text.
             let key = key_text(resolve_plain(key).ok()?)?;
-            if key == "<<" || map.contains_key(&key) {
+            if key == "<<" {
                 return None;
             }
             let rest = rest.trim_start_matches(' ');
@@ -153,9 +173,9 @@ impl<'a> Reader<'a> {
                 self.ends_line(indent)?;
                 v
             };
-            map.insert(key, value);
+            entries.push((key, value));
         }
-        Some(Value::Object(map))
+        Some(())
     }
 }
 
