@@ -18,10 +18,10 @@ use crate::model::{
 use crate::plan::Plan;
 use crate::providers::secret_value::SecretValue;
 use crate::providers::{Expect, LiveResource, ProviderError, Providers, Session};
-use crate::state::{AuditEntry, Commit, JournalEntry, StateStore, Upsert};
+use crate::state::{AuditEntry, Commit, JournalEntry, JsonText, StateStore, Upsert};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -931,16 +931,18 @@ fn compare_live(
 
 /// An audit entry for a change, with before/after masked: fields for updates, fingerprints
 /// for the rest, versions for secrets; never a value.
-fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &str, message: Option<String>) -> AuditEntry {
+fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &'static str, message: Option<String>) -> AuditEntry {
     let is_secret = c.address.kind == ResourceKind::OpenbaoSecret;
     let (before, after) = if is_secret {
         (
-            c.before.as_ref().map(crate::plan::masked),
-            (c.action != Action::Delete).then(|| json!({"value": "(sensitive)", "action": c.action})),
+            c.before.as_ref().map(|b| JsonText::of(&crate::plan::masked(b))),
+            // The action is a plain word: nothing in it to escape.
+            (c.action != Action::Delete)
+                .then(|| JsonText::from_json(format!(r#"{{"value":"(sensitive)","action":"{}"}}"#, c.action.as_str()))),
         )
     } else if c.action == Action::Update && !c.fields.is_empty() {
         let pick = |after: bool| {
-            Value::Object(
+            JsonText::of(&Value::Object(
                 c.fields
                     .iter()
                     .take(50)
@@ -948,17 +950,16 @@ fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &str, message: Option<S
                         (f.pointer.clone(), mask(if after { f.after.clone() } else { f.before.clone() }, &f.pointer))
                     })
                     .collect(),
-            )
+            ))
         };
         (Some(pick(false)), Some(pick(true)))
     } else {
         (
-            c.live_fingerprint.as_ref().map(|f| json!({"fingerprint": f})),
-            c.desired
-                .as_ref()
-                .filter(|_| c.action != Action::Delete)
-                .map(|d| c.desired_fingerprint.clone().unwrap_or_else(|| crate::fingerprint::of(d)))
-                .map(|f| json!({"fingerprint": f})),
+            c.live_fingerprint.as_ref().map(JsonText::fingerprint),
+            c.desired.as_ref().filter(|_| c.action != Action::Delete).map(|d| match &c.desired_fingerprint {
+                Some(f) => JsonText::fingerprint(f),
+                None => JsonText::fingerprint(&crate::fingerprint::of(d)),
+            }),
         )
     };
     AuditEntry {
@@ -968,9 +969,9 @@ fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &str, message: Option<S
         actor: ctx.opts.actor.clone(),
         tenant: c.address.tenant.to_string(),
         address: c.address.text(),
-        action: c.action.as_str().into(),
-        risk: c.risk.as_str().into(),
-        outcome: outcome.into(),
+        action: Cow::Borrowed(c.action.as_str()),
+        risk: Cow::Borrowed(c.risk.as_str()),
+        outcome: Cow::Borrowed(outcome),
         before,
         after,
         message,

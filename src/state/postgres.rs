@@ -17,7 +17,7 @@
 //! roots or the CA file named by `sslrootcert=PATH`. The password never appears in a message:
 //! every error and log line goes through [`PgUrl::mask`].
 
-use super::{AuditEntry, AuditQuery, Commit, JournalEntry, Record, Result, StateMeta, StateStore};
+use super::{AuditEntry, AuditQuery, Commit, JournalEntry, JsonText, Record, Result, StateMeta, StateStore};
 use crate::load::settings::StateSettings;
 use crate::model::{Address, Content};
 use crate::providers::TenantScope;
@@ -739,8 +739,8 @@ impl StateStore for PgStore {
         }
         for chunk in c.audit.chunks(CHUNK) {
             let col = |f: fn(&AuditEntry) -> &str| chunk.iter().map(f).collect::<Vec<&str>>();
-            let json = |f: fn(&AuditEntry) -> &Option<serde_json::Value>| {
-                chunk.iter().map(|a| f(a).as_ref().map(|v| v.to_string())).collect::<Vec<Option<String>>>()
+            let json = |f: fn(&AuditEntry) -> &Option<JsonText>| {
+                chunk.iter().map(|a| f(a).as_ref().map(JsonText::as_str)).collect::<Vec<Option<&str>>>()
             };
             // PostgreSQL text cannot hold NUL; a message from a provider might.
             let message: Vec<Option<String>> =
@@ -857,7 +857,7 @@ impl StateStore for PgStore {
             .conn()?
             .query(&sql, &[&since, &q.tenants, &limit, &q.before, &q.action, &q.outcome, &q.actor])
             .map_err(self.err("reading the audit log"))?;
-        let json = |t: Option<String>| t.and_then(|t| serde_json::from_str(&t).ok());
+        let json = |t: Option<String>| t.and_then(JsonText::parse);
         let mut entries: Vec<AuditEntry> = rows
             .iter()
             .map(|r| AuditEntry {
@@ -867,9 +867,9 @@ impl StateStore for PgStore {
                 actor: r.get(3),
                 tenant: r.get(4),
                 address: r.get(5),
-                action: r.get(6),
-                risk: r.get(7),
-                outcome: r.get(8),
+                action: r.get::<_, String>(6).into(),
+                risk: r.get::<_, String>(7).into(),
+                outcome: r.get::<_, String>(8).into(),
                 before: json(r.get(9)),
                 after: json(r.get(10)),
                 message: r.get(11),

@@ -1,6 +1,6 @@
 //! The embedded state store: one SQLite file (WAL, synchronous=FULL), versioned migrations.
 
-use super::{AuditEntry, AuditQuery, Commit, JournalEntry, Record, Result, StateMeta, StateStore};
+use super::{AuditEntry, AuditQuery, Commit, JournalEntry, JsonText, Record, Result, StateMeta, StateStore};
 use crate::model::{Address, Content};
 use crate::providers::TenantScope;
 use anyhow::Context;
@@ -331,9 +331,8 @@ impl StateStore for SqliteStore {
                     e.action,
                     e.risk,
                     e.outcome,
-                    // Straight into a buffer: `to_string` (through `Display`) took twice as long.
-                    e.before.as_ref().map(serde_json::to_string).transpose()?,
-                    e.after.as_ref().map(serde_json::to_string).transpose()?,
+                    e.before.as_ref().map(JsonText::as_str),
+                    e.after.as_ref().map(JsonText::as_str),
                     e.message
                 ])?;
             }
@@ -402,8 +401,8 @@ impl StateStore for SqliteStore {
         let tenants = serde_json::to_string(&q.tenants)?;
         let args = params![q.since.clone().unwrap_or_default(), tenants, q.before, q.action, q.outcome, q.actor];
         let rows = st.query_map(args, |r| {
-            let json = |i: usize| -> rusqlite::Result<Option<serde_json::Value>> {
-                Ok(r.get::<_, Option<String>>(i)?.and_then(|t| serde_json::from_str(&t).ok()))
+            let json = |i: usize| -> rusqlite::Result<Option<JsonText>> {
+                Ok(r.get::<_, Option<String>>(i)?.and_then(JsonText::parse))
             };
             Ok(AuditEntry {
                 id: r.get(0)?,
@@ -412,9 +411,9 @@ impl StateStore for SqliteStore {
                 actor: r.get(3)?,
                 tenant: r.get(4)?,
                 address: r.get(5)?,
-                action: r.get(6)?,
-                risk: r.get(7)?,
-                outcome: r.get(8)?,
+                action: r.get::<_, String>(6)?.into(),
+                risk: r.get::<_, String>(7)?.into(),
+                outcome: r.get::<_, String>(8)?.into(),
                 before: json(9)?,
                 after: json(10)?,
                 message: r.get(11)?,
@@ -559,7 +558,7 @@ mod tests {
                     risk: "low".into(),
                     outcome: "applied".into(),
                     before: None,
-                    after: Some(json!({"k": 1})),
+                    after: Some(json!({"k": 1}).into()),
                     message: None,
                 }],
                 ..Commit::default()

@@ -63,9 +63,9 @@ fn entry(time: &str, tenant: &str, address: &str, outcome: &str) -> AuditEntry {
         address: address.into(),
         action: "create".into(),
         risk: "low".into(),
-        outcome: outcome.into(),
+        outcome: outcome.to_owned().into(),
         before: None,
-        after: Some(json!({"z": 1, "a": [1, 2], "ünï": "cødé"})),
+        after: Some(json!({"z": 1, "a": [1, 2], "ünï": "cødé"}).into()),
         message: Some("it's \"quoted\"".into()),
     }
 }

@@ -549,10 +549,10 @@ pub fn audit_row(e: &AuditEntry, now: Timestamp) -> AuditRow {
         tenant: e.tenant.clone(),
         tenant_href: tenant_href(&e.tenant),
         address: e.address.strip_prefix(&format!("{}/", e.tenant)).unwrap_or(&e.address).to_owned(),
-        action: e.action.clone(),
-        risk: e.risk.clone(),
-        outcome: e.outcome.clone(),
-        outcome_class: match e.outcome.as_str() {
+        action: e.action.to_string(),
+        risk: e.risk.to_string(),
+        outcome: e.outcome.to_string(),
+        outcome_class: match &*e.outcome {
             "applied" => "ok",
             "failed" | "rollback_failed" => "bad",
             _ => "warn",
@@ -1096,7 +1096,7 @@ mod tests {
             address: format!("{tenant}/isp.config"),
             action: "update".into(),
             risk: "medium".into(),
-            outcome: outcome.into(),
+            outcome: outcome.to_owned().into(),
             before: None,
             after: None,
             message: None,

@@ -19,7 +19,7 @@ use crate::load::settings::ProviderSettings;
 use crate::model::{Address, Content, ProviderId, Resource, ResourceKind, Strategy};
 use crate::providers::secret_value::SecretValue;
 use crate::providers::{Expect, LiveResource, Provider, ProviderError, Result, Session, TenantScope};
-use crate::state::AuditEntry;
+use crate::state::{AuditEntry, JsonText};
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -299,7 +299,7 @@ impl Api {
             Some(ProviderId::Secrets) => "openbao",
             None => "unknown",
         };
-        let event_type = match (provider, e.action.as_str()) {
+        let event_type = match (provider, &*e.action) {
             (Some(ProviderId::Secrets), "rotate") => "secret_rotation",
             (Some(ProviderId::Secrets), _) => "secret_operation",
             (_, "create") => "configuration_create",
@@ -315,8 +315,8 @@ impl Api {
             "event_data": {
                 "component": component,
                 "change_type": e.action,
-                "old_value": e.before,
-                "new_value": e.after,
+                "old_value": e.before.as_ref().map(JsonText::value),
+                "new_value": e.after.as_ref().map(JsonText::value),
                 "risk_level": e.risk,
             },
             "correlation_id": e.correlation_id,
