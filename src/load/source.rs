@@ -293,28 +293,30 @@ impl Worktree {
             Read(Vec<Result<RawFile, FileProblem>>, Vec<FileProblem>),
             Unread(UnreadUnit),
         }
-        let per_unit: Vec<One> = units
-            .par_iter()
-            .map(|(name, path, ft)| {
-                let rel = format!("tenants/{name}");
-                let mut found = Vec::new();
-                let mut probs = Vec::new();
-                if ft.is_dir() {
-                    walk(path, &rel, &mut found, &mut probs, 0);
-                } else {
-                    entry(path, rel, ft, &mut found, &mut probs);
-                }
-                found.retain(|(p, _)| role_of(p).is_some());
-                if probs.is_empty()
-                    && (known.has)(name)
-                    && let Some(stats) = self.vouching_stats(root, &found)
-                    && let Some(digest) = (known.digest)(name, &stats)
-                {
-                    return One::Unread(UnreadUnit { unit: name.clone(), digest, files: stats });
-                }
-                One::Read(found.iter().map(|(rel, link)| read_one(root, rel, *link)).collect(), probs)
-            })
-            .collect();
+        let per_unit: Vec<One> = on_io_threads(|| {
+            units
+                .par_iter()
+                .map(|(name, path, ft)| {
+                    let rel = format!("tenants/{name}");
+                    let mut found = Vec::new();
+                    let mut probs = Vec::new();
+                    if ft.is_dir() {
+                        walk(path, &rel, &mut found, &mut probs, 0);
+                    } else {
+                        entry(path, rel, ft, &mut found, &mut probs);
+                    }
+                    found.retain(|(p, _)| role_of(p).is_some());
+                    if probs.is_empty()
+                        && (known.has)(name)
+                        && let Some(stats) = self.vouching_stats(root, &found)
+                        && let Some(digest) = (known.digest)(name, &stats)
+                    {
+                        return One::Unread(UnreadUnit { unit: name.clone(), digest, files: stats });
+                    }
+                    One::Read(found.iter().map(|(rel, link)| read_one(root, rel, *link)).collect(), probs)
+                })
+                .collect()
+        });
         let mut out = UnitsRead::default();
         for one in per_unit {
             match one {
@@ -331,6 +333,29 @@ impl Worktree {
             }
         }
         out
+    }
+}
+
+/// The threads that read the work tree. Reading a folder is mostly waiting: for the disk
+/// when the page cache has lost the files (this VM's cache gives them up within minutes),
+/// and for system calls otherwise. With the two threads of the cores, a cold read of 10,000
+/// tenant folders took 1.9–2.3 s; with eight, 1.0–1.2 s, and the same as with two once
+/// the files are cached.
+fn on_io_threads<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(8)
+            // Walking folders and reading files needs little stack.
+            .stack_size(512 * 1024)
+            .thread_name(|i| format!("dotmac-read-{i}"))
+            .build()
+            .ok()
+    });
+    // Where no thread can be started, the cores' threads do it.
+    match pool {
+        Some(p) => p.install(work),
+        None => work(),
     }
 }
 
