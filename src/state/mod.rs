@@ -79,15 +79,13 @@ impl JsonText {
         JsonText(serde_json::to_string(v).unwrap_or_else(|_| "null".into()))
     }
 
-    /// `{"fingerprint": <fp>}`, what most entries hold.
+    /// `{"fingerprint": <fp>}`, what most entries hold: written straight to text.
     pub fn fingerprint(fp: &crate::fingerprint::Fingerprint) -> JsonText {
-        let mut buf = Vec::with_capacity(96);
-        buf.extend_from_slice(b"{\"fingerprint\":");
-        if serde_json::to_writer(&mut buf, fp).is_err() {
-            return JsonText::of(&serde_json::json!({ "fingerprint": fp }));
+        #[derive(Serialize)]
+        struct Only<'a> {
+            fingerprint: &'a crate::fingerprint::Fingerprint,
         }
-        buf.push(b'}');
-        JsonText(String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        JsonText::of(&Only { fingerprint: fp })
     }
 
     /// Text made as JSON by the caller (checked in debug builds).
