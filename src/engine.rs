@@ -357,15 +357,11 @@ impl Workspace {
         // their memory back as they allocate.
         drop_later(std::mem::take(&mut loaded.docs));
         let renderer = Renderer::new(&desired);
-        let (rendered, render_diags) = renderer.render_all(&desired, None);
+        // Each tenant's fingerprints (a hash of each resource's canonical form) are worked
+        // out as it is rendered.
+        let (rendered, render_diags) = renderer.render_entries(&desired, None);
         diagnostics.extend(render_diags);
         tracing::debug!(rendered = rendered.len(), elapsed = ?t.elapsed(), rss_mib = rss_mib(), "validated and rendered");
-
-        // Fingerprints (a hash of each resource's canonical form) are worked out in parallel.
-        let rendered: Vec<(String, Vec<DesiredEntry>)> = rendered
-            .into_par_iter()
-            .map(|(id, resources)| (id, resources.into_iter().map(DesiredEntry::rendered).collect()))
-            .collect();
         let mut tenants: BTreeMap<String, DesiredTenant> = BTreeMap::new();
         for (id, entries) in rendered {
             let t = &desired.tenants[&id];
@@ -495,7 +491,7 @@ impl Workspace {
             .map(|(id, t)| (id.clone(), t.unit.clone()))
             .collect();
         let (desired, mut diags) = validate::validate_with(&sub, self.now, &known);
-        let (rendered, render_diags) = Renderer::new(&desired).render_all(&desired, None);
+        let (rendered, render_diags) = Renderer::new(&desired).render_entries(&desired, None);
         diags.extend(render_diags);
         if let Some(d) = diags.iter().find(|d| d.is_error()) {
             anyhow::bail!(
@@ -507,7 +503,6 @@ impl Workspace {
         Ok(rendered
             .into_iter()
             .filter(|(id, _)| self.tenants.contains_key(id))
-            .map(|(id, resources)| (id, resources.into_iter().map(DesiredEntry::rendered).collect()))
             .collect())
     }
 

@@ -15,7 +15,7 @@ pub use budget::CountingAllocator;
 use crate::diag::Diagnostic;
 use crate::fingerprint;
 use crate::load::yaml;
-use crate::model::{Address, Content, Desired, Resource, ResourceKind, Tenant};
+use crate::model::{Address, Content, Desired, DesiredEntry, Resource, ResourceKind, Tenant};
 use minijinja::value::Value as MjValue;
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 use rayon::prelude::*;
@@ -319,10 +319,30 @@ impl Renderer {
         desired: &Desired,
         only: Option<&BTreeSet<String>>,
     ) -> (BTreeMap<String, Vec<Resource>>, Vec<Diagnostic>) {
+        self.render_each(desired, only, |r| r)
+    }
+
+    /// `render_all` with each tenant's resources made into desired entries (their
+    /// fingerprints worked out) by the thread that rendered them, while they are still in
+    /// its cache, rather than in a second pass over 130,000 resources.
+    pub fn render_entries(
+        &self,
+        desired: &Desired,
+        only: Option<&BTreeSet<String>>,
+    ) -> (BTreeMap<String, Vec<DesiredEntry>>, Vec<Diagnostic>) {
+        self.render_each(desired, only, |r| r.into_iter().map(DesiredEntry::rendered).collect())
+    }
+
+    fn render_each<T: Send>(
+        &self,
+        desired: &Desired,
+        only: Option<&BTreeSet<String>>,
+        then: impl Fn(Vec<Resource>) -> T + Sync,
+    ) -> (BTreeMap<String, T>, Vec<Diagnostic>) {
         let tenants: Vec<&Tenant> =
             desired.tenants.values().filter(|t| only.is_none_or(|o| o.contains(&t.id))).collect();
-        let results: Vec<(String, Result<Vec<Resource>, Vec<Diagnostic>>)> =
-            tenants.par_iter().map(|t| (t.id.clone(), self.render_tenant(desired, t))).collect();
+        let results: Vec<(String, Result<T, Vec<Diagnostic>>)> =
+            tenants.par_iter().map(|t| (t.id.clone(), self.render_tenant(desired, t).map(&then))).collect();
         let mut ok = BTreeMap::new();
         let mut diags = Vec::new();
         for (id, r) in results {
