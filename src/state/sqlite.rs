@@ -83,6 +83,41 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO tenants SELECT DISTINCT tenant FROM resources;
      DROP INDEX resources_by_tenant;
      DROP INDEX audit_by_time;",
+    // 5: one B-tree fewer per record, one table fewer per audit entry. A record lives in a
+    // table keyed by its address (WITHOUT ROWID) instead of a rowid table plus an index on
+    // the address. Audit ids are the rowid without AUTOINCREMENT, which updated the
+    // `sqlite_sequence` row at every insert; entries are never deleted, so each new id is
+    // still one past the largest. (In a model of a 10,000-tenant apply with Python's
+    // sqlite3, the two took committing 260,000 rows from 0.75 to 0.67 s of CPU.)
+    "CREATE TABLE resources5 (
+        address TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        content TEXT,
+        applied_at TEXT NOT NULL,
+        serial INTEGER NOT NULL) WITHOUT ROWID;
+     INSERT INTO resources5 SELECT address, tenant, provider, fingerprint, content, applied_at, serial FROM resources;
+     DROP TABLE resources;
+     ALTER TABLE resources5 RENAME TO resources;
+     CREATE TABLE audit5 (
+        id INTEGER PRIMARY KEY,
+        time TEXT NOT NULL,
+        correlation_id TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        address TEXT NOT NULL,
+        action TEXT NOT NULL,
+        risk TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        message TEXT);
+     INSERT INTO audit5 SELECT id, time, correlation_id, actor, tenant, address, action, risk, outcome, before, after, message
+       FROM audit ORDER BY id;
+     DROP TABLE audit;
+     ALTER TABLE audit5 RENAME TO audit;
+     CREATE INDEX audit_by_tenant_time ON audit(tenant, time);",
 ];
 
 /// The bounds of a tenant's addresses, `tenant/` included to `tenant0` excluded: every
@@ -612,6 +647,49 @@ mod tests {
         s.commit(s.begin_apply().unwrap(), &Commit { forget, ..Commit::default() }).unwrap();
         assert_eq!(s.recorded_tenants().unwrap(), ["t0", "t1", "t1-b"].iter().map(|t| t.to_string()).collect());
         assert_eq!(only("t1"), ["t1/openbao.secret[x]"]);
+    }
+
+    #[test]
+    fn a_store_of_schema_4_keeps_its_records_and_audit_ids() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let conn = store_of_schema(d.path(), 4);
+            conn.execute_batch(
+                "INSERT INTO resources VALUES
+                    ('t1/isp.config', 't1', 'isp', 'sha256:a', '{\"type\":\"text\",\"value\":\"x\"}', '2026-01-01T00:00:00Z', 1);
+                 INSERT INTO tenants VALUES ('t1');
+                 INSERT INTO audit(id, time, correlation_id, actor, tenant, address, action, risk, outcome, before, after, message)
+                    VALUES (7, '2026-01-01T00:00:00Z', 'c', 'me', 't1', 't1/isp.config', 'create', 'low', 'applied', NULL, '{\"k\":1}', NULL);",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(d.path()).unwrap();
+        let a = Address::parse("t1/isp.config").unwrap();
+        assert_eq!(s.contents(std::slice::from_ref(&a)).unwrap().get(&a), Some(&Content::Text("x".into())));
+        let entry = |id: i64| AuditEntry {
+            id,
+            time: "2026-01-02T00:00:00Z".into(),
+            correlation_id: "c2".into(),
+            actor: "me".into(),
+            tenant: "t1".into(),
+            address: a.to_string(),
+            action: "update".into(),
+            risk: "low".into(),
+            outcome: "applied".into(),
+            before: None,
+            after: None,
+            message: None,
+        };
+        s.commit(s.begin_apply().unwrap(), &Commit { audit: vec![entry(0)], ..Commit::default() }).unwrap();
+        let ids: Vec<i64> = s.audit(&AuditQuery::default()).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(ids, [7, 8], "the old entry keeps its id and the next one follows it");
+        let sql: String = s
+            .conn()
+            .query_row("SELECT group_concat(sql, ';') FROM sqlite_master WHERE name IN ('resources', 'audit')", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(sql.contains("WITHOUT ROWID") && !sql.contains("AUTOINCREMENT"), "{sql}");
     }
 
     #[test]
