@@ -793,15 +793,19 @@ fn verify(
         if mine.is_empty() {
             return (Vec::new(), Vec::new());
         }
-        let addrs: Vec<Address> = mine.iter().map(|(a, _)| a.clone()).collect();
-        let live: FxHashMap<Address, Fingerprint> = match providers.get(p).fingerprints(&addrs) {
-            Ok(l) => l.into_iter().collect(),
+        let addrs: Vec<&Address> = mine.iter().map(|(a, _)| a).collect();
+        let live: Vec<Option<Fingerprint>> = match providers.get(p).fingerprints(&addrs) {
+            Ok(l) if l.len() == addrs.len() => l,
+            Ok(l) => {
+                let e = format!("could not read {p} back: {} answers for {} resources", l.len(), addrs.len());
+                return (vec![e], Vec::new());
+            }
             Err(e) => return (vec![format!("could not read {p} back: {e}")], Vec::new()),
         };
         let mut problems = Vec::new();
-        for (a, fp) in mine {
-            let now = live.get(a);
-            let ok = match (fp, now) {
+        let mut compared = Vec::new();
+        for ((a, fp), now) in mine.into_iter().zip(live) {
+            let ok = match (fp, &now) {
                 (Some(f), Some(n)) => f == n || (a.kind == ResourceKind::OpenbaoSecret),
                 (None, None) => true,
                 (None, Some(n)) => {
@@ -812,15 +816,17 @@ fn verify(
             if !ok {
                 problems.push(format!(
                     "{a}: read back {} after writing {}",
-                    shown(now, "nothing"),
+                    shown(now.as_ref(), "nothing"),
                     shown(fp.as_ref(), "nothing")
                 ));
             }
+            if let Some(now) = now
+                && matches!(a.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig)
+            {
+                compared.push((a.clone(), now));
+            }
         }
-        let compared = live
-            .into_iter()
-            .filter(|(a, _)| matches!(a.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig));
-        (problems, compared.collect())
+        (problems, compared)
     };
     let per_provider: Vec<(Vec<String>, Vec<(Address, Fingerprint)>)> =
         ProviderId::ALL.par_iter().map(|p| one(*p)).collect();

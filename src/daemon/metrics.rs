@@ -171,8 +171,8 @@ impl Provider for Counted {
     }
     fn fingerprints(
         &self,
-        addresses: &[Address],
-    ) -> crate::providers::Result<Vec<(Address, crate::fingerprint::Fingerprint)>> {
+        addresses: &[&Address],
+    ) -> crate::providers::Result<Vec<Option<crate::fingerprint::Fingerprint>>> {
         self.count("fetch", self.inner.fingerprints(addresses))
     }
     fn put(

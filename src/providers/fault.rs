@@ -167,7 +167,7 @@ impl Provider for Faulty {
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>> {
         self.call("fetch", &self.fetches, "batch", || self.inner.fetch(addresses))
     }
-    fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, crate::fingerprint::Fingerprint)>> {
+    fn fingerprints(&self, addresses: &[&Address]) -> Result<Vec<Option<crate::fingerprint::Fingerprint>>> {
         // A read back is a fetch for the fault rules.
         self.call("fetch", &self.fetches, "batch", || self.inner.fingerprints(addresses))
     }

@@ -156,11 +156,14 @@ pub trait Provider: Send + Sync {
     /// These resources with their content (absent ones are left out).
     fn fetch(&self, addresses: &[Address]) -> Result<Vec<LiveResource>>;
 
-    /// The fingerprints of these resources as live now (absent ones are left out): what
-    /// apply reads back after writing. By default a `fetch`; a store that keeps fingerprints
-    /// answers without reading content again.
-    fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, crate::fingerprint::Fingerprint)>> {
-        Ok(self.fetch(addresses)?.into_iter().map(|l| (l.address, l.fingerprint)).collect())
+    /// The fingerprints of these resources as live now, one per address in its order (`None`:
+    /// absent): what apply reads back after writing. By default a `fetch`; a store that
+    /// keeps fingerprints answers without reading content again.
+    fn fingerprints(&self, addresses: &[&Address]) -> Result<Vec<Option<crate::fingerprint::Fingerprint>>> {
+        let owned: Vec<Address> = addresses.iter().map(|a| (*a).clone()).collect();
+        let mut found: rustc_hash::FxHashMap<Address, crate::fingerprint::Fingerprint> =
+            self.fetch(&owned)?.into_iter().map(|l| (l.address, l.fingerprint)).collect();
+        Ok(addresses.iter().map(|a| found.remove(*a)).collect())
     }
 
     /// Creates or replaces a resource. `secret` carries the value of a generated secret being

@@ -907,19 +907,22 @@ impl Provider for LocalStore {
         Ok(out)
     }
 
-    fn fingerprints(&self, addresses: &[Address]) -> Result<Vec<(Address, Fingerprint)>> {
+    fn fingerprints(&self, addresses: &[&Address]) -> Result<Vec<Option<Fingerprint>>> {
         self.ready()?;
-        let by_shard = self.by_shard(addresses)?;
-        let mut out = Vec::with_capacity(addresses.len());
+        // The positions of the addresses, by shard: each shard is locked once.
+        let mut by_shard: Vec<(usize, usize)> = Vec::with_capacity(addresses.len());
+        for (i, a) in addresses.iter().enumerate() {
+            by_shard.push((self.home(a)?, i));
+        }
+        by_shard.sort_unstable();
+        let mut out = vec![None; addresses.len()];
         let mut key = String::new();
-        for (n, wanted) in by_shard {
-            let slot = self.current(n)?;
+        for run in by_shard.chunk_by(|a, b| a.0 == b.0) {
+            let slot = self.current(run[0].0)?;
             let Some(s) = slot.as_ref() else { continue };
-            for a in wanted {
-                a.write_text(&mut key);
-                if let Some(e) = s.entries.get(&key) {
-                    out.push((a.clone(), e.fingerprint.clone()));
-                }
+            for &(_, i) in run {
+                addresses[i].write_text(&mut key);
+                out[i] = s.entries.get(&key).map(|e| e.fingerprint.clone());
             }
         }
         Ok(out)
