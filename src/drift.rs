@@ -32,23 +32,25 @@ pub fn consistency(tenant: &str, management: &Value, isp_config: &str) -> Vec<Di
     };
     let isp = if docs.len() == 1 { docs.remove(0).value } else { Value::Null };
     let mut out = Vec::new();
-    let mut diff = |path: &str, m: Value, i: Value, impact: &str, rec: String| {
+    // The texts of a difference are made only for one found: a check of 10,000 tenants that
+    // agree made some 200,000 of them for nothing.
+    let mut diff = |path: &dyn Fn() -> String, m: &Value, i: &Value, impact: &str, rec: &dyn Fn() -> String| {
         if m != i {
             out.push(Difference {
                 tenant: tenant.to_owned(),
-                path: path.to_owned(),
-                management_value: m,
-                isp_framework_value: i,
+                path: path(),
+                management_value: m.clone(),
+                isp_framework_value: i.clone(),
                 impact: impact.to_owned(),
-                recommendation: rec,
+                recommendation: rec(),
             });
         }
     };
     if let (Some(m), Some(i)) = (management.get("plan"), isp.pointer("/plan/name")) {
-        diff("plan", m.clone(), i.clone(), "high", format!("Update the ISP Framework plan to {}", show(m)));
+        diff(&|| "plan".into(), m, i, "high", &|| format!("Update the ISP Framework plan to {}", show(m)));
     }
     if let (Some(m), Some(i)) = (management.pointer("/billing/gateway"), isp.pointer("/billing/gateway")) {
-        diff("billing_gateway", m.clone(), i.clone(), "medium", format!("Update ISP Framework to {}", show(m)));
+        diff(&|| "billing_gateway".into(), m, i, "medium", &|| format!("Update ISP Framework to {}", show(m)));
     }
     if let (Some(Value::Array(m)), Some(i)) = (management.get("features"), isp.get("features")) {
         let enabled_in_isp = |f: &str| match i.get(f) {
@@ -56,22 +58,16 @@ pub fn consistency(tenant: &str, management: &Value, isp_config: &str) -> Vec<Di
             Some(Value::Bool(b)) => *b,
             _ => false,
         };
-        let mut all: Vec<String> = m.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect();
+        let mut all: Vec<&str> = m.iter().filter_map(Value::as_str).collect();
         if let Some(obj) = i.as_object() {
-            all.extend(obj.keys().cloned());
+            all.extend(obj.keys().map(String::as_str));
         }
-        all.sort();
+        all.sort_unstable();
         all.dedup();
         for f in all {
-            let in_mgmt = m.iter().any(|v| v.as_str() == Some(f.as_str()));
-            let in_isp = enabled_in_isp(&f);
-            diff(
-                &format!("feature_flags.{f}"),
-                Value::Bool(in_mgmt),
-                Value::Bool(in_isp),
-                "high",
-                format!("Sync {f} feature flag"),
-            );
+            let in_mgmt = Value::Bool(m.iter().any(|v| v.as_str() == Some(f)));
+            let in_isp = Value::Bool(enabled_in_isp(f));
+            diff(&|| format!("feature_flags.{f}"), &in_mgmt, &in_isp, "high", &|| format!("Sync {f} feature flag"));
         }
     }
     out
