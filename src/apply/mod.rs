@@ -20,7 +20,7 @@ use crate::providers::secret_value::SecretValue;
 use crate::providers::{Expect, LiveResource, ProviderError, Providers, Session};
 use crate::state::{AuditEntry, Commit, JournalEntry, JsonText, StateStore, Upsert};
 use rayon::prelude::*;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -112,6 +112,9 @@ struct Ctx<'a> {
     state: &'a dyn StateStore,
     opts: &'a Options,
     correlation: String,
+    /// `correlation` and the actor as every audit entry of the apply shares them.
+    audit_correlation: Arc<str>,
+    actor: Arc<str>,
 }
 
 /// Applies `plan`. The caller holds the state lock and has checked the plan is not stale.
@@ -195,7 +198,16 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     if !buffered {
         write_journal()?;
     }
-    let ctx = Ctx { plan, providers, state, opts, correlation: plan.correlation_id() };
+    let correlation = plan.correlation_id();
+    let ctx = Ctx {
+        plan,
+        providers,
+        state,
+        opts,
+        audit_correlation: correlation.as_str().into(),
+        actor: opts.actor.as_str().into(),
+        correlation,
+    };
     providers.begin(&Session {
         correlation_id: ctx.correlation.clone(),
         tenants: by_tenant.keys().map(|t| (*t).to_owned()).collect(),
@@ -345,6 +357,13 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     // applied, all it holds is settled.
     if journal_was_empty && report.outcomes.iter().all(|o| o.ok) {
         settle = Commit { clear_whole_journal: true, ..Commit::default() };
+    } else {
+        // This plan's entries of the tenants that applied (each failed tenant's own commit
+        // dropped or cleared its entries one by one).
+        let applied: FxHashSet<&str> = report.outcomes.iter().filter(|o| o.ok).map(|o| o.tenant.as_str()).collect();
+        settle.clear_journal.extend(
+            journaled.iter().filter(|c| applied.contains(c.address.tenant.as_str())).map(|c| c.address.text()),
+        );
     }
     let cleared = durable.map_err(anyhow::Error::from).and_then(|_| state.commit(serial, &settle));
     if let Err(e) = cleared
@@ -442,7 +461,7 @@ fn apply_tenant(
     settles: &[String],
 ) -> TenantResult {
     let _span = tracing::debug_span!("apply", tenant).entered();
-    let now = jiff::Timestamp::now().to_string();
+    let now: Arc<str> = jiff::Timestamp::now().to_string().into();
     let mut commit = Commit::default();
     let mut written = Vec::new();
     // Writes in apply order, then deletes in reverse apply order.
@@ -456,10 +475,11 @@ fn apply_tenant(
     let (refreshes, writes): (Vec<&Change>, Vec<&Change>) = rest.into_iter().partition(|c| c.action == Action::Noop);
 
     // This plan's journal entries for the tenant (written before any tenant started, or,
-    // with local stores only, before anything is flushed).
-    let journaled: Vec<String> = writes.iter().chain(&deletes).map(|c| c.address.text()).collect();
+    // with local stores only, before anything is flushed). Those of a tenant that applies are
+    // cleared by `apply` at the end.
     let drop_mine = |commit: &mut Commit| {
-        commit.drop_journal.extend(journaled.iter().map(|a| (a.clone(), ctx.plan.plan_id.clone())));
+        let mine = writes.iter().chain(&deletes).map(|c| (c.address.text(), ctx.plan.plan_id.clone()));
+        commit.drop_journal.extend(mine);
     };
     let fail = |msg: String, mut commit: Commit| TenantResult {
         outcome: TenantOutcome {
@@ -537,7 +557,6 @@ fn apply_tenant(
                     _ => commit.forget.push(c.address.clone()),
                 }
             }
-            commit.clear_journal.extend(journaled);
             commit.clear_journal.extend(settles.iter().cloned());
         }
         Some((failed, err)) => {
@@ -586,7 +605,7 @@ fn apply_tenant(
 /// The audit entry of an applied change, also handed to the management provider (the
 /// platform's cross-platform audit); a failure to hand it over is a warning: the change is
 /// applied and recorded here.
-fn applied(ctx: &Ctx<'_>, now: &str, c: &Change) -> AuditEntry {
+fn applied(ctx: &Ctx<'_>, now: &Arc<str>, c: &Change) -> AuditEntry {
     let entry = audit(ctx, now, c, "applied", None);
     if let Err(e) = ctx.providers.management.audit_event(&entry) {
         tracing::warn!(address = %c.address, "the audit event could not be sent to the management platform: {e}");
@@ -937,7 +956,7 @@ fn compare_live(
 
 /// An audit entry for a change, with before/after masked: fields for updates, fingerprints
 /// for the rest, versions for secrets; never a value.
-fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &'static str, message: Option<String>) -> AuditEntry {
+fn audit(ctx: &Ctx<'_>, time: &Arc<str>, c: &Change, outcome: &'static str, message: Option<String>) -> AuditEntry {
     let is_secret = c.address.kind == ResourceKind::OpenbaoSecret;
     let (before, after) = if is_secret {
         (
@@ -970,10 +989,10 @@ fn audit(ctx: &Ctx<'_>, time: &str, c: &Change, outcome: &'static str, message: 
     };
     AuditEntry {
         id: 0,
-        time: time.to_owned(),
-        correlation_id: ctx.correlation.clone(),
-        actor: ctx.opts.actor.clone(),
-        tenant: c.address.tenant.to_string(),
+        time: Arc::clone(time),
+        correlation_id: Arc::clone(&ctx.audit_correlation),
+        actor: Arc::clone(&ctx.actor),
+        tenant: c.address.tenant.shared(),
         address: c.address.text(),
         action: Cow::Borrowed(c.action.as_str()),
         risk: Cow::Borrowed(c.risk.as_str()),
