@@ -218,11 +218,11 @@ pub fn cmd_audit(g: &Global, tenants: &[String], since: Option<&str>, format: Fo
     }
     let mut summary: BTreeMap<String, PerTenant> = BTreeMap::new();
     for e in &entries {
-        let s = summary.entry(e.tenant.clone()).or_default();
+        let s = summary.entry(e.tenant.to_string()).or_default();
         match &*e.outcome {
             "applied" => {
                 s.changes += 1;
-                s.last_change = Some(e.time.clone());
+                s.last_change = Some(e.time.to_string());
                 *s.by_risk.entry(e.risk.to_string()).or_default() += 1;
                 if e.action == "rotate" {
                     s.rotations += 1;

@@ -15,6 +15,7 @@ use crate::providers::TenantScope;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 pub type Result<T> = anyhow::Result<T>;
 
@@ -49,11 +50,13 @@ impl Record {
 pub struct AuditEntry {
     #[serde(default)]
     pub id: i64,
-    pub time: String,
+    /// `time`, `correlation_id`, `actor` and `tenant` are shared by the entries of an apply
+    /// (of a tenant), not copied into each of 130,000.
+    pub time: Arc<str>,
     /// The plan id and the repository revision: `plan-…@<commit>`.
-    pub correlation_id: String,
-    pub actor: String,
-    pub tenant: String,
+    pub correlation_id: Arc<str>,
+    pub actor: Arc<str>,
+    pub tenant: Arc<str>,
     pub address: String,
     pub action: Cow<'static, str>,
     pub risk: Cow<'static, str>,

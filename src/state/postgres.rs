@@ -862,10 +862,10 @@ impl StateStore for PgStore {
             .iter()
             .map(|r| AuditEntry {
                 id: r.get(0),
-                time: r.get(1),
-                correlation_id: r.get(2),
-                actor: r.get(3),
-                tenant: r.get(4),
+                time: r.get::<_, String>(1).into(),
+                correlation_id: r.get::<_, String>(2).into(),
+                actor: r.get::<_, String>(3).into(),
+                tenant: r.get::<_, String>(4).into(),
                 address: r.get(5),
                 action: r.get::<_, String>(6).into(),
                 risk: r.get::<_, String>(7).into(),

@@ -545,8 +545,8 @@ pub fn audit_row(e: &AuditEntry, now: Timestamp) -> AuditRow {
     AuditRow {
         id: e.id,
         at: e.time.parse::<Timestamp>().ok().map(|t| when(t, now)),
-        time: e.time.clone(),
-        tenant: e.tenant.clone(),
+        time: e.time.to_string(),
+        tenant: e.tenant.to_string(),
         tenant_href: tenant_href(&e.tenant),
         address: e.address.strip_prefix(&format!("{}/", e.tenant)).unwrap_or(&e.address).to_owned(),
         action: e.action.to_string(),
@@ -557,8 +557,8 @@ pub fn audit_row(e: &AuditEntry, now: Timestamp) -> AuditRow {
             "failed" | "rollback_failed" => "bad",
             _ => "warn",
         },
-        actor: e.actor.clone(),
-        correlation_id: e.correlation_id.clone(),
+        actor: e.actor.to_string(),
+        correlation_id: e.correlation_id.to_string(),
         plan: e.correlation_id.split('@').next().unwrap_or("").to_owned(),
         message: e.message.clone(),
     }
@@ -1089,7 +1089,7 @@ mod tests {
     fn entry(id: i64, tenant: &str, outcome: &str) -> AuditEntry {
         AuditEntry {
             id,
-            time: format!("2027-01-15T07:{:02}:00Z", id % 60),
+            time: format!("2027-01-15T07:{:02}:00Z", id % 60).into(),
             correlation_id: "plan-1@abc".into(),
             actor: "dotmac-gitops-daemon".into(),
             tenant: tenant.into(),
