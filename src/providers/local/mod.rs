@@ -111,6 +111,10 @@ struct Shard {
     /// merging with an edit made on disk meanwhile). Not empty: the image is dirty. Hashed:
     /// it is looked up on every put and read in order only by a merge, which is rare.
     changed: FxHashMap<String, Option<Base>>,
+    /// The image began with no file: every entry in it was put by this store over nothing,
+    /// so `changed` holds only deletes. (A first apply puts 130,000 entries in such images;
+    /// each copied its key into `changed` as well.)
+    born: bool,
 }
 
 /// An entry before this store changed it.
@@ -145,11 +149,22 @@ impl Shard {
             split: true,
             entries: BTreeMap::new(),
             changed: FxHashMap::default(),
+            born: true,
         }
     }
 
     fn dirty(&self) -> bool {
-        !self.changed.is_empty()
+        !self.changed.is_empty() || (self.born && !self.entries.is_empty())
+    }
+
+    /// What this store changed, in address order, with what each change replaced.
+    fn take_changes(&mut self) -> Vec<(String, Option<Base>)> {
+        let mut changed: Vec<(String, Option<Base>)> = std::mem::take(&mut self.changed).into_iter().collect();
+        if std::mem::take(&mut self.born) {
+            changed.extend(self.entries.keys().map(|k| (k.clone(), None)));
+        }
+        changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        changed
     }
 }
 
@@ -280,6 +295,7 @@ impl LocalStore {
                 split: false,
                 entries,
                 changed: FxHashMap::default(),
+                born: false,
             });
         }
         slot
@@ -448,6 +464,7 @@ impl LocalStore {
             split: true,
             entries,
             changed: FxHashMap::default(),
+            born: false,
         })
     }
 
@@ -559,13 +576,19 @@ impl LocalStore {
                 shard::frame(&mut framed, &key, text);
                 let entry =
                     Entry { address: a.clone(), fingerprint, meta, hash: digest(&framed), body: Body::New(framed) };
+                if s.born {
+                    // Over nothing, as every entry of the image: nothing to note.
+                    s.entries.insert(key, entry);
+                    return;
+                }
                 // One search of the entries: the insert hands back what it replaced.
                 let old = s.entries.insert(key.clone(), entry);
                 s.changed.entry(key).or_insert_with(|| old.as_ref().and_then(base_of));
             }
             None => {
                 if let Some(old) = s.entries.remove(&key) {
-                    s.changed.entry(key).or_insert_with(|| base_of(&old));
+                    let base = if s.born { None } else { base_of(&old) };
+                    s.changed.entry(key).or_insert(base);
                 }
             }
         }
@@ -784,6 +807,7 @@ impl LocalStore {
         s.split = true;
         s.trusted = false;
         s.changed.clear();
+        s.born = false;
         conflict.map_or(Ok(()), Err)
     }
 
@@ -794,9 +818,7 @@ impl LocalStore {
         let mut disk = self.read_shard(n, Some(s))?;
         let mut conflict = None;
         // In address order, so that the conflict reported is the same whatever the hashing.
-        let mut changed: Vec<(String, Option<Base>)> = std::mem::take(&mut s.changed).into_iter().collect();
-        changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (key, base) in changed {
+        for (key, base) in s.take_changes() {
             let now = disk.entries.get(&key).map(|e| (e.hash, e.fingerprint.clone()));
             if now.as_ref().map(|n| n.0) != base.as_ref().map(|b| b.hash) {
                 tracing::warn!(address = %key, file = %self.path_of(n).display(), "changed on disk while being written; the other change is kept");
@@ -1743,5 +1765,18 @@ mod tests {
         let text = std::fs::read_to_string(shard_path(d.path(), ProviderId::Isp, &t1)).unwrap();
         assert!(text.contains("  one again\n") && !text.contains("two's"), "{text}");
         assert_eq!(fingerprints(&two), fingerprints(&one), "the loser sees the file as it is");
+        // Both add the same entry to a shard that has no file yet (an image with nothing
+        // under it, whose entries are all its own): the second flush is the conflict.
+        let (_, _, t3) = neighbours();
+        let a3 = format!("{t3}/isp.config");
+        one.put(&res(&a3, Content::Text("one\n".into())), None, &Expect::Absent).unwrap();
+        two.put(&res(&a3, Content::Text("two\n".into())), None, &Expect::Absent).unwrap();
+        one.flush().unwrap();
+        match two.flush() {
+            Err(ProviderError::Conflict { address, .. }) => assert_eq!(address, a3),
+            other => panic!("{other:?}"),
+        }
+        let text = std::fs::read_to_string(shard_path(d.path(), ProviderId::Isp, &t3)).unwrap();
+        assert!(text.contains("  one\n") && !text.contains("  two\n"), "{text}");
     }
 }
