@@ -228,13 +228,14 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     let mut journal_error: Option<anyhow::Error> = None;
     let mut expected: FxHashMap<&str, Vec<Difference>> = FxHashMap::default();
     std::thread::scope(|s| {
+        let mut working = Vec::with_capacity(workers);
         for _ in 0..workers {
             let tx = tx.clone();
             let queue = &queue;
             let ctx = &ctx;
             let stale = &stale;
             let unjournaled = &unjournaled;
-            s.spawn(move || {
+            working.push(s.spawn(move || {
                 behind_the_committer();
                 loop {
                     let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
@@ -265,13 +266,43 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
                         break;
                     }
                 }
-            });
+            }));
         }
         drop(tx);
+        // Once every write is done and the journal is durable, the providers make the writes
+        // durable (a local store: each changed shard file once) while the committer records
+        // what it has not yet: it trails the workers by some batches. Neither needs the
+        // other; the journal is settled only once both are over. Meanwhile, what consistency
+        // validation will find where both sides are read back as planned: the cores have
+        // room while the flush waits for the disk.
+        let (journaled_tx, journaled_rx) = mpsc::channel::<bool>();
+        let finishing = s.spawn(move || {
+            // The committer is what the apply waits for at its end: the flush, its threads
+            // (which inherit this nice value) and the check take what it leaves.
+            behind_the_committer();
+            for w in working {
+                // A worker's panic is the apply's, as when the scope joined it.
+                if let Err(p) = w.join() {
+                    std::panic::resume_unwind(p);
+                }
+            }
+            if journaled_rx.recv() != Ok(true) {
+                return None;
+            }
+            tracing::debug!(elapsed = ?started_at.elapsed(), "all writes done");
+            let flushing = s.spawn(|| flush_all(providers));
+            // On this thread, not the global pool's (whose priority is the committer's). A panic
+            // here only loses the head start: every tenant is then compared below.
+            let expected = std::panic::catch_unwind(|| planned_consistency(plan)).unwrap_or_default();
+            let durable =
+                flushing.join().unwrap_or_else(|_| Err(ProviderError::Other("flushing the providers panicked".into())));
+            Some((durable, expected))
+        });
         if buffered && let Err(e) = write_journal() {
             unjournaled.store(true, Ordering::SeqCst);
             journal_error = Some(e);
         }
+        let _ = journaled_tx.send(journal_error.is_none());
         // The committer: records and audit entries, a batch of tenants at a time. A batch
         // committed is freed on a thread of its own (a million small allocations for 10,000
         // tenants, a tenth of the committing thread's time), behind the committer too.
@@ -324,19 +355,11 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
                 }
             }
         }
-        // Every write is done: the providers make them durable (a local store: each changed
-        // shard file once) while the last batch is recorded. Neither needs the other; the
-        // journal is settled only once both are over.
-        if journal_error.is_none() {
-            let flushing = s.spawn(|| flush_all(providers));
-            // Meanwhile, what consistency validation will find where both sides are read back
-            // as planned: the cores have room while the flush waits for the disk.
-            let checking = s.spawn(|| planned_consistency(plan));
-            flush(&mut batch, &mut report);
-            durable =
-                flushing.join().unwrap_or_else(|_| Err(ProviderError::Other("flushing the providers panicked".into())));
-            // A panic here only loses the head start: every tenant is then compared below.
-            expected = checking.join().unwrap_or_default();
+        flush(&mut batch, &mut report);
+        match finishing.join() {
+            Ok(Some((d, e))) => (durable, expected) = (d, e),
+            Ok(None) => {}
+            Err(p) => std::panic::resume_unwind(p),
         }
         // The freeing thread ends once the committer lets go of its sender.
         drop(spent_tx);
@@ -428,14 +451,27 @@ fn behind_the_committer() {
     }
 }
 
-/// Makes every provider's completed writes durable, one provider after another.
+/// Flushes the providers at the same time (a local store's flush is mostly waiting for
+/// `fsync`); the first error in provider order.
 fn flush_all(providers: &Providers) -> crate::providers::Result<()> {
-    ProviderId::ALL.iter().try_for_each(|p| {
-        let t = std::time::Instant::now();
-        let r = providers.get(*p).flush();
-        tracing::debug!(provider = %p, elapsed = ?t.elapsed(), "flushed");
-        r
-    })
+    let results: Vec<crate::providers::Result<()>> = std::thread::scope(|s| {
+        let flushing: Vec<_> = ProviderId::ALL
+            .iter()
+            .map(|p| {
+                s.spawn(move || {
+                    let t = std::time::Instant::now();
+                    let r = providers.get(*p).flush();
+                    tracing::debug!(provider = %p, elapsed = ?t.elapsed(), "flushed");
+                    r
+                })
+            })
+            .collect();
+        flushing
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(ProviderError::Other("flushing a provider panicked".into()))))
+            .collect()
+    });
+    results.into_iter().collect()
 }
 
 fn progress_bar(enabled: bool, len: u64) -> Option<indicatif::ProgressBar> {
@@ -873,7 +909,7 @@ fn planned_consistency(plan: &Plan) -> FxHashMap<&str, Vec<Difference>> {
             _ => {}
         }
     }
-    pairs.into_par_iter().filter_map(|(t, (m, i))| Some((t, crate::drift::consistency(t, m?, i?)))).collect()
+    pairs.into_iter().filter_map(|(t, (m, i))| Some((t, crate::drift::consistency(t, m?, i?)))).collect()
 }
 
 /// Consistency validation: for every tenant whose management record or ISP configuration
