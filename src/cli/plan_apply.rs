@@ -238,6 +238,9 @@ fn confirm(auto_approve: bool) -> Result<()> {
 pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
     let now = parse_now(a.args.now.as_deref())?;
     let color = color(g);
+    // With --auto-approve the plan is printed while the apply starts (nothing waits for a
+    // person to read it); the report follows it on stdout either way.
+    let print_beside = a.plan_file.is_none() && a.auto_approve;
     let (prepared, plan, _guard) = match a.plan_file {
         Some(file) => {
             let plan = load_plan(file)?;
@@ -294,13 +297,20 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             // memory is given back before the apply allocates its own.
             drop(std::mem::take(&mut prepared.ws.loaded.files));
             drop(std::mem::take(&mut prepared.ws.loaded.docs));
-            print_plan(&plan, Format::Text, color, &ReportArgs::default())?;
+            if !print_beside {
+                print_plan(&plan, Format::Text, color, &ReportArgs::default())?;
+            }
             (prepared, plan, guard)
         }
     };
+    let print = || print_plan(&plan, Format::Text, color, &ReportArgs::default());
     if plan.errors().next().is_some() && a.plan_file.is_none() {
+        if print_beside {
+            print()?;
+        }
         eprintln!("\nTenants with errors above are not applied.");
     }
+    let print_beside = print_beside && plan.errors().next().is_none();
     let opts = apply::Options {
         allow_delete: a.allow_delete,
         destroy_secrets: a.destroy_secrets,
@@ -317,13 +327,31 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
         && plan.errors().next().is_none()
         && prepared.state.journal()?.is_empty()
     {
+        if print_beside {
+            print()?;
+        }
         return Ok(0);
     }
-    apply::preflight(&plan, &opts).map_err(anyhow::Error::msg)?;
+    if let Err(e) = apply::preflight(&plan, &opts) {
+        if print_beside {
+            print()?;
+        }
+        return Err(anyhow::Error::msg(e));
+    }
     if plan.has_changes() && a.plan_file.is_none() {
         confirm(a.auto_approve)?;
     }
-    let report = apply::apply(&plan, &prepared.providers, prepared.state.as_ref(), &opts)?;
+    let report = if print_beside {
+        std::thread::scope(|s| {
+            let printing = s.spawn(print);
+            let report = apply::apply(&plan, &prepared.providers, prepared.state.as_ref(), &opts);
+            let printed = printing.join().unwrap_or_else(|_| Err(anyhow::anyhow!("printing the plan panicked")));
+            // The apply's own error first; a plan that could not be printed after it.
+            report.and_then(|r| printed.map(|()| r))
+        })?
+    } else {
+        apply::apply(&plan, &prepared.providers, prepared.state.as_ref(), &opts)?
+    };
     let code = print_report(&report);
     prepared.finish();
     std::mem::forget(plan);
