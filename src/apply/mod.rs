@@ -291,8 +291,9 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             }
             tracing::debug!(elapsed = ?started_at.elapsed(), "all writes done");
             let flushing = s.spawn(|| flush_all(providers));
-            // On this thread, not the global pool's (whose priority is the committer's). A panic
-            // here only loses the head start: every tenant is then compared below.
+            // On two threads of this one's priority, not the global pool's (which is the
+            // committer's). A panic here only loses the head start: every tenant is then
+            // compared below.
             let expected = std::panic::catch_unwind(|| planned_consistency(plan)).unwrap_or_default();
             let durable =
                 flushing.join().unwrap_or_else(|_| Err(ProviderError::Other("flushing the providers panicked".into())));
@@ -406,6 +407,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     let known: FxHashMap<&Address, &Content> = plan
         .changes
         .iter()
+        .filter(|c| matches!(c.address.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig))
         .filter_map(|c| {
             let written = c.desired_fingerprint.as_ref()?;
             (read_back.get(&c.address) == Some(written)).then_some((&c.address, c.desired.as_deref()?))
@@ -909,7 +911,21 @@ fn planned_consistency(plan: &Plan) -> FxHashMap<&str, Vec<Difference>> {
             _ => {}
         }
     }
-    pairs.into_iter().filter_map(|(t, (m, i))| Some((t, crate::drift::consistency(t, m?, i?)))).collect()
+    let pairs: Vec<(&str, &Value, &str)> = pairs.into_iter().filter_map(|(t, (m, i))| Some((t, m?, i?))).collect();
+    fn compare<'p>(part: &[(&'p str, &'p Value, &'p str)]) -> Vec<(&'p str, Vec<Difference>)> {
+        part.iter().map(|&(t, m, i)| (t, crate::drift::consistency(t, m, i))).collect()
+    }
+    let (first, second) = pairs.split_at(pairs.len() / 2);
+    let (mut a, b) = std::thread::scope(|s| {
+        let other = s.spawn(|| compare(second));
+        let mine = compare(first);
+        (mine, other.join())
+    });
+    match b {
+        Ok(b) => a.extend(b),
+        Err(p) => std::panic::resume_unwind(p),
+    }
+    a.into_iter().collect()
 }
 
 /// Consistency validation: for every tenant whose management record or ISP configuration

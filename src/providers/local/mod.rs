@@ -179,11 +179,18 @@ fn io_error(path: &Path, e: impl std::fmt::Display) -> ProviderError {
 /// Why no entry can hold this address, if none can: every part must read back from the
 /// address text, and the text must fit on a header line.
 fn address_problem(a: &Address) -> Option<&'static str> {
+    // Asked for every address a store reads or writes: ASCII (nearly every one) byte by
+    // byte, where whitespace and control characters are the bytes up to the space, and DEL.
+    let bad = |c: char| c.is_whitespace() || c.is_control() || matches!(c, '/' | '\\' | '[' | ']');
     let plain = |s: &str| {
         !s.is_empty()
             && s != "."
             && s != ".."
-            && !s.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '\\' | '[' | ']'))
+            && if s.is_ascii() {
+                !s.bytes().any(|b| b <= b' ' || b == 0x7f || matches!(b, b'/' | b'\\' | b'[' | b']'))
+            } else {
+                !s.chars().any(bad)
+            }
     };
     if !plain(&a.tenant) || a.tenant.starts_with('.') {
         return Some("the tenant cannot be stored");
@@ -1403,12 +1410,18 @@ mod tests {
             pod("t1", "Po.d", "p"),
             pod("", "Pod", "p"),
             pod("t1", "Pod", "p]\n=== x"),
+            pod("t1", "Pod", "p\tq"),
+            pod("t1", "Pod", "p\x7fq"),
+            pod("t\u{1}", "Pod", "p"),
+            // Beyond ASCII: a no-break space and a line separator are whitespace too.
+            pod("t1", "Pod", "é\u{a0}p"),
+            pod("t\u{2028}é", "Pod", "p"),
         ] {
             let r = Resource { fingerprint: None, address: a.clone(), content: Content::Json(json!({})).into() };
             assert!(s.put(&r, None, &Expect::Any).is_err(), "{a:?}");
             assert!(s.fetch(std::slice::from_ref(&a)).is_err(), "{a:?}");
         }
-        let ok = pod("t1", "Deployment", "isp.framework");
+        let ok = pod("t1", "Deployment", "isp.framework-é");
         s.put(
             &Resource { fingerprint: None, address: ok, content: Content::Json(json!({})).into() },
             None,
