@@ -146,11 +146,21 @@ unsafe impl GlobalAlloc for CountingAllocator {
 pub struct Guard(());
 
 impl Guard {
-    pub fn new(limit: usize, what: &str) -> Guard {
-        let mut buf = [0u8; 160];
-        let bytes = what.as_bytes();
-        let len = bytes.len().min(buf.len());
-        buf[..len].copy_from_slice(&bytes[..len]);
+    /// `what` is written straight into the fixed buffer (cut at its size): no allocation per
+    /// render.
+    pub fn new(limit: usize, what: std::fmt::Arguments<'_>) -> Guard {
+        struct Fixed([u8; 160], usize);
+        impl std::fmt::Write for Fixed {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                let n = s.len().min(self.0.len() - self.1);
+                self.0[self.1..self.1 + n].copy_from_slice(&s.as_bytes()[..n]);
+                self.1 += n;
+                Ok(())
+            }
+        }
+        let mut fixed = Fixed([0u8; 160], 0);
+        let _ = std::fmt::Write::write_fmt(&mut fixed, what);
+        let Fixed(buf, len) = fixed;
         let _ = WHAT.try_with(|w| w.set((buf, len)));
         let _ = USED.try_with(|u| u.set((0, limit.min(NO_LIMIT as usize - 1) as isize)));
         Guard(())

@@ -78,6 +78,9 @@ pub struct Renderer {
     policy_templates: Vec<(String, String)>,
     repo_templates: BTreeSet<String>,
     max_output: usize,
+    /// Per template, the longest output rendered so far: the size each render's buffer
+    /// starts at (grown from nothing, 50,000 renders copied their output a few times over).
+    sizes: HashMap<String, std::sync::atomic::AtomicUsize>,
     plans: HashMap<String, MjValue>,
     tiers: HashMap<String, MjValue>,
     environments: HashMap<String, MjValue>,
@@ -125,8 +128,10 @@ impl Renderer {
             m.insert("name".into(), Value::String(name.to_owned()));
             to_mj(&Value::Object(m))
         };
+        let sizes = names.iter().map(|n| (n.clone(), std::sync::atomic::AtomicUsize::new(0))).collect();
         Renderer {
             env,
+            sizes,
             k8s_templates,
             policy_templates,
             repo_templates: repo.keys().cloned().collect(),
@@ -174,10 +179,17 @@ impl Renderer {
     /// Renders one template with the sandbox limits; errors name the template and line.
     pub fn render_template(&self, name: &str, ctx: &MjValue, tenant: &str) -> Result<String, Diagnostic> {
         let tmpl = self.env.get_template(name).map_err(|e| self.error(e, tenant, name))?;
-        let mut out = Capped { buf: Vec::new(), max: self.max_output };
+        let size = self.sizes.get(name);
+        let start = size.map_or(0, |s| s.load(std::sync::atomic::Ordering::Relaxed));
+        let mut out = Capped { buf: Vec::with_capacity(start.min(self.max_output)), max: self.max_output };
         {
-            let _guard = budget::Guard::new(RENDER_MEMORY, &format!("{name} for tenant {tenant}"));
+            let _guard = budget::Guard::new(RENDER_MEMORY, format_args!("{name} for tenant {tenant}"));
             tmpl.render_captured_to(ctx.clone(), &mut out).map_err(|e| self.error(e, tenant, name))?;
+        }
+        if let Some(s) = size
+            && out.buf.len() > start
+        {
+            s.fetch_max(out.buf.len(), std::sync::atomic::Ordering::Relaxed);
         }
         String::from_utf8(out.buf).map_err(|_| {
             Diagnostic::error("template", format!("template `{name}` produced invalid UTF-8")).tenant(tenant)
