@@ -182,7 +182,7 @@ impl<'a> Reader<'a> {
 /// `key: rest` or `key:` into the key's text and the rest; `None` when the line is not a
 /// plain key followed by `:`.
 fn key_split(text: &str) -> Option<(&str, &str)> {
-    let (key, rest) = match text.find(": ") {
+    let (key, rest) = match find_pair(text, b':', b' ') {
         Some(i) => (&text[..i], &text[i + 1..]),
         None => (text.strip_suffix(':')?, ""),
     };
@@ -247,13 +247,29 @@ fn inline(text: &str) -> Option<Value> {
     }
 }
 
+/// Where `a` first comes right before `b` (two ASCII bytes, so a char boundary). `str::find`
+/// with a two-byte pattern sets up a substring searcher at each call: 3 % of a cold apply's
+/// instructions went to that over the short lines of 20,000 files and their renders.
+pub(crate) fn find_pair(text: &str, a: u8, b: u8) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(i) = bytes[from..].iter().position(|&c| c == a) {
+        let at = from + i;
+        if bytes.get(at + 1) == Some(&b) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
 /// A plain scalar in block context, up to a comment.
 fn plain(text: &str) -> Option<Value> {
-    let text = match text.find(" #") {
+    let text = match find_pair(text, b' ', b'#') {
         Some(i) => text[..i].trim_end_matches(' '),
         None => text,
     };
-    if text.contains(": ") || text.ends_with(':') {
+    if find_pair(text, b':', b' ').is_some() || text.ends_with(':') {
         return None;
     }
     resolve_plain(text).ok()

@@ -52,7 +52,8 @@ pub fn secret_refs(v: &Value) -> Vec<SecretRef> {
     let mut out = Vec::new();
     walk_strings(v, &mut |ptr, _, s| {
         let mut rest = s;
-        while let Some(i) = rest.find("${SECRET:") {
+        // Found by its `$` (a byte search) rather than as a substring, set up per string.
+        while let Some(i) = rest.match_indices('$').map(|(i, _)| i).find(|&i| rest[i..].starts_with("${SECRET:")) {
             let after = &rest[i + "${SECRET:".len()..];
             match after.find('}') {
                 Some(end) if end > 0 => {
