@@ -340,6 +340,13 @@ pub fn resolve_plain(text: &str) -> Result<Value, String> {
 
 /// A plain scalar as null, a boolean or a number; `None` when it is text.
 fn resolve_typed(text: &str) -> Result<Option<Value>, String> {
+    // Every typed scalar of the core schema starts with one of these (or is empty): most
+    // text (names, domains, words) is told at its first byte, without trying each form.
+    if let Some(&first) = text.as_bytes().first()
+        && !(first.is_ascii_digit() || matches!(first, b'+' | b'-' | b'.' | b'~' | b'n' | b'N' | b't' | b'T' | b'f' | b'F'))
+    {
+        return Ok(None);
+    }
     if parse_null(text) {
         return Ok(Some(Value::Null));
     }
@@ -594,11 +601,13 @@ mod tests {
     #[test]
     fn core_schema_scalars_and_yaml_1_1_words_stay_text() {
         let v = one(
-            "a: 1\nb: -2\nc: 1.5\nd: true\ne: ~\nf: yes\ng: 2027-12-31T23:59:59Z\nh: '3'\ni: 0x1F\nj: 1e3\nk: .inf\n",
+            "a: 1\nb: -2\nc: 1.5\nd: true\ne: ~\nf: yes\ng: 2027-12-31T23:59:59Z\nh: '3'\ni: 0x1F\nj: 1e3\nk: .inf\n\
+             l: False\nm: NULL\nn: +12\no: Null\np: TRUE\nq: .5\nr: on\ns: Tenant\nt: -.inf\nu: 0o17\n",
         );
         assert_eq!(
             v,
-            json!({"a":1,"b":-2,"c":1.5,"d":true,"e":null,"f":"yes","g":"2027-12-31T23:59:59Z","h":"3","i":31,"j":1000.0,"k":".inf"})
+            json!({"a":1,"b":-2,"c":1.5,"d":true,"e":null,"f":"yes","g":"2027-12-31T23:59:59Z","h":"3","i":31,"j":1000.0,"k":".inf",
+                   "l":false,"m":null,"n":12,"o":null,"p":true,"q":0.5,"r":"on","s":"Tenant","t":"-.inf","u":15})
         );
     }
 
