@@ -646,7 +646,7 @@ impl LocalStore {
         let now = jiff::Timestamp::now().to_string();
         let version = rec.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
         let mut nonce = [0u8; 12];
-        getrandom::fill(&mut nonce).map_err(ProviderError::other)?;
+        crate::providers::secret_value::random_fill(&mut nonce).map_err(ProviderError::other)?;
         let aad = Self::aad(a, version);
         let ciphertext = self
             .cipher()?
