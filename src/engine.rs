@@ -500,10 +500,7 @@ impl Workspace {
                 d.message
             );
         }
-        Ok(rendered
-            .into_iter()
-            .filter(|(id, _)| self.tenants.contains_key(id))
-            .collect())
+        Ok(rendered.into_iter().filter(|(id, _)| self.tenants.contains_key(id)).collect())
     }
 
     /// Forgets what a long-lived workspace need not hold: the parsed documents (plans parse

@@ -385,9 +385,9 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
         // This plan's entries of the tenants that applied (each failed tenant's own commit
         // dropped or cleared its entries one by one).
         let applied: FxHashSet<&str> = report.outcomes.iter().filter(|o| o.ok).map(|o| o.tenant.as_str()).collect();
-        settle.clear_journal.extend(
-            journaled.iter().filter(|c| applied.contains(c.address.tenant.as_str())).map(|c| c.address.text()),
-        );
+        settle
+            .clear_journal
+            .extend(journaled.iter().filter(|c| applied.contains(c.address.tenant.as_str())).map(|c| c.address.text()));
     }
     let cleared = durable.map_err(anyhow::Error::from).and_then(|_| state.commit(serial, &settle));
     if let Err(e) = cleared

@@ -343,7 +343,8 @@ fn resolve_typed(text: &str) -> Result<Option<Value>, String> {
     // Every typed scalar of the core schema starts with one of these (or is empty): most
     // text (names, domains, words) is told at its first byte, without trying each form.
     if let Some(&first) = text.as_bytes().first()
-        && !(first.is_ascii_digit() || matches!(first, b'+' | b'-' | b'.' | b'~' | b'n' | b'N' | b't' | b'T' | b'f' | b'F'))
+        && !(first.is_ascii_digit()
+            || matches!(first, b'+' | b'-' | b'.' | b'~' | b'n' | b'N' | b't' | b'T' | b'f' | b'F'))
     {
         return Ok(None);
     }

@@ -685,9 +685,11 @@ mod tests {
         assert_eq!(ids, [7, 8], "the old entry keeps its id and the next one follows it");
         let sql: String = s
             .conn()
-            .query_row("SELECT group_concat(sql, ';') FROM sqlite_master WHERE name IN ('resources', 'audit')", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT group_concat(sql, ';') FROM sqlite_master WHERE name IN ('resources', 'audit')",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert!(sql.contains("WITHOUT ROWID") && !sql.contains("AUTOINCREMENT"), "{sql}");
     }
