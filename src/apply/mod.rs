@@ -111,9 +111,8 @@ struct Ctx<'a> {
     providers: &'a Providers,
     state: &'a dyn StateStore,
     opts: &'a Options,
-    correlation: String,
-    /// `correlation` and the actor as every audit entry of the apply shares them.
-    audit_correlation: Arc<str>,
+    /// The plan's correlation id and the actor, shared by every audit entry of the apply.
+    correlation: Arc<str>,
     actor: Arc<str>,
 }
 
@@ -198,18 +197,16 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     if !buffered {
         write_journal()?;
     }
-    let correlation = plan.correlation_id();
     let ctx = Ctx {
         plan,
         providers,
         state,
         opts,
-        audit_correlation: correlation.as_str().into(),
+        correlation: plan.correlation_id().into(),
         actor: opts.actor.as_str().into(),
-        correlation,
     };
     providers.begin(&Session {
-        correlation_id: ctx.correlation.clone(),
+        correlation_id: ctx.correlation.to_string(),
         tenants: by_tenant.keys().map(|t| (*t).to_owned()).collect(),
         coordination: plan.coordination.clone(),
     });
@@ -1031,7 +1028,7 @@ fn audit(ctx: &Ctx<'_>, time: &Arc<str>, c: &Change, outcome: &'static str, mess
     AuditEntry {
         id: 0,
         time: Arc::clone(time),
-        correlation_id: Arc::clone(&ctx.audit_correlation),
+        correlation_id: Arc::clone(&ctx.correlation),
         actor: Arc::clone(&ctx.actor),
         tenant: c.address.tenant.shared(),
         address: c.address.text(),
