@@ -18,13 +18,14 @@ pub fn random_fill(dest: &mut [u8]) -> std::io::Result<()> {
         /// (bytes, how many of them are handed out already)
         static POOL: RefCell<(Box<[u8; BLOCK]>, usize)> = RefCell::new((Box::new([0; BLOCK]), BLOCK));
     }
+    let from_os = |b: &mut [u8]| getrandom::fill(b).map_err(|e| std::io::Error::other(e.to_string()));
     if dest.len() > BLOCK / 4 {
-        return getrandom::fill(dest).map_err(|e| std::io::Error::other(e.to_string()));
+        return from_os(dest);
     }
     POOL.with(|pool| {
         let (bytes, used) = &mut *pool.borrow_mut();
         if BLOCK - *used < dest.len() {
-            getrandom::fill(&mut bytes[..]).map_err(|e| std::io::Error::other(e.to_string()))?;
+            from_os(&mut bytes[..])?;
             *used = 0;
         }
         let taken = &mut bytes[*used..*used + dest.len()];
