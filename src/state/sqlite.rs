@@ -5,7 +5,7 @@ use crate::model::{Address, Content};
 use crate::providers::TenantScope;
 use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -118,12 +118,77 @@ const MIGRATIONS: &[&str] = &[
      DROP TABLE audit;
      ALTER TABLE audit5 RENAME TO audit;
      CREATE INDEX audit_by_tenant_time ON audit(tenant, time);",
+    // 6: the journal keeps one row per tenant and plan, its entries a JSON array of
+    // `[address, action, intended, started_at]`. An apply of 10,000 tenants journals 130,000
+    // writes before its first one is durable and clears them once all are: as rows, that
+    // was the committer's longest part (0.2 s of a 2.5 s cold apply, in a model 0.26 s of
+    // SQLite's CPU against 0.05 s for 10,000 rows).
+    "CREATE TABLE journal6 (
+        tenant TEXT NOT NULL,
+        plan_id TEXT NOT NULL,
+        entries TEXT NOT NULL,
+        PRIMARY KEY (tenant, plan_id)) WITHOUT ROWID;
+     INSERT INTO journal6
+       SELECT substr(address, 1, instr(address, '/') - 1), plan_id,
+              json_group_array(json_array(address, action, intended, started_at))
+       FROM (SELECT * FROM journal ORDER BY address)
+       GROUP BY 1, 2;
+     DROP TABLE journal;
+     ALTER TABLE journal6 RENAME TO journal;",
 ];
+
+/// A journal entry as a row keeps it: `[address, action, intended, started_at]`.
+type JournalLine = (String, String, Option<String>, String);
+
+/// A journal entry's line, as written.
+fn journal_line(e: &JournalEntry) -> (&str, &str, Option<&str>, &str) {
+    (&e.address, &e.action, e.intended.as_deref(), &e.started_at)
+}
+
+/// The tenant of an address (`tenant/…`).
+fn tenant_of(address: &str) -> &str {
+    address.as_bytes().iter().position(|&b| b == b'/').map_or(address, |i| &address[..i])
+}
+
+/// A journal row's entries, read back.
+fn journal_lines(text: &str) -> rusqlite::Result<Vec<JournalLine>> {
+    serde_json::from_str(text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
+}
 
 /// The bounds of a tenant's addresses, `tenant/` included to `tenant0` excluded: every
 /// address is `tenant/…` (a tenant id holds no `/`), and `0` is the byte after `/`.
 fn tenant_range(tenant: &str) -> (String, String) {
     (format!("{tenant}/"), format!("{tenant}0"))
+}
+
+/// Takes entries out of the journal: every plan's of the addresses in `clear`, and one plan's
+/// of an address in `drop`. A row left with none is deleted.
+fn settle_journal(tx: &rusqlite::Transaction<'_>, clear: &[String], drop: &[(String, String)]) -> Result<()> {
+    let clear: BTreeSet<&str> = clear.iter().map(String::as_str).collect();
+    let drop: BTreeSet<(&str, &str)> = drop.iter().map(|(a, p)| (a.as_str(), p.as_str())).collect();
+    let tenants: BTreeSet<&str> = clear.iter().copied().chain(drop.iter().map(|(a, _)| *a)).map(tenant_of).collect();
+    let mut read = tx.prepare_cached("SELECT plan_id, entries FROM journal WHERE tenant = ?1")?;
+    let mut write = tx.prepare_cached("UPDATE journal SET entries = ?3 WHERE tenant = ?1 AND plan_id = ?2")?;
+    let mut delete = tx.prepare_cached("DELETE FROM journal WHERE tenant = ?1 AND plan_id = ?2")?;
+    for tenant in tenants {
+        let rows = read
+            .query_map(params![tenant], |r| Ok((r.get::<_, String>(0)?, journal_lines(&r.get::<_, String>(1)?)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for (plan, lines) in rows {
+            let before = lines.len();
+            let kept: Vec<JournalLine> = lines
+                .into_iter()
+                .filter(|(a, ..)| !clear.contains(a.as_str()) && !drop.contains(&(a.as_str(), plan.as_str())))
+                .collect();
+            if kept.is_empty() {
+                delete.execute(params![tenant, plan])?;
+            } else if kept.len() != before {
+                write.execute(params![tenant, plan, serde_json::to_string(&kept)?])?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl SqliteStore {
@@ -373,14 +438,8 @@ impl StateStore for SqliteStore {
             }
             if c.clear_whole_journal {
                 tx.execute("DELETE FROM journal", [])?;
-            }
-            let mut cj = tx.prepare_cached("DELETE FROM journal WHERE address = ?1")?;
-            for a in &c.clear_journal {
-                cj.execute(params![a])?;
-            }
-            let mut dj = tx.prepare_cached("DELETE FROM journal WHERE address = ?1 AND plan_id = ?2")?;
-            for (a, plan) in &c.drop_journal {
-                dj.execute(params![a, plan])?;
+            } else if !c.clear_journal.is_empty() || !c.drop_journal.is_empty() {
+                settle_journal(&tx, &c.clear_journal, &c.drop_journal)?;
             }
         }
         tx.commit()?;
@@ -391,11 +450,47 @@ impl StateStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         {
-            let mut st = tx.prepare_cached(
-                "INSERT OR REPLACE INTO journal(address, plan_id, action, intended, started_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for e in entries {
-                st.execute(params![e.address, e.plan_id, e.action, e.intended, e.started_at])?;
+            // Rows of these plans already there are merged with (an apply of a saved plan
+            // started again); otherwise, the usual case, there is nothing to read.
+            let mut has_plan = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM journal WHERE plan_id = ?1)")?;
+            let mut known: BTreeSet<&str> = BTreeSet::new();
+            for plan in entries.iter().map(|e| e.plan_id.as_str()).collect::<BTreeSet<_>>() {
+                if has_plan.query_row(params![plan], |r| r.get::<_, bool>(0))? {
+                    known.insert(plan);
+                }
+            }
+            let mut read = tx.prepare_cached("SELECT entries FROM journal WHERE tenant = ?1 AND plan_id = ?2")?;
+            let mut write =
+                tx.prepare_cached("INSERT OR REPLACE INTO journal(tenant, plan_id, entries) VALUES (?1, ?2, ?3)")?;
+            let mut written: BTreeSet<(&str, &str)> = BTreeSet::new();
+            // A run of entries of one tenant and plan is a row (an apply gives each tenant's
+            // entries one after another, in address order).
+            for run in entries.chunk_by(|a, b| tenant_of(&a.address) == tenant_of(&b.address) && a.plan_id == b.plan_id)
+            {
+                let key = (tenant_of(&run[0].address), run[0].plan_id.as_str());
+                let old: Vec<JournalLine> = if known.contains(key.1) || written.contains(&key) {
+                    match read.query_row(params![key.0, key.1], |r| r.get::<_, String>(0)).optional()? {
+                        Some(t) => journal_lines(&t)?,
+                        None => Vec::new(),
+                    }
+                } else {
+                    Vec::new()
+                };
+                let text = if old.is_empty() && run.windows(2).all(|w| w[0].address < w[1].address) {
+                    serde_json::to_string(&run.iter().map(journal_line).collect::<Vec<_>>())?
+                } else {
+                    // Merged by address: a later entry replaces an earlier one.
+                    let mut lines: BTreeMap<&str, (&str, &str, Option<&str>, &str)> = BTreeMap::new();
+                    for (a, action, intended, at) in &old {
+                        lines.insert(a, (a, action, intended.as_deref(), at));
+                    }
+                    for e in run {
+                        lines.insert(&e.address, journal_line(e));
+                    }
+                    serde_json::to_string(&lines.into_values().collect::<Vec<_>>())?
+                };
+                write.execute(params![key.0, key.1, text])?;
+                written.insert(key);
             }
         }
         tx.commit()?;
@@ -404,19 +499,21 @@ impl StateStore for SqliteStore {
 
     fn journal(&self) -> Result<Vec<JournalEntry>> {
         let conn = self.conn();
-        let mut st = conn.prepare(
-            "SELECT address, plan_id, action, intended, started_at FROM journal ORDER BY address, started_at, plan_id",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(JournalEntry {
-                address: r.get(0)?,
-                plan_id: r.get(1)?,
-                action: r.get(2)?,
-                intended: r.get(3)?,
-                started_at: r.get(4)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        let mut st = conn.prepare("SELECT plan_id, entries FROM journal")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, journal_lines(&r.get::<_, String>(1)?)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (plan_id, lines) = row?;
+            out.extend(lines.into_iter().map(|(address, action, intended, started_at)| JournalEntry {
+                address,
+                plan_id: plan_id.clone(),
+                action,
+                intended,
+                started_at,
+            }));
+        }
+        out.sort_by(|a, b| (&a.address, &a.started_at, &a.plan_id).cmp(&(&b.address, &b.started_at, &b.plan_id)));
+        Ok(out)
     }
 
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
@@ -483,9 +580,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         {
             let conn = store_of_schema(d.path(), 2);
-            conn.execute(
-                "INSERT INTO journal VALUES ('t1/isp.config', 'plan-1', 'create', 'sha256:ab', '2026-11-22T00:00:00Z')",
-                [],
+            conn.execute_batch(
+                "INSERT INTO journal VALUES ('t1/isp.config', 'plan-1', 'create', 'sha256:ab', '2026-11-22T00:00:00Z');
+                 INSERT INTO journal VALUES ('t1/isp.config', 'plan-2', 'update', 'sha256:cd', '2026-11-22T00:01:00Z');
+                 INSERT INTO journal VALUES ('t1/management.tenant', 'plan-1', 'delete', NULL, '2026-11-22T00:00:00Z');
+                 INSERT INTO journal VALUES ('t2/isp.config', 'plan-1', 'create', 'sha256:ef', '2026-11-22T00:00:00Z');",
             )
             .unwrap();
         }
@@ -494,10 +593,25 @@ mod tests {
         assert_eq!(version as usize, MIGRATIONS.len());
         let page: i64 = s.conn().pragma_query_value(None, "page_size", |r| r.get(0)).unwrap();
         assert_eq!(page, 4096, "an existing file keeps its page size");
-        let j = s.journal().unwrap();
-        assert_eq!(j.len(), 1);
-        assert_eq!((j[0].address.as_str(), j[0].plan_id.as_str()), ("t1/isp.config", "plan-1"));
-        assert_eq!(j[0].intended.as_deref(), Some("sha256:ab"));
+        // Every entry is kept (schema 6 groups them by tenant and plan), the missing intended
+        // fingerprint of a delete too.
+        let j: Vec<String> = s
+            .journal()
+            .unwrap()
+            .iter()
+            .map(|j| format!("{} {} {} {:?} {}", j.address, j.plan_id, j.action, j.intended, j.started_at))
+            .collect();
+        assert_eq!(
+            j,
+            [
+                "t1/isp.config plan-1 create Some(\"sha256:ab\") 2026-11-22T00:00:00Z",
+                "t1/isp.config plan-2 update Some(\"sha256:cd\") 2026-11-22T00:01:00Z",
+                "t1/management.tenant plan-1 delete None 2026-11-22T00:00:00Z",
+                "t2/isp.config plan-1 create Some(\"sha256:ef\") 2026-11-22T00:00:00Z",
+            ]
+        );
+        let rows: i64 = s.conn().query_row("SELECT count(*) FROM journal", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 3, "one row per tenant and plan");
     }
 
     #[test]
@@ -564,6 +678,18 @@ mod tests {
         )
         .unwrap();
         assert!(s.journal().unwrap().is_empty());
+        // One call whose entries of a tenant and plan are not all together, nor in order.
+        s.journal_add(&[
+            e("t1/management.tenant", "p3", None, "4"),
+            e("t2/isp.config", "p3", None, "4"),
+            e("t1/isp.config", "p3", None, "4"),
+            e("t1/management.tenant", "p3", Some("sha256:d"), "5"),
+        ])
+        .unwrap();
+        assert_eq!(
+            seen(&s),
+            ["t1/isp.config p3 None", "t1/management.tenant p3 Some(\"sha256:d\")", "t2/isp.config p3 None"]
+        );
     }
 
     #[test]
