@@ -135,12 +135,19 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
         })
         .collect();
     // Sized once: grown by doubling, a first plan's 130,000 changes were copied and touched
-    // fresh memory several times over.
-    let mut changes = Vec::with_capacity(per_tenant.iter().map(|(c, _, _)| c.len()).sum());
+    // fresh memory several times over. Each tenant's changes are moved to their place by
+    // the threads (45 MB of them for 10,000 tenants: one thread's copy and page faults were
+    // the plan's longest serial part).
+    let total = per_tenant.iter().map(|(c, _, _)| c.len()).sum();
+    let mut changes: Vec<Change> = Vec::with_capacity(total);
     let mut violations = Vec::with_capacity(per_tenant.iter().map(|(_, v, _)| v.len()).sum());
     let mut summary = Summary::default();
+    let mut places: Vec<(&mut [std::mem::MaybeUninit<Change>], Vec<Change>)> = Vec::with_capacity(per_tenant.len());
+    let mut free = &mut changes.spare_capacity_mut()[..total];
     for (c, v, s) in per_tenant {
-        changes.extend(c);
+        let (place, rest) = free.split_at_mut(c.len());
+        free = rest;
+        places.push((place, c));
         violations.extend(v);
         summary.create += s.create;
         summary.update += s.update;
@@ -149,6 +156,14 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
         summary.noop += s.noop;
         summary.drift += s.drift;
     }
+    places.into_par_iter().for_each(|(place, c)| {
+        for (slot, change) in place.iter_mut().zip(c) {
+            slot.write(change);
+        }
+    });
+    // SAFETY: the places split the first `total` slots of the capacity, each exactly as long
+    // as the changes moved into it, and every one was written above.
+    unsafe { changes.set_len(total) };
     for (tenant, why) in inputs.unreadable.iter().filter(|(t, _)| scope.contains(t)) {
         violations.push(Violation {
             tenant: tenant.clone(),
