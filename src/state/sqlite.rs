@@ -120,9 +120,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX audit_by_tenant_time ON audit(tenant, time);",
     // 6: the journal keeps one row per tenant and plan, its entries a JSON array of
     // `[address, action, intended, started_at]`. An apply of 10,000 tenants journals 130,000
-    // writes before its first one is durable and clears them once all are: as rows, that
-    // was the committer's longest part (0.2 s of a 2.5 s cold apply, in a model 0.26 s of
-    // SQLite's CPU against 0.05 s for 10,000 rows).
+    // writes before its first one is durable, on the thread that then commits the records:
+    // as rows, about 0.2 s before its first batch (in a model, 0.26 s of SQLite's CPU against
+    // 0.05 s for 10,000 rows; callgrind at 1,000 tenants, 93 against 49 M instructions).
     "CREATE TABLE journal6 (
         tenant TEXT NOT NULL,
         plan_id TEXT NOT NULL,
@@ -163,11 +163,11 @@ fn tenant_range(tenant: &str) -> (String, String) {
 }
 
 /// Takes entries out of the journal: every plan's of the addresses in `clear`, and one plan's
-/// of an address in `drop`. A row left with none is deleted.
-fn settle_journal(tx: &rusqlite::Transaction<'_>, clear: &[String], drop: &[(String, String)]) -> Result<()> {
+/// of an address in `dropped`. A row left with none is deleted.
+fn settle_journal(tx: &rusqlite::Transaction<'_>, clear: &[String], dropped: &[(String, String)]) -> Result<()> {
     let clear: BTreeSet<&str> = clear.iter().map(String::as_str).collect();
-    let drop: BTreeSet<(&str, &str)> = drop.iter().map(|(a, p)| (a.as_str(), p.as_str())).collect();
-    let tenants: BTreeSet<&str> = clear.iter().copied().chain(drop.iter().map(|(a, _)| *a)).map(tenant_of).collect();
+    let dropped: BTreeSet<(&str, &str)> = dropped.iter().map(|(a, p)| (a.as_str(), p.as_str())).collect();
+    let tenants: BTreeSet<&str> = clear.iter().copied().chain(dropped.iter().map(|(a, _)| *a)).map(tenant_of).collect();
     let mut read = tx.prepare_cached("SELECT plan_id, entries FROM journal WHERE tenant = ?1")?;
     let mut write = tx.prepare_cached("UPDATE journal SET entries = ?3 WHERE tenant = ?1 AND plan_id = ?2")?;
     let mut delete = tx.prepare_cached("DELETE FROM journal WHERE tenant = ?1 AND plan_id = ?2")?;
@@ -179,7 +179,7 @@ fn settle_journal(tx: &rusqlite::Transaction<'_>, clear: &[String], drop: &[(Str
             let before = lines.len();
             let kept: Vec<JournalLine> = lines
                 .into_iter()
-                .filter(|(a, ..)| !clear.contains(a.as_str()) && !drop.contains(&(a.as_str(), plan.as_str())))
+                .filter(|(a, ..)| !clear.contains(a.as_str()) && !dropped.contains(&(a.as_str(), plan.as_str())))
                 .collect();
             if kept.is_empty() {
                 delete.execute(params![tenant, plan])?;
