@@ -156,6 +156,11 @@ fn journal_lines(text: &str) -> rusqlite::Result<Vec<JournalLine>> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
 }
 
+/// A row of `SELECT plan_id, entries FROM journal …`: the plan and its entries.
+fn journal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Vec<JournalLine>)> {
+    Ok((r.get(0)?, journal_lines(r.get_ref(1)?.as_str()?)?))
+}
+
 /// The bounds of a tenant's addresses, `tenant/` included to `tenant0` excluded: every
 /// address is `tenant/…` (a tenant id holds no `/`), and `0` is the byte after `/`.
 fn tenant_range(tenant: &str) -> (String, String) {
@@ -172,9 +177,7 @@ fn settle_journal(tx: &rusqlite::Transaction<'_>, clear: &[String], dropped: &[(
     let mut write = tx.prepare_cached("UPDATE journal SET entries = ?3 WHERE tenant = ?1 AND plan_id = ?2")?;
     let mut delete = tx.prepare_cached("DELETE FROM journal WHERE tenant = ?1 AND plan_id = ?2")?;
     for tenant in tenants {
-        let rows = read
-            .query_map(params![tenant], |r| Ok((r.get::<_, String>(0)?, journal_lines(&r.get::<_, String>(1)?)?)))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = read.query_map(params![tenant], journal_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         for (plan, lines) in rows {
             let before = lines.len();
             let kept: Vec<JournalLine> = lines
@@ -500,7 +503,7 @@ impl StateStore for SqliteStore {
     fn journal(&self) -> Result<Vec<JournalEntry>> {
         let conn = self.conn();
         let mut st = conn.prepare("SELECT plan_id, entries FROM journal")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, journal_lines(&r.get::<_, String>(1)?)?)))?;
+        let rows = st.query_map([], journal_row)?;
         let mut out = Vec::new();
         for row in rows {
             let (plan_id, lines) = row?;
