@@ -141,6 +141,19 @@ enum Body {
 }
 
 impl Shard {
+    /// Whether any entry is the tenant's (its address starts with `tenant/`): one range
+    /// lookup. `buf` is scratch space.
+    fn holds_tenant(&self, tenant: &str, buf: &mut String) -> bool {
+        buf.clear();
+        buf.push_str(tenant);
+        buf.push('/');
+        let from = std::ops::Bound::Included(buf.as_str());
+        self.entries
+            .range::<str, _>((from, std::ops::Bound::Unbounded))
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(buf.as_str()))
+    }
+
     fn absent() -> Shard {
         Shard {
             stamp: None,
@@ -990,20 +1003,9 @@ impl Provider for LocalStore {
             for a in wanted {
                 let has = match tenant {
                     Some((t, has)) if t == a.tenant.as_str() => has,
-                    _ => {
-                        key.clear();
-                        key.push_str(&a.tenant);
-                        key.push('/');
-                        let from = std::ops::Bound::Included(key.as_str());
-                        let has = s
-                            .entries
-                            .range::<str, _>((from, std::ops::Bound::Unbounded))
-                            .next()
-                            .is_some_and(|(k, _)| k.starts_with(key.as_str()));
-                        tenant = Some((a.tenant.as_str(), has));
-                        has
-                    }
+                    _ => s.holds_tenant(&a.tenant, &mut key),
                 };
+                tenant = Some((a.tenant.as_str(), has));
                 if !has {
                     continue;
                 }
