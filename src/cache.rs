@@ -22,7 +22,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const MAGIC: &[u8; 8] = b"DMRC0006";
+const MAGIC: &[u8; 8] = b"DMRC0007";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedTenant {
@@ -47,6 +47,9 @@ pub struct UnitEntry {
     /// `digest`; empty if some file could not vouch (changed just before, or a link). Equal
     /// `stat`s now mean the same files, as in git's index, so they need not be read.
     pub files: Vec<(String, FileStat)>,
+    /// The folder's own `stat` when it held exactly the paths of `files` (and no folder):
+    /// while it keeps it, the folder need not be listed again.
+    pub folder: Option<FileStat>,
     pub tenants: Vec<CachedTenant>,
 }
 
@@ -92,6 +95,27 @@ impl RenderCache {
             && e.files != files
         {
             e.files = files;
+            self.dirty = true;
+        }
+    }
+
+    /// The paths of `unit`'s files if the folder has the `stat` recorded with them.
+    pub fn listing(&self, unit: &str, folder: &FileStat) -> Option<Vec<String>> {
+        let e = self.units.get(unit)?;
+        (e.folder.as_ref() == Some(folder) && !e.files.is_empty())
+            .then(|| e.files.iter().map(|(p, _)| p.clone()).collect())
+    }
+
+    /// Records the `stat` of `unit`'s folder, listed holding the files whose digest is
+    /// `digest`. The entry's files have the same paths (the digest covers them), so the
+    /// `stat` vouches for that listing.
+    pub fn vouch_folder(&mut self, unit: &str, digest: &str, folder: FileStat) {
+        if let Some(e) = self.units.get_mut(unit)
+            && e.digest == digest
+            && !e.files.is_empty()
+            && e.folder != Some(folder)
+        {
+            e.folder = Some(folder);
             self.dirty = true;
         }
     }
@@ -166,13 +190,23 @@ fn encode_unit(out: &mut Vec<u8>, unit: &str, e: &UnitEntry) {
     out.extend_from_slice(&e.not_before.to_le_bytes());
     out.extend_from_slice(&e.not_after.to_le_bytes());
     out.extend_from_slice(&(e.files.len() as u32).to_le_bytes());
-    for (path, st) in &e.files {
-        put_str(out, path);
+    let put_stat = |out: &mut Vec<u8>, st: &FileStat| {
         for v in [st.mtime, st.mtime_ns, st.ctime, st.ctime_ns] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&st.size.to_le_bytes());
         out.extend_from_slice(&st.ino.to_le_bytes());
+    };
+    for (path, st) in &e.files {
+        put_str(out, path);
+        put_stat(out, st);
+    }
+    match &e.folder {
+        Some(st) => {
+            out.push(1);
+            put_stat(out, st);
+        }
+        None => out.push(0),
     }
     out.extend_from_slice(&(e.tenants.len() as u32).to_le_bytes());
     for t in &e.tenants {
@@ -288,18 +322,24 @@ fn decode_unit(b: &[u8]) -> Option<(String, UnitEntry)> {
     let not_after = r.i64()?;
     let f = r.u32()? as usize;
     let mut files = Vec::with_capacity(f.min(1 << 16));
-    for _ in 0..f {
-        let path = r.str()?.to_owned();
-        let st = FileStat {
+    fn stat(r: &mut Reader<'_>) -> Option<FileStat> {
+        Some(FileStat {
             mtime: r.i64()?,
             mtime_ns: r.i64()?,
             ctime: r.i64()?,
             ctime_ns: r.i64()?,
             size: r.u64()?,
             ino: r.u64()?,
-        };
-        files.push((path, st));
+        })
     }
+    for _ in 0..f {
+        let path = r.str()?.to_owned();
+        files.push((path, stat(&mut r)?));
+    }
+    let folder = match r.u8()? {
+        0 => None,
+        _ => Some(stat(&mut r)?),
+    };
     let k = r.u32()? as usize;
     let mut tenants = Vec::with_capacity(k.min(1 << 16));
     for _ in 0..k {
@@ -340,7 +380,7 @@ fn decode_unit(b: &[u8]) -> Option<(String, UnitEntry)> {
             resources,
         });
     }
-    r.at_end().then_some((unit, UnitEntry { digest, not_before, not_after, files, tenants }))
+    r.at_end().then_some((unit, UnitEntry { digest, not_before, not_after, files, folder, tenants }))
 }
 
 #[cfg(test)]
@@ -360,6 +400,7 @@ mod tests {
                 "tenants/t1/tenant.yaml".into(),
                 FileStat { mtime: 1, mtime_ns: 2, ctime: 3, ctime_ns: 4, size: 5, ino: 6 },
             )],
+            folder: Some(FileStat { mtime: 7, mtime_ns: 8, ctime: 9, ctime_ns: 10, size: 4096, ino: 11 }),
             tenants: vec![CachedTenant {
                 id: "t1".into(),
                 coordination: Coordination::default(),
@@ -398,6 +439,10 @@ mod tests {
         touched[0].1.ctime_ns += 1;
         assert!(c.known("t1", &touched, 150).is_none(), "a stat changed: read the file");
         assert!(c.known("t1", &entry.files, 200).is_none(), "known, but a license expired");
+        let folder = entry.folder.unwrap();
+        assert_eq!(c.listing("t1", &folder), Some(vec!["tenants/t1/tenant.yaml".to_owned()]), "listed by stat");
+        assert!(c.listing("t1", &FileStat { mtime_ns: 9, ..folder }).is_none(), "an entry added or removed");
+        assert!(c.listing("t2", &folder).is_none());
         assert!(RenderCache::open(d.path(), "shared-2").units.is_empty(), "other templates or settings");
         // A damaged file is no cache at all: cut short, with bytes after its end, or
         // claiming a unit longer than the file.

@@ -65,6 +65,9 @@ pub struct Loaded {
     /// Tenant folders of a work tree known unchanged by their files' `stat`, never read:
     /// they have a digest but no texts here (`subset` reads them when asked).
     pub unread_units: BTreeSet<String>,
+    /// The `stat` of each tenant folder of a work tree that holds plain files only, taken
+    /// before it was listed (see [`source::UnitsRead::folders`]).
+    pub folders: Vec<(String, source::FileStat)>,
     /// When reading the work tree began (see [`source::FileStat::racy`]).
     pub read_started_ns: i128,
 }
@@ -118,6 +121,8 @@ pub struct Raw {
     /// Tenant folders known unchanged and not read (work tree only).
     pub unread: Vec<source::UnreadUnit>,
     pub problems: Vec<source::FileProblem>,
+    /// See [`source::UnitsRead::folders`] (work tree only).
+    pub folders: Vec<(String, source::FileStat)>,
     pub started_ns: i128,
 }
 
@@ -130,6 +135,7 @@ impl Raw {
     pub fn parse(self, parse: ParseFilter<'_>) -> Loaded {
         let mut loaded = parse_files(&self.root, self.origin, self.files, self.problems, parse);
         loaded.read_started_ns = self.started_ns;
+        loaded.folders = self.folders;
         for u in self.unread {
             loaded.stats.extend(u.files);
             loaded.unit_digests.insert(u.unit.clone(), u.digest);
@@ -159,6 +165,7 @@ impl Raw {
             files,
             unread: units.unread,
             problems,
+            folders: units.folders,
             started_ns: tree.started_ns,
         }
     }
@@ -179,7 +186,15 @@ pub fn read(root: &Path, rev: Option<&str>, scope: &Scope) -> Result<Raw, LoadEr
             (raw, problems, Origin::Commit(commit.to_string()))
         }
     };
-    Ok(Raw { root: root.to_path_buf(), origin, files: raw, unread: Vec::new(), problems, started_ns: 0 })
+    Ok(Raw {
+        root: root.to_path_buf(),
+        origin,
+        files: raw,
+        unread: Vec::new(),
+        problems,
+        folders: Vec::new(),
+        started_ns: 0,
+    })
 }
 
 /// Reads the repository at a commit of an already open git repository.
@@ -331,6 +346,7 @@ pub fn parse_files(
         skipped_units,
         stats,
         unread_units: BTreeSet::new(),
+        folders: Vec::new(),
         read_started_ns: 0,
     }
 }

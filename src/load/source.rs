@@ -161,6 +161,10 @@ pub struct UnitsRead {
     pub files: Vec<RawFile>,
     pub unread: Vec<UnreadUnit>,
     pub problems: Vec<FileProblem>,
+    /// The `stat` of each tenant folder that holds plain files only (no folder, no link),
+    /// taken before it was listed and not changed just before this read: while the folder
+    /// keeps it, nothing was added to it, removed or renamed (see [`KnownUnits::listing`]).
+    pub folders: Vec<(String, FileStat)>,
 }
 
 /// What a render cache knows of the tenant folders.
@@ -171,11 +175,16 @@ pub struct KnownUnits<'a> {
     /// From the `stat` of every file of a folder, the digest of the folder if it is known
     /// unchanged (`None`: read it).
     pub digest: &'a (dyn Fn(&str, &[(String, FileStat)]) -> Option<String> + Sync),
+    /// The files a folder held when it had this `stat` (recorded from
+    /// [`UnitsRead::folders`]): a folder's mtime moves whenever an entry is added, removed
+    /// or renamed in it, so an equal `stat` stands in for listing it again. The files' own
+    /// `stat`s are still taken (writing a file in place leaves its folder alone).
+    pub listing: &'a (dyn Fn(&str, &FileStat) -> Option<Vec<String>> + Sync),
 }
 
 impl KnownUnits<'static> {
     /// Knows no folder: every one is read.
-    pub const NONE: KnownUnits<'static> = KnownUnits { has: &|_| false, digest: &|_, _| None };
+    pub const NONE: KnownUnits<'static> = KnownUnits { has: &|_| false, digest: &|_, _| None, listing: &|_, _| None };
 }
 
 /// A work tree being read: the shared files first, then the tenant folders.
@@ -293,15 +302,31 @@ impl Worktree {
             Read(Vec<Result<RawFile, FileProblem>>, Vec<FileProblem>),
             Unread(UnreadUnit),
         }
-        let per_unit: Vec<One> = on_io_threads(|| {
+        let listed = std::sync::atomic::AtomicUsize::new(0);
+        let per_unit: Vec<(One, Option<FileStat>)> = on_io_threads(|| {
             units
                 .par_iter()
                 .map(|(name, path, ft)| {
                     let rel = format!("tenants/{name}");
                     let mut found = Vec::new();
                     let mut probs = Vec::new();
+                    let mut folder = None;
                     if ft.is_dir() {
-                        walk(path, &rel, &mut found, &mut probs, 0);
+                        // Taken before the listing: an entry added after it moves the mtime
+                        // past the one recorded.
+                        folder = std::fs::symlink_metadata(path)
+                            .ok()
+                            .filter(|m| m.is_dir())
+                            .map(|m| FileStat::of(&m))
+                            .filter(|st| !st.racy(self.started_ns));
+                        let listed_before =
+                            folder.as_ref().filter(|_| (known.has)(name)).and_then(|st| (known.listing)(name, st));
+                        if let Some(paths) = listed_before {
+                            listed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            found = paths.into_iter().map(|p| (p, false)).collect();
+                        } else if !walk(path, &rel, &mut found, &mut probs, 0) || found.iter().any(|(_, link)| *link) {
+                            folder = None;
+                        }
                     } else {
                         entry(path, rel, ft, &mut found, &mut probs);
                     }
@@ -311,14 +336,19 @@ impl Worktree {
                         && let Some(stats) = self.vouching_stats(root, &found)
                         && let Some(digest) = (known.digest)(name, &stats)
                     {
-                        return One::Unread(UnreadUnit { unit: name.clone(), digest, files: stats });
+                        return (One::Unread(UnreadUnit { unit: name.clone(), digest, files: stats }), folder);
                     }
-                    One::Read(found.iter().map(|(rel, link)| read_one(root, rel, *link)).collect(), probs)
+                    let folder = folder.filter(|_| probs.is_empty());
+                    (One::Read(found.iter().map(|(rel, link)| read_one(root, rel, *link)).collect(), probs), folder)
                 })
                 .collect()
         });
+        tracing::debug!(folders = units.len(), listed_from_cache = listed.into_inner(), "tenant folders");
         let mut out = UnitsRead::default();
-        for one in per_unit {
+        for ((name, ..), (one, folder)) in units.iter().zip(per_unit) {
+            if let Some(st) = folder {
+                out.folders.push((name.clone(), st));
+            }
             match one {
                 One::Read(files, probs) => {
                     for r in files {
@@ -382,18 +412,20 @@ fn entry(
 }
 
 /// Every file under the folder `dir` (`rel` in the repository), with whether it is a link.
-fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, bool)>, problems: &mut Vec<FileProblem>, depth: usize) {
+/// `true` if the folder could be listed and holds no folder (hidden ones aside).
+fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, bool)>, problems: &mut Vec<FileProblem>, depth: usize) -> bool {
     if depth > 32 {
         problems.push(FileProblem {
             path: rel.to_owned(),
             message: "is nested more than 32 folders deep".into(),
             line: None,
         });
-        return;
+        return false;
     }
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return false;
     };
+    let mut flat = true;
     let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
@@ -409,13 +441,18 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, bool)>, problems: &mut Vec
             continue;
         }
         let child = format!("{rel}/{name}");
-        let Ok(ft) = e.file_type() else { continue };
+        let Ok(ft) = e.file_type() else {
+            flat = false;
+            continue;
+        };
         if ft.is_dir() {
+            flat = false;
             walk(&e.path(), &child, out, problems, depth + 1);
         } else {
             entry(&e.path(), child, &ft, out, problems);
         }
     }
+    flat
 }
 
 /// Reads one file: a regular one directly (open, read, close), a link only if it stays
@@ -814,5 +851,57 @@ mod tests {
         assert_eq!(role_of("tenants/a/b/c.yml"), Some(FileRole::Tenant));
         assert_eq!(role_of("tenants/a/README.md"), None);
         assert_eq!(role_of("templates/x/README.md"), Some(FileRole::Template));
+    }
+
+    /// A tenant folder of plain files is recorded by its `stat`; while it keeps it, its
+    /// listing is taken from what was recorded, and a file added is seen because the
+    /// folder's `stat` moved. A folder holding a folder is never recorded.
+    #[test]
+    fn a_folder_known_by_its_stat_is_not_listed_again_and_an_added_file_is_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        for (path, text) in [
+            ("tenants/t1/tenant.yaml", "id: t1\n"),
+            ("tenants/t2/tenant.yaml", "id: t2\n"),
+            ("tenants/t2/more/x.yaml", "x: 1\n"),
+        ] {
+            std::fs::create_dir_all(root.join(path).parent().unwrap()).unwrap();
+            std::fs::write(root.join(path), text).unwrap();
+        }
+        // As if read well after the files were written (nothing is racy).
+        let read = || {
+            let mut tree = Worktree::open(root);
+            tree.started_ns += 10 * RACY_NS;
+            tree
+        };
+        let paths = |u: &UnitsRead| u.files.iter().map(|f| f.path.clone()).collect::<Vec<_>>();
+        let first = read().units(&Scope::All, KnownUnits::NONE);
+        assert_eq!(paths(&first), ["tenants/t1/tenant.yaml", "tenants/t2/more/x.yaml", "tenants/t2/tenant.yaml"]);
+        let recorded: std::collections::BTreeMap<String, FileStat> = first.folders.into_iter().collect();
+        assert_eq!(recorded.keys().collect::<Vec<_>>(), ["t1"], "t2 holds a folder");
+
+        // The recorded listing is what is read while the folder keeps its `stat`: here one
+        // that names a file that is not there, to show that the folder was not listed.
+        let listing = |told: &'static str| {
+            let recorded = recorded.clone();
+            move |u: &str, st: &FileStat| (recorded.get(u) == Some(st)).then(|| vec![told.to_owned()])
+        };
+        let lying = listing("tenants/t1/gone.yaml");
+        let known = KnownUnits { has: &|_| true, digest: &|_, _| None, listing: &lying };
+        let second = read().units(&Scope::All, known);
+        assert_eq!(paths(&second), ["tenants/t2/more/x.yaml", "tenants/t2/tenant.yaml"]);
+        assert_eq!(second.problems.iter().map(|p| p.path.as_str()).collect::<Vec<_>>(), ["tenants/t1/gone.yaml"]);
+
+        // A file added moves the folder's `stat`: it is listed again.
+        std::fs::write(root.join("tenants/t1/extra.yaml"), "x: 2\n").unwrap();
+        let honest = listing("tenants/t1/tenant.yaml");
+        let known = KnownUnits { has: &|_| true, digest: &|_, _| None, listing: &honest };
+        let third = read().units(&Scope::All, known);
+        assert!(third.problems.is_empty());
+        assert_eq!(
+            paths(&third),
+            ["tenants/t1/extra.yaml", "tenants/t1/tenant.yaml", "tenants/t2/more/x.yaml", "tenants/t2/tenant.yaml"]
+        );
+        assert_ne!(third.folders[0].1, recorded["t1"]);
     }
 }

@@ -357,8 +357,9 @@ fn apply_reports_management_and_isp_disagreeing_after_it_wrote_them() {
 }
 
 /// A tenant folder whose files have the `stat`s the render cache recorded is not read again
-/// (git's test of "unchanged"). A change is still seen even if it keeps the file's size and
-/// mtime, and a folder not read is read when the plan needs its content.
+/// (git's test of "unchanged"), nor listed while the folder keeps its own `stat`. A change
+/// is still seen even if it keeps the file's size and mtime, a file removed is seen, and a
+/// folder not read is read when the plan needs its content.
 #[test]
 fn tenant_folders_known_by_stat_are_not_read_and_every_change_is_still_seen() {
     let repo = example_repo();
@@ -373,6 +374,7 @@ fn tenant_folders_known_by_stat_are_not_read_and_every_change_is_still_seen() {
     let out = run_env(&["plan", "--detailed-exitcode", "--now", NOW], r, &debug);
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert!(out.stderr.contains(" unread=5 "), "no tenant folder read: {}", out.stderr);
+    assert!(out.stderr.contains(" listed_from_cache=5\n"), "no tenant folder listed again: {}", out.stderr);
 
     // Drift in a tenant whose files were not read: the plan renders it from the files.
     let state = r.join(".dotmac");
@@ -391,6 +393,20 @@ fn tenant_folders_known_by_stat_are_not_read_and_every_change_is_still_seen() {
     let p = plan_json(r);
     let isp = p["changes"].as_array().unwrap().iter().find(|c| c["address"] == "tenant-123/isp.config").unwrap();
     assert!(isp["diff"].as_str().unwrap().contains("+    sync_interval_minutes: 16"), "{isp}");
+
+    // A file removed from a folder known by its `stat` (its listing taken from the cache):
+    // the folder's own `stat` moved, so it is listed again and the file is gone (not a file
+    // that cannot be read).
+    std::fs::remove_file(r.join("tenants/tenant-123/licenses.yaml")).unwrap();
+    settle();
+    let out = run_env(&["plan", "--now", NOW], r, &debug);
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(!out.stderr.contains(" listed_from_cache=5\n"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("error[not-entitled]: feature `white_labeling`") && !out.stderr.contains("licenses.yaml`"),
+        "the features its licenses gave are no longer entitled, and the file is not missed: {}",
+        out.stderr
+    );
 }
 
 #[test]
