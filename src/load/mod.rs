@@ -136,12 +136,17 @@ impl Raw {
         let mut loaded = parse_files(&self.root, self.origin, self.files, self.problems, parse);
         loaded.read_started_ns = self.started_ns;
         loaded.folders = self.folders;
+        // The folders not read come in name order: each set is built in one pass from them
+        // and merged in, rather than by 100,000 inserts each searching the set.
+        let mut digests = Vec::with_capacity(self.unread.len());
         for u in self.unread {
             loaded.stats.extend(u.files);
-            loaded.unit_digests.insert(u.unit.clone(), u.digest);
-            loaded.skipped_units.insert(u.unit.clone());
-            loaded.unread_units.insert(u.unit);
+            digests.push((u.unit, u.digest));
         }
+        let mut unread: BTreeSet<String> = digests.iter().map(|(u, _)| u.clone()).collect();
+        loaded.skipped_units.append(&mut unread.clone());
+        loaded.unit_digests.append(&mut digests.into_iter().collect());
+        loaded.unread_units.append(&mut unread);
         loaded
     }
 }
