@@ -111,6 +111,7 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
     let wanted = |t: &str| scope.contains(t) && !inputs.unreadable.contains_key(t);
     // In name order, as the desired state keeps them.
     let mut tenants: Vec<&str> = inputs.desired.tenant_ids().into_iter().filter(|t| wanted(t)).collect();
+    debug_assert!(tenants.is_sorted(), "a desired state lists its tenants in name order");
     let live_by = runs_by_tenant(inputs.live.iter().map(Vec::as_slice), |l| &l.address.tenant, wanted, tenants.len());
     let rec_by = runs_by_tenant(std::iter::once(inputs.records), |r| &r.address.tenant, wanted, tenants.len());
     // A write that was in flight when an apply stopped: if live now holds what it intended,
@@ -119,9 +120,9 @@ pub fn build(inputs: Inputs<'_>, meta: Meta) -> Plan {
     for j in inputs.journal {
         journal.entry(j.address.as_str()).or_default().push(j);
     }
-    // And the recorded tenants the repository no longer has (usually none): at 100,000
-    // tenants, adding every recorded one to an ordered set, each a search, was most of the
-    // plan's serial part.
+    // And the recorded tenants the repository no longer has (usually none), found with a
+    // hash set: at 100,000 tenants, adding every recorded one to an ordered set, each a
+    // search comparing names, was over a quarter of `build`'s samples.
     let desired: FxHashSet<&str> = tenants.iter().copied().collect();
     let gone: Vec<&str> = rec_by.keys().copied().filter(|t| !desired.contains(t)).collect();
     if !gone.is_empty() {
