@@ -137,6 +137,24 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE journal6 RENAME TO journal;",
 ];
 
+/// A text parameter bound only when it is not the very text (same place, same length) the
+/// previous row bound: SQLite keeps a statement's bindings from one execution to the next,
+/// and binding copies the text. Rows of a commit share some texts (`Arc<str>`s of an apply
+/// or a tenant), so equal content at another place is simply bound again.
+#[derive(Default)]
+struct Sticky<'a>(Option<&'a str>);
+
+impl<'a> Sticky<'a> {
+    fn bind(&mut self, st: &mut rusqlite::Statement<'_>, index: usize, v: &'a str) -> rusqlite::Result<()> {
+        if self.0.is_some_and(|last| std::ptr::eq(last, v)) {
+            return Ok(());
+        }
+        st.raw_bind_parameter(index, v)?;
+        self.0 = Some(v);
+        Ok(())
+    }
+}
+
 /// A journal entry as a row keeps it: `[address, action, intended, started_at]`.
 type JournalLine = (String, String, Option<String>, String);
 
@@ -393,17 +411,19 @@ impl StateStore for SqliteStore {
             )?;
             let mut known = tx.prepare_cached("INSERT OR IGNORE INTO tenants(tenant) VALUES (?1)")?;
             let mut last: Option<&str> = None;
+            // The time and serial are the transaction's, bound once; a tenant's name and a
+            // provider's once per run of rows that share them.
+            up.raw_bind_parameter(6, &now)?;
+            up.raw_bind_parameter(7, serial as i64)?;
+            let (mut tenant_bound, mut provider_bound) = (Sticky::default(), Sticky::default());
             for u in &c.upserts {
                 let tenant = u.address.tenant.as_str();
-                up.execute(params![
-                    u.address_text,
-                    tenant,
-                    u.address.provider().as_str(),
-                    u.fingerprint_text,
-                    u.content,
-                    now,
-                    serial as i64
-                ])?;
+                up.raw_bind_parameter(1, &u.address_text)?;
+                tenant_bound.bind(&mut up, 2, tenant)?;
+                provider_bound.bind(&mut up, 3, u.address.provider().as_str())?;
+                up.raw_bind_parameter(4, &u.fingerprint_text)?;
+                up.raw_bind_parameter(5, &u.content)?;
+                up.raw_execute()?;
                 // A tenant's records come one after another: one row each.
                 if last != Some(tenant) {
                     known.execute(params![tenant])?;
@@ -428,20 +448,23 @@ impl StateStore for SqliteStore {
                 "INSERT INTO audit(time, correlation_id, actor, tenant, address, action, risk, outcome, before, after, message)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
+            // An apply's entries share their time, correlation id and actor, and a tenant's
+            // its name (one text each, not copies): bound again only where the text changes.
+            let mut shared: [Sticky<'_>; 4] = Default::default();
             for e in &c.audit {
-                au.execute(params![
-                    e.time,
-                    e.correlation_id,
-                    e.actor,
-                    e.tenant,
-                    e.address,
-                    e.action,
-                    e.risk,
-                    e.outcome,
-                    e.before.as_ref().map(JsonText::as_str),
-                    e.after.as_ref().map(JsonText::as_str),
-                    e.message
-                ])?;
+                for (i, (bound, v)) in
+                    shared.iter_mut().zip([&e.time, &e.correlation_id, &e.actor, &e.tenant]).enumerate()
+                {
+                    bound.bind(&mut au, i + 1, v)?;
+                }
+                au.raw_bind_parameter(5, &e.address)?;
+                au.raw_bind_parameter(6, e.action.as_ref())?;
+                au.raw_bind_parameter(7, e.risk.as_ref())?;
+                au.raw_bind_parameter(8, e.outcome.as_ref())?;
+                au.raw_bind_parameter(9, e.before.as_ref().map(JsonText::as_str))?;
+                au.raw_bind_parameter(10, e.after.as_ref().map(JsonText::as_str))?;
+                au.raw_bind_parameter(11, &e.message)?;
+                au.raw_execute()?;
             }
             if c.clear_whole_journal {
                 tx.execute("DELETE FROM journal", [])?;
