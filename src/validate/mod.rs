@@ -15,6 +15,7 @@ use checks::SecretRef;
 use indexmap::IndexMap;
 use jiff::Timestamp;
 use rayon::prelude::*;
+use rustc_hash::FxHashMap;
 use schema::Kind;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -33,42 +34,51 @@ pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, S
     let settings = validate_settings(loaded.settings.as_ref(), &mut diags);
 
     // 1. Every document: a known kind, in the right folder, accepted by its schema.
-    let checked: Vec<(usize, Option<Kind>, Vec<Diagnostic>)> = loaded
+    // Beside each document, the tenant it names (a Tenant's `id`, a tenant's other documents'
+    // `tenant`): looked up here, on all cores, rather than in the passes below on one.
+    let checked: Vec<(usize, Option<Kind>, Vec<Diagnostic>, Option<&str>)> = loaded
         .docs
         .par_iter()
         .enumerate()
         .map(|(i, d)| {
             let (kind, problems) = check_document(d);
-            (i, kind, problems)
+            let names = match kind {
+                Some(Kind::Tenant) => d.value.get("id").and_then(Value::as_str),
+                Some(Kind::PluginLicenses | Kind::SecretRefs) => d.value.get("tenant").and_then(Value::as_str),
+                _ => None,
+            };
+            (i, kind, problems, names)
         })
         .collect();
-    let mut by_kind: BTreeMap<Kind, Vec<&LoadedDoc>> = BTreeMap::new();
+    let mut by_kind: BTreeMap<Kind, Vec<(&LoadedDoc, &str)>> = BTreeMap::new();
     // Tenant folders with a file that could not be read: their documents may name a tenant
     // whose own file is the broken one, so they are not reported as orphans.
     let broken_units: BTreeSet<String> =
         loaded.diagnostics.iter().filter_map(|d| d.file.as_deref().and_then(tenant_unit).map(str::to_owned)).collect();
     // Tenants whose own document is broken: their other documents are not "orphans".
     let mut broken_tenants: BTreeSet<String> = BTreeSet::new();
-    for (i, kind, problems) in checked {
+    for (i, kind, problems, names) in checked {
         let ok = problems.iter().all(|p| !p.is_error());
         diags.extend(problems);
         match (kind, ok) {
-            (Some(kind), true) => by_kind.entry(kind).or_default().push(&loaded.docs[i]),
+            // A document its schema accepts names its tenant with text ("" for the others).
+            (Some(kind), true) => by_kind.entry(kind).or_default().push((&loaded.docs[i], names.unwrap_or_default())),
             (Some(Kind::Tenant), false) => {
-                if let Some(id) = loaded.docs[i].value.get("id").and_then(Value::as_str) {
+                if let Some(id) = names {
                     broken_tenants.insert(id.to_owned());
                 }
             }
             _ => {}
         }
     }
-    let docs_of = |k: Kind| by_kind.get(&k).map(Vec::as_slice).unwrap_or(&[]);
+    let named_docs_of = |k: Kind| by_kind.get(&k).map(Vec::as_slice).unwrap_or(&[]);
+    let docs_of = |k: Kind| named_docs_of(k).iter().map(|(d, _)| *d).collect::<Vec<_>>();
 
     // 2. Catalogs and environments.
     let mut catalog = Catalog::default();
-    let plans = single(docs_of(Kind::PlanCatalog), Kind::PlanCatalog, &mut diags);
-    let plugins = single(docs_of(Kind::PluginCatalog), Kind::PluginCatalog, &mut diags);
-    let tiers = single(docs_of(Kind::ResourceTierCatalog), Kind::ResourceTierCatalog, &mut diags);
+    let plans = single(&docs_of(Kind::PlanCatalog), Kind::PlanCatalog, &mut diags);
+    let plugins = single(&docs_of(Kind::PluginCatalog), Kind::PluginCatalog, &mut diags);
+    let tiers = single(&docs_of(Kind::ResourceTierCatalog), Kind::ResourceTierCatalog, &mut diags);
     if let Some(d) = plans {
         catalog.plans = entries(&d.value, "plans");
         catalog.sources.insert("plans", d.at.clone());
@@ -101,8 +111,8 @@ pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, S
 
     // 3. Tenants and the documents that name them.
     let mut tenant_docs: BTreeMap<String, &LoadedDoc> = BTreeMap::new();
-    for d in docs_of(Kind::Tenant) {
-        let id = d.value["id"].as_str().unwrap_or_default().to_owned();
+    for &(d, id) in named_docs_of(Kind::Tenant) {
+        let id = id.to_owned();
         if let Some(unit) = known.get(&id) {
             diags.push(
                 Diagnostic::error("duplicate", format!("tenant id `{id}` is used twice"))
@@ -125,13 +135,12 @@ pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, S
         }
         tenant_docs.insert(id, d);
     }
-    let mut licenses: HashMap<String, &LoadedDoc> = HashMap::new();
-    let mut secret_refs: HashMap<String, &LoadedDoc> = HashMap::new();
+    let mut licenses: FxHashMap<&str, &LoadedDoc> = FxHashMap::default();
+    let mut secret_refs: FxHashMap<&str, &LoadedDoc> = FxHashMap::default();
     for (kind, map) in [(Kind::PluginLicenses, &mut licenses), (Kind::SecretRefs, &mut secret_refs)] {
-        for d in docs_of(kind) {
-            let id = d.value["tenant"].as_str().unwrap_or_default().to_owned();
-            let Some(owner) = tenant_docs.get(&id) else {
-                if let Some(unit) = known.get(&id) {
+        for &(d, id) in named_docs_of(kind) {
+            let Some(owner) = tenant_docs.get(id) else {
+                if let Some(unit) = known.get(id) {
                     diags.push(
                         Diagnostic::error(
                             "tenant-layout",
@@ -143,12 +152,12 @@ pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, S
                         )
                         .file(&*d.at.file)
                         .at(d.at.doc, "/tenant", Target::Value)
-                        .tenant(&id)
+                        .tenant(id)
                         .help("keep all of a tenant's documents in one folder under tenants/"),
                     );
                     continue;
                 }
-                if broken_tenants.contains(&id) || tenant_unit(&d.at.file).is_some_and(|u| broken_units.contains(u)) {
+                if broken_tenants.contains(id) || tenant_unit(&d.at.file).is_some_and(|u| broken_units.contains(u)) {
                     continue;
                 }
                 let known = tenant_docs.keys().map(String::as_str);
@@ -158,8 +167,8 @@ pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, S
                 )
                 .file(&*d.at.file)
                 .at(d.at.doc, "/tenant", Target::Value)
-                .tenant(&id);
-                if let Some(s) = schema::closest(&id, known) {
+                .tenant(id);
+                if let Some(s) = schema::closest(id, known) {
                     diag = diag.help(format!("did you mean `{s}`?"));
                 }
                 diags.push(diag);
@@ -178,17 +187,17 @@ pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, S
                     )
                     .file(&*d.at.file)
                     .at(d.at.doc, "/tenant", Target::Value)
-                    .tenant(&id)
+                    .tenant(id)
                     .help("keep all of a tenant's documents in one folder under tenants/ (so a change to one tenant is read without reading the others)"),
                 );
                 continue;
             }
-            if let Some(first) = map.get(&id) {
+            if let Some(first) = map.get(id) {
                 diags.push(
                     Diagnostic::error("duplicate", format!("tenant `{id}` has a second {} document", kind.name()))
                         .file(&*d.at.file)
                         .at(d.at.doc, "/tenant", Target::Value)
-                        .tenant(&id)
+                        .tenant(id)
                         .help(format!("merge it into the one in {}", first.at.file)),
                 );
                 continue;
@@ -207,15 +216,15 @@ pub fn validate_with(loaded: &Loaded, now: Timestamp, known: &BTreeMap<String, S
     };
     let results: Vec<(Option<Tenant>, Vec<Diagnostic>)> = tenant_docs
         .par_iter()
-        .map(|(id, d)| ctx.tenant(id, d, licenses.get(id).copied(), secret_refs.get(id).copied()))
+        .map(|(id, d)| ctx.tenant(id, d, licenses.get(id.as_str()).copied(), secret_refs.get(id.as_str()).copied()))
         .collect();
-    let mut tenants = BTreeMap::new();
+    let mut valid = Vec::with_capacity(results.len());
     for (t, d) in results {
         diags.extend(d);
-        if let Some(t) = t {
-            tenants.insert(t.id.clone(), t);
-        }
+        valid.extend(t.map(|t| (t.id.clone(), t)));
     }
+    // In id order already (that of `tenant_docs`): the map is built at once, not by inserts.
+    let tenants = BTreeMap::from_iter(valid);
 
     let desired = Desired { settings, catalog, environments, tenants, templates: loaded.templates.clone() };
     crate::diag::resolve_positions(&mut diags, |p| loaded.text_of(p));
