@@ -961,7 +961,11 @@ fn consistency(
     let mut sides: FxHashMap<&str, u8> = FxHashMap::default();
     sides.reserve(tenants.len());
     for a in known.keys() {
-        let bit = if a.kind == ResourceKind::ManagementTenant { 1 } else { 2 };
+        let bit = match a.kind {
+            ResourceKind::ManagementTenant => 1,
+            ResourceKind::IspConfig => 2,
+            _ => continue,
+        };
         *sides.entry(a.tenant.as_str()).or_default() |= bit;
     }
     let as_planned = |t: &str| expected.contains_key(t) && sides.get(t) == Some(&3);
