@@ -311,11 +311,25 @@ impl Workspace {
     /// Reads, validates and renders the repository at `root` (or `rev`), using and updating
     /// the render cache unless `DOTMAC_NO_CACHE` is set.
     pub fn open(root: &Path, rev: Option<&str>, now: Timestamp) -> Result<Workspace> {
+        Self::open_with(root, rev, now, &|_, _| {})
+    }
+
+    /// `open`, calling `early` with the settings as read (not yet validated: invalid ones
+    /// give the defaults) and the state folder they name, as soon as the shared files are
+    /// read and before any tenant folder is: a caller can start on the state meanwhile.
+    pub fn open_with(
+        root: &Path,
+        rev: Option<&str>,
+        now: Timestamp,
+        early: &dyn Fn(&Settings, &Path),
+    ) -> Result<Workspace> {
         let t = std::time::Instant::now();
         let use_cache = std::env::var_os("DOTMAC_NO_CACHE").is_none();
         let now_s = now.as_second();
         let open_cache = |files: &[RawFile]| {
-            let state_dir = state_dir(root, &quick_settings(files));
+            let settings = quick_settings(files);
+            let state_dir = state_dir(root, &settings);
+            early(&settings, &state_dir);
             let cache =
                 if use_cache { RenderCache::open(&state_dir, &shared_digest(files)) } else { RenderCache::default() };
             (state_dir, cache)
@@ -554,6 +568,7 @@ impl Workspace {
         scope: &TenantScope,
         revision: Option<String>,
         record_live: bool,
+        records: Option<Vec<crate::state::Record>>,
     ) -> Result<Plan> {
         let t = std::time::Instant::now();
         let skip = disabled(&self.settings);
@@ -572,8 +587,13 @@ impl Workspace {
             known,
             coordination.clone(),
         );
+        // The records, unless the caller read them already (`plan` reads them while the
+        // work tree is read).
         let (records, live) = std::thread::scope(|s| {
-            let records = s.spawn(|| state.records(scope));
+            let records = s.spawn(|| match records {
+                Some(r) => Ok(r),
+                None => state.records(scope),
+            });
             let live = read_live(providers, scope, &skip);
             (records.join().unwrap_or_else(|_| Err(anyhow::anyhow!("reading the state store failed"))), live)
         });

@@ -26,6 +26,19 @@ pub struct Prepared {
     pub state: Box<dyn StateStore>,
     pub scope: TenantScope,
     pub revision: Option<String>,
+    /// The records in scope, read while the work tree was (`Early::Records`); the plan
+    /// takes them instead of reading them again.
+    records: Option<Vec<crate::state::Record>>,
+}
+
+/// What `prepare` may start on while the repository is read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Early {
+    Nothing,
+    /// The state's records, from a local state store that exists already. Only for a
+    /// command that takes no lock (`plan`): a command that plans under the state lock must
+    /// read the records after taking it.
+    Records,
 }
 
 fn scope_of(tenants: &[String]) -> TenantScope {
@@ -33,11 +46,14 @@ fn scope_of(tenants: &[String]) -> TenantScope {
 }
 
 /// Opens the repository; with `strict`, any error in it stops here (after printing them).
-pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> Result<Prepared> {
+pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool, early: Early) -> Result<Prepared> {
     let root = load::find_root(g.repo.as_deref())?;
+    let scope = scope_of(tenants);
     // git's index is read while the repository is; whether the work tree is its commit is
-    // then told from the files as read.
-    let (ws, worktree_revision) = std::thread::scope(|s| {
+    // then told from the files as read. With `Early::Records`, so are the records, once the
+    // settings name the state folder (tenant folders are `stat`ed meanwhile, and the
+    // render cache's tenants made desired ones, which leave a core free).
+    let (ws, worktree_revision, early_records) = std::thread::scope(|s| {
         let status = g.rev.is_none().then(|| {
             s.spawn(|| {
                 let t = std::time::Instant::now();
@@ -46,8 +62,29 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> 
                 i
             })
         });
-        let ws = Workspace::open(&root, g.rev.as_deref(), now);
-        (ws, status.and_then(|h| h.join().ok().flatten()))
+        let reading = std::sync::Mutex::new(None);
+        let start = |settings: &crate::load::settings::Settings, state_dir: &Path| {
+            let dir = state_dir.join("state");
+            if early != Early::Records || settings.state.backend != "local" {
+                return;
+            }
+            let scope = &scope;
+            let h = s.spawn(move || {
+                let t = std::time::Instant::now();
+                // Only a store that exists, of this build's schema: this read changes nothing.
+                let r = match crate::state::sqlite::SqliteStore::open_current(&dir) {
+                    Ok(Some(st)) => st.records(scope).map(Some),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                };
+                tracing::debug!(elapsed = ?t.elapsed(), "read the records early");
+                (dir, r)
+            });
+            *reading.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        };
+        let ws = Workspace::open_with(&root, g.rev.as_deref(), now, &start);
+        let records = reading.into_inner().unwrap_or_else(|p| p.into_inner()).and_then(|h| h.join().ok());
+        (ws, status.and_then(|h| h.join().ok().flatten()), records)
     });
     let ws = ws?;
     if strict && !ws.diagnostics.is_empty() {
@@ -88,7 +125,11 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool) -> 
             worktree_revision.and_then(|i| i.commit_if_clean(&ws.loaded.stats, text_of, Some(&cache)))
         }
     };
-    Ok(Prepared { ws, providers, state, scope: scope_of(tenants), revision })
+    // Records read early count if they came from the store the validated settings name.
+    let records = early_records.and_then(|(dir, r)| {
+        (ws.settings.state.backend == "local" && dir == ws.state_dir.join("state")).then(|| r.ok().flatten()).flatten()
+    });
+    Ok(Prepared { ws, providers, state, scope, revision, records })
 }
 
 impl Prepared {
@@ -105,7 +146,8 @@ impl Prepared {
 
     /// The plan; `record_live` keeps every live fingerprint (for a saved plan).
     pub fn plan(&mut self, record_live: bool) -> Result<Plan> {
-        self.ws.plan(&self.providers, self.state.as_ref(), &self.scope, self.revision.clone(), record_live)
+        let records = self.records.take();
+        self.ws.plan(&self.providers, self.state.as_ref(), &self.scope, self.revision.clone(), record_live, records)
     }
 
     pub fn lock(&self, what: &str, l: &LockArgs) -> Result<Box<dyn crate::state::StateLock>> {
@@ -159,7 +201,7 @@ pub fn cmd_plan(
 ) -> Result<u8> {
     super::pr::check_report_args(report, format)?;
     let now = parse_now(args.now.as_deref())?;
-    let mut p = prepare(g, &args.tenants, now, true)?;
+    let mut p = prepare(g, &args.tenants, now, true, Early::Records)?;
     let plan = p.plan(out.is_some())?;
     if let Some(path) = out {
         save_plan(&plan, path)?;
@@ -251,7 +293,7 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             // moved, and that planning again gives this very plan.
             let planned_at: Timestamp =
                 plan.now.parse().with_context(|| format!("{} is not a dotmac-gitops plan file", file.display()))?;
-            let mut prepared = prepare(g, &[], planned_at, false)?;
+            let mut prepared = prepare(g, &[], planned_at, false, Early::Nothing)?;
             prepared.scope = match &plan.tenants {
                 None => TenantScope::All,
                 Some(t) => TenantScope::Only(t.iter().cloned().collect()),
@@ -290,7 +332,7 @@ pub fn cmd_apply(g: &Global, a: ApplyArgs<'_>) -> Result<u8> {
             (prepared, plan, guard)
         }
         None => {
-            let mut prepared = prepare(g, &a.args.tenants, now, true)?;
+            let mut prepared = prepare(g, &a.args.tenants, now, true, Early::Nothing)?;
             let guard = prepared.lock("apply", a.lock)?;
             let plan = prepared.plan(false)?;
             // The repository's texts and parsed documents are not needed past the plan: their
@@ -386,7 +428,7 @@ fn print_report(report: &apply::Report) -> u8 {
 
 pub fn cmd_rotate(g: &Global, tenants: &[String], secrets: &[String], emergency: bool, l: &LockArgs) -> Result<u8> {
     let now = Timestamp::now();
-    let p = prepare(g, tenants, now, true)?;
+    let p = prepare(g, tenants, now, true, Early::Nothing)?;
     for t in tenants {
         if !p.ws.tenants.contains_key(t) {
             bail!("no tenant `{t}` in the repository");

@@ -377,7 +377,7 @@ fn reconcile(job: &Job) -> Result<BTreeMap<String, TenantOutcome>, String> {
         let _read = job.gate.0.read().unwrap_or_else(|p| p.into_inner());
         let plan = ctx
             .ws
-            .plan(&b.providers, b.state.as_ref(), &scope, Some(ctx.revision.clone()), false)
+            .plan(&b.providers, b.state.as_ref(), &scope, Some(ctx.revision.clone()), false, None)
             .map_err(|e| format!("{e:#}"))?;
         let mut outcomes = outcomes_of(&plan, &job.tenants, &ctx.ws);
         let touched: BTreeSet<&str> = plan
@@ -438,7 +438,7 @@ fn reconcile(job: &Job) -> Result<BTreeMap<String, TenantOutcome>, String> {
     };
     // Under the lock: plan again (someone may have applied meanwhile), apply what is left.
     let scope = TenantScope::Only(candidates.clone());
-    let plan = match ctx.ws.plan(&b.providers, b.state.as_ref(), &scope, Some(ctx.revision.clone()), false) {
+    let plan = match ctx.ws.plan(&b.providers, b.state.as_ref(), &scope, Some(ctx.revision.clone()), false, None) {
         Ok(p) => p,
         Err(e) => return Err(format!("{e:#}")),
     };

@@ -217,22 +217,7 @@ impl SqliteStore {
     pub fn open(dir: &Path) -> Result<SqliteStore> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join("state.db");
-        let mut conn = Connection::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(30))?;
-        // For a new file only (an existing one keeps its size): 32 KiB pages. An apply of
-        // 10,000 tenants writes 130,000 records, as many audit entries and journal entries,
-        // and with the default 4 KiB pages SQLite spent a quarter of its time splitting and
-        // checkpointing pages; 32 KiB took journaling from 0.20 to 0.14 s and recording
-        // from about 1.25 to 1.05 s.
-        conn.pragma_update(None, "page_size", 32768)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        // The log is folded into the database file by SQLite's automatic checkpoints as writes
-        // go on (every 1,000 pages), not again when the process closes the file: after an
-        // apply of 10,000 tenants that last checkpoint copied and synced up to 32 MB, 0.1 s
-        // the command waited for. What the log holds is as durable and is read through it.
-        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+        let mut conn = Self::connect(&path)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version as usize > MIGRATIONS.len() {
             anyhow::bail!(
@@ -260,6 +245,41 @@ impl SqliteStore {
         }
         tx.commit()?;
         Ok(SqliteStore { conn: Mutex::new(conn), dir: dir.to_path_buf() })
+    }
+
+    /// The store in `dir` only if it exists and is of this build's schema, changing nothing
+    /// (no file made, no migration): for reading beside a command's own `open`, which does
+    /// whatever is due.
+    pub fn open_current(dir: &Path) -> Result<Option<SqliteStore>> {
+        let path = dir.join("state.db");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let conn = Self::connect(&path)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        Ok((version as usize == MIGRATIONS.len())
+            .then(|| SqliteStore { conn: Mutex::new(conn), dir: dir.to_path_buf() }))
+    }
+
+    /// A connection to `path` with the store's settings.
+    fn connect(path: &Path) -> Result<Connection> {
+        let conn = Connection::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        // For a new file only (an existing one keeps its size): 32 KiB pages. An apply of
+        // 10,000 tenants writes 130,000 records, as many audit entries and journal entries,
+        // and with the default 4 KiB pages SQLite spent a quarter of its time splitting and
+        // checkpointing pages; 32 KiB took journaling from 0.20 to 0.14 s and recording
+        // from about 1.25 to 1.05 s.
+        conn.pragma_update(None, "page_size", 32768)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        // The log is folded into the database file by SQLite's automatic checkpoints as writes
+        // go on (every 1,000 pages), not again when the process closes the file: after an
+        // apply of 10,000 tenants that last checkpoint copied and synced up to 32 MB, 0.1 s
+        // the command waited for. What the log holds is as durable and is read through it.
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+        Ok(conn)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
