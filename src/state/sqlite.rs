@@ -625,6 +625,30 @@ mod tests {
         conn
     }
 
+    /// The read beside a command's own `open` changes nothing: no file where there is
+    /// none, no migration of an older schema; a current store is read.
+    #[test]
+    fn a_store_opened_as_current_is_never_made_or_migrated() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("none");
+        assert!(SqliteStore::open_current(&missing).unwrap().is_none());
+        assert!(!missing.exists());
+        drop(store_of_schema(d.path(), 5));
+        assert!(SqliteStore::open_current(d.path()).unwrap().is_none());
+        let version: i64 = Connection::open(d.path().join("state.db"))
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 5);
+        let store = SqliteStore::open(d.path()).unwrap();
+        let a = Address::parse("t1/isp.config").unwrap();
+        store
+            .commit(1, &Commit { upserts: vec![Upsert::new(a, "sha256:1".into(), None)], ..Commit::default() })
+            .unwrap();
+        let current = SqliteStore::open_current(d.path()).unwrap().expect("a store of this schema");
+        assert_eq!(current.records(&TenantScope::All).unwrap().len(), 1);
+    }
+
     #[test]
     fn a_store_of_an_older_schema_is_migrated_and_keeps_its_journal() {
         let d = tempfile::tempdir().unwrap();
