@@ -839,7 +839,8 @@ fn verify(
     // piece as fast as the whole, so its pieces are shared out over the cores (a first apply
     // of 10,000 tenants reads back 59,000 secrets and 10,000 ISP configurations: one thread
     // per provider left a core idle for most of the read-back); any other is asked once.
-    let mut pieces: Vec<(ProviderId, Vec<&(Address, Option<Fingerprint>)>)> = Vec::new();
+    type Piece<'w> = (ProviderId, Vec<&'w (Address, Option<Fingerprint>)>);
+    let mut pieces: Vec<Piece<'_>> = Vec::new();
     for p in ProviderId::ALL {
         let mine: Vec<&(Address, Option<Fingerprint>)> = written.iter().filter(|(a, _)| a.provider() == p).collect();
         if mine.is_empty() {
@@ -851,44 +852,43 @@ fn verify(
             pieces.push((p, mine));
         }
     }
-    let one =
-        |(p, mine): &(ProviderId, Vec<&(Address, Option<Fingerprint>)>)| -> (Vec<String>, Vec<(Address, Fingerprint)>) {
-            let p = *p;
-            let addrs: Vec<&Address> = mine.iter().map(|(a, _)| a).collect();
-            let live: Vec<Option<Fingerprint>> = match providers.get(p).fingerprints(&addrs) {
-                Ok(l) if l.len() == addrs.len() => l,
-                Ok(l) => {
-                    let e = format!("could not read {p} back: {} answers for {} resources", l.len(), addrs.len());
-                    return (vec![e], Vec::new());
-                }
-                Err(e) => return (vec![format!("could not read {p} back: {e}")], Vec::new()),
-            };
-            let mut problems = Vec::new();
-            let mut compared = Vec::new();
-            for ((a, fp), now) in mine.iter().zip(live) {
-                let ok = match (fp, &now) {
-                    (Some(f), Some(n)) => f == n || (a.kind == ResourceKind::OpenbaoSecret),
-                    (None, None) => true,
-                    (None, Some(n)) => {
-                        n.text().is_some_and(|t| t.ends_with("-deleted")) || providers.get(p).deletes_with_tenant()
-                    }
-                    _ => false,
-                };
-                if !ok {
-                    problems.push(format!(
-                        "{a}: read back {} after writing {}",
-                        shown(now.as_ref(), "nothing"),
-                        shown(fp.as_ref(), "nothing")
-                    ));
-                }
-                if let Some(now) = now
-                    && matches!(a.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig)
-                {
-                    compared.push((a.clone(), now));
-                }
+    let one = |(p, mine): &Piece<'_>| -> (Vec<String>, Vec<(Address, Fingerprint)>) {
+        let p = *p;
+        let addrs: Vec<&Address> = mine.iter().map(|(a, _)| a).collect();
+        let live: Vec<Option<Fingerprint>> = match providers.get(p).fingerprints(&addrs) {
+            Ok(l) if l.len() == addrs.len() => l,
+            Ok(l) => {
+                let e = format!("could not read {p} back: {} answers for {} resources", l.len(), addrs.len());
+                return (vec![e], Vec::new());
             }
-            (problems, compared)
+            Err(e) => return (vec![format!("could not read {p} back: {e}")], Vec::new()),
         };
+        let mut problems = Vec::new();
+        let mut compared = Vec::new();
+        for ((a, fp), now) in mine.iter().zip(live) {
+            let ok = match (fp, &now) {
+                (Some(f), Some(n)) => f == n || (a.kind == ResourceKind::OpenbaoSecret),
+                (None, None) => true,
+                (None, Some(n)) => {
+                    n.text().is_some_and(|t| t.ends_with("-deleted")) || providers.get(p).deletes_with_tenant()
+                }
+                _ => false,
+            };
+            if !ok {
+                problems.push(format!(
+                    "{a}: read back {} after writing {}",
+                    shown(now.as_ref(), "nothing"),
+                    shown(fp.as_ref(), "nothing")
+                ));
+            }
+            if let Some(now) = now
+                && matches!(a.kind, ResourceKind::ManagementTenant | ResourceKind::IspConfig)
+            {
+                compared.push((a.clone(), now));
+            }
+        }
+        (problems, compared)
+    };
     let per_piece: Vec<(Vec<String>, Vec<(Address, Fingerprint)>)> = pieces.par_iter().map(one).collect();
     let mut problems = Vec::new();
     let mut read_back = FxHashMap::default();
