@@ -34,11 +34,18 @@ pub fn state_dir(root: &Path, settings: &Settings) -> PathBuf {
 /// The state store `[state] backend` names: `local` (SQLite under `state_dir`) or `postgres`
 /// (the URL in `url`, or in the variable `url_env` names).
 pub fn open_state(settings: &Settings, state_dir: &Path) -> Result<Box<dyn StateStore>> {
+    if let Some(dir) = local_state(settings, state_dir) {
+        return Ok(Box::new(SqliteStore::open(&dir)?));
+    }
     match settings.state.backend.as_str() {
-        "local" => Ok(Box::new(SqliteStore::open(&state_dir.join("state"))?)),
         "postgres" => Ok(Box::new(PgStore::open(&crate::state::postgres::url_from_settings(&settings.state)?)?)),
         other => anyhow::bail!("[state] backend = \"{other}\" is not known; use \"local\" or \"postgres\""),
     }
+}
+
+/// The folder of the local (SQLite) state store, when the settings choose that backend.
+pub fn local_state(settings: &Settings, state_dir: &Path) -> Option<PathBuf> {
+    (settings.state.backend == "local").then(|| state_dir.join("state"))
 }
 
 /// Providers whose resources are not managed (`kind = "none"`).

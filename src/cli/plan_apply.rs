@@ -64,19 +64,15 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool, ear
         });
         let reading = std::sync::Mutex::new(None);
         let start = |settings: &crate::load::settings::Settings, state_dir: &Path| {
-            let dir = state_dir.join("state");
-            if early != Early::Records || settings.state.backend != "local" {
+            let Some(dir) = engine::local_state(settings, state_dir).filter(|_| early == Early::Records) else {
                 return;
-            }
+            };
             let scope = &scope;
             let h = s.spawn(move || {
                 let t = std::time::Instant::now();
                 // Only a store that exists, of this build's schema: this read changes nothing.
-                let r = match crate::state::sqlite::SqliteStore::open_current(&dir) {
-                    Ok(Some(st)) => st.records(scope).map(Some),
-                    Ok(None) => Ok(None),
-                    Err(e) => Err(e),
-                };
+                let r = crate::state::sqlite::SqliteStore::open_current(&dir)
+                    .and_then(|st| st.map(|st| st.records(scope)).transpose());
                 tracing::debug!(elapsed = ?t.elapsed(), "read the records early");
                 (dir, r)
             });
@@ -127,7 +123,7 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool, ear
     };
     // Records read early count if they came from the store the validated settings name.
     let records = early_records.and_then(|(dir, r)| {
-        (ws.settings.state.backend == "local" && dir == ws.state_dir.join("state")).then(|| r.ok().flatten()).flatten()
+        (engine::local_state(&ws.settings, &ws.state_dir) == Some(dir)).then(|| r.ok().flatten()).flatten()
     });
     Ok(Prepared { ws, providers, state, scope, revision, records })
 }
