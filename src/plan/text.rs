@@ -9,8 +9,34 @@ use std::fmt::Write;
 struct Paint(bool);
 
 impl Paint {
-    fn c(&self, code: &str, s: &str) -> String {
-        if self.0 { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_owned() }
+    /// `s` in the color `code` (an SGR code) when colors are on; written where it is
+    /// printed, not into a string of its own (a plan of 130,000 changes prints a million).
+    fn c<'a, T: std::fmt::Display>(&self, code: &'a str, s: T) -> Painted<'a, T> {
+        Painted { code: self.0.then_some(code), s }
+    }
+}
+
+struct Painted<'a, T> {
+    code: Option<&'a str>,
+    s: T,
+}
+
+impl<T: std::fmt::Display> std::fmt::Display for Painted<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "\x1b[{code}m{}\x1b[0m", self.s),
+            None => self.s.fmt(f),
+        }
+    }
+}
+
+/// A change's flags as the plan prints them: `[create, low]`, `[update, high, drift]`.
+struct Flags<'a>(&'a Change);
+
+impl std::fmt::Display for Flags<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = self.0;
+        write!(f, "[{}, {}{}]", c.action.as_str(), c.risk.as_str(), if c.drift { ", drift" } else { "" })
     }
 }
 
@@ -86,31 +112,22 @@ fn tenant_changes(changes: &[Change], color: bool, max_diff_lines: usize) -> Str
     let p = Paint(color);
     let mut out = String::new();
     let mut tenant = "";
+    let mut address = String::new();
     for c in changes {
         if c.address.tenant != tenant {
             tenant = &c.address.tenant;
             let _ = writeln!(out, "\n{}", p.c("1", tenant));
         }
         let (sym, code) = symbol(c);
-        let local = &c.address.text()[tenant.len() + 1..];
-        let mut flags = vec![c.action.as_str().to_owned(), c.risk.as_str().to_owned()];
-        if c.drift {
-            flags.push("drift".into());
-        }
+        c.address.write_text(&mut address);
+        let local = &address[tenant.len() + 1..];
         let risk_code = match c.risk {
             crate::diff::Risk::Critical => "1;31",
             crate::diff::Risk::High => "31",
             crate::diff::Risk::Medium => "33",
             crate::diff::Risk::Low => "2",
         };
-        let _ = writeln!(
-            out,
-            "  {} {:<48} {}  {}",
-            p.c(code, sym),
-            local,
-            p.c(risk_code, &format!("[{}]", flags.join(", "))),
-            c.reason
-        );
+        let _ = writeln!(out, "  {} {:<48} {}  {}", p.c(code, sym), local, p.c(risk_code, Flags(c)), c.reason);
         if matches!(c.action, Action::Update | Action::Delete | Action::Rotate) || c.drift {
             let diff = c.diff_text();
             for (n, line) in diff.lines().skip(2).enumerate() {
@@ -118,11 +135,11 @@ fn tenant_changes(changes: &[Change], color: bool, max_diff_lines: usize) -> Str
                     let _ = writeln!(out, "      … ({} more lines)", diff.lines().count() - 2 - n);
                     break;
                 }
-                let colored = match line.chars().next() {
-                    Some('+') => p.c("32", line),
-                    Some('-') => p.c("31", line),
-                    Some('@') => p.c("36", line),
-                    _ => line.to_owned(),
+                let colored = match line.as_bytes().first() {
+                    Some(b'+') => p.c("32", line),
+                    Some(b'-') => p.c("31", line),
+                    Some(b'@') => p.c("36", line),
+                    _ => Paint(false).c("", line),
                 };
                 let _ = writeln!(out, "      {colored}");
             }
