@@ -134,7 +134,7 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     let journal_was_empty = prior.is_empty();
     let mut stale: FxHashMap<String, Vec<String>> = FxHashMap::default();
     if opts.settle_journal {
-        for j in prior.into_iter().filter(|j| j.plan_id != plan.plan_id) {
+        for j in prior.into_iter().filter(|j| *j.plan_id != *plan.plan_id) {
             let Some(tenant) = Address::parse(&j.address).map(|a| a.tenant.to_string()) else { continue };
             let in_scope = plan.tenants.as_ref().is_none_or(|ts| ts.contains(&tenant));
             if in_scope && !blocked.contains_key(tenant.as_str()) {
@@ -178,15 +178,16 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
     let started_at = std::time::Instant::now();
     let journaled: Vec<&Change> = by_tenant.values().flatten().filter(|c| c.action != Action::Noop).copied().collect();
     let write_journal = || -> anyhow::Result<()> {
-        let started = jiff::Timestamp::now().to_string();
+        let started: Arc<str> = jiff::Timestamp::now().to_string().into();
+        let plan_id: Arc<str> = plan.plan_id.as_str().into();
         let journal: Vec<JournalEntry> = journaled
             .iter()
             .map(|c| JournalEntry {
                 address: c.address.text(),
-                plan_id: plan.plan_id.clone(),
-                action: c.action.as_str().into(),
+                plan_id: Arc::clone(&plan_id),
+                action: Cow::Borrowed(c.action.as_str()),
                 intended: intended_fingerprint(c, opts.destroy_secrets).map(|f| f.to_string()),
-                started_at: started.clone(),
+                started_at: Arc::clone(&started),
             })
             .collect();
         state.journal_add(&journal)?;

@@ -135,11 +135,13 @@ impl From<serde_json::Value> for JsonText {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalEntry {
     pub address: String,
-    pub plan_id: String,
-    pub action: String,
+    /// `plan_id`, `action` and `started_at` are shared by an apply's entries (130,000 for
+    /// 10,000 tenants), not copied into each.
+    pub plan_id: Arc<str>,
+    pub action: Cow<'static, str>,
     /// The fingerprint the resource will have once written (`None` for a delete).
     pub intended: Option<String>,
-    pub started_at: String,
+    pub started_at: Arc<str>,
 }
 
 /// One transaction: records to upsert and forget, audit entries, journal entries to clear.

@@ -796,12 +796,12 @@ impl StateStore for PgStore {
         // plan, the last one is written.
         let mut last: HashMap<(&str, &str), usize> = HashMap::new();
         for (i, j) in entries.iter().enumerate() {
-            last.insert((j.address.as_str(), j.plan_id.as_str()), i);
+            last.insert((j.address.as_str(), &*j.plan_id), i);
         }
         let keep: Vec<&JournalEntry> = entries
             .iter()
             .enumerate()
-            .filter(|(i, j)| last.get(&(j.address.as_str(), j.plan_id.as_str())) == Some(i))
+            .filter(|(i, j)| last.get(&(j.address.as_str(), &*j.plan_id)) == Some(i))
             .map(|(_, j)| j)
             .collect();
         let mut c = self.conn()?;
@@ -832,10 +832,10 @@ impl StateStore for PgStore {
             .iter()
             .map(|r| JournalEntry {
                 address: r.get(0),
-                plan_id: r.get(1),
-                action: r.get(2),
+                plan_id: r.get::<_, &str>(1).into(),
+                action: std::borrow::Cow::Owned(r.get(2)),
                 intended: r.get(3),
-                started_at: r.get(4),
+                started_at: r.get::<_, &str>(4).into(),
             })
             .collect())
     }

@@ -504,7 +504,7 @@ impl StateStore for SqliteStore {
             // started again); otherwise, the usual case, there is nothing to read.
             let mut has_plan = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM journal WHERE plan_id = ?1)")?;
             let mut known: BTreeSet<&str> = BTreeSet::new();
-            for plan in entries.iter().map(|e| e.plan_id.as_str()).collect::<BTreeSet<_>>() {
+            for plan in entries.iter().map(|e| &*e.plan_id).collect::<BTreeSet<_>>() {
                 if has_plan.query_row(params![plan], |r| r.get::<_, bool>(0))? {
                     known.insert(plan);
                 }
@@ -517,7 +517,7 @@ impl StateStore for SqliteStore {
             // entries one after another, in address order).
             for run in entries.chunk_by(|a, b| tenant_of(&a.address) == tenant_of(&b.address) && a.plan_id == b.plan_id)
             {
-                let key = (tenant_of(&run[0].address), run[0].plan_id.as_str());
+                let key = (tenant_of(&run[0].address), &*run[0].plan_id);
                 let old: Vec<JournalLine> = if known.contains(key.1) || written.contains(&key) {
                     match read.query_row(params![key.0, key.1], |r| r.get::<_, String>(0)).optional()? {
                         Some(t) => journal_lines(&t)?,
@@ -554,12 +554,13 @@ impl StateStore for SqliteStore {
         let mut out = Vec::new();
         for row in rows {
             let (plan_id, lines) = row?;
+            let plan_id: std::sync::Arc<str> = plan_id.into();
             out.extend(lines.into_iter().map(|(address, action, intended, started_at)| JournalEntry {
                 address,
-                plan_id: plan_id.clone(),
-                action,
+                plan_id: std::sync::Arc::clone(&plan_id),
+                action: action.into(),
                 intended,
-                started_at,
+                started_at: started_at.into(),
             }));
         }
         out.sort_by(|a, b| (&a.address, &a.started_at, &a.plan_id).cmp(&(&b.address, &b.started_at, &b.plan_id)));
