@@ -46,10 +46,15 @@ pub fn consistency(tenant: &str, management: &Value, isp_config: &str) -> Vec<Di
             });
         }
     };
-    if let (Some(m), Some(i)) = (management.get("plan"), isp.pointer("/plan/name")) {
+    // Keys looked up one by one: `Value::pointer` allocates two strings per key, and this
+    // runs for every tenant at plan and at apply.
+    fn at<'v>(v: &'v Value, a: &str, b: &str) -> Option<&'v Value> {
+        v.get(a).and_then(|v| v.get(b))
+    }
+    if let (Some(m), Some(i)) = (management.get("plan"), at(&isp, "plan", "name")) {
         diff(&|| "plan".into(), m, i, "high", &|| format!("Update the ISP Framework plan to {}", show(m)));
     }
-    if let (Some(m), Some(i)) = (management.pointer("/billing/gateway"), isp.pointer("/billing/gateway")) {
+    if let (Some(m), Some(i)) = (at(management, "billing", "gateway"), at(&isp, "billing", "gateway")) {
         diff(&|| "billing_gateway".into(), m, i, "medium", &|| format!("Update ISP Framework to {}", show(m)));
     }
     if let (Some(Value::Array(m)), Some(i)) = (management.get("features"), isp.get("features")) {

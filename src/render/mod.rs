@@ -391,7 +391,8 @@ fn manifests(text: &str, tenant: &str, checksum: Option<&str>) -> Result<Vec<(St
         let mut m = d.value;
         let kind = m.get("kind").and_then(Value::as_str).ok_or("a document has no `kind`")?.to_owned();
         let name = m
-            .pointer("/metadata/name")
+            .get("metadata")
+            .and_then(|m| m.get("name"))
             .and_then(Value::as_str)
             .ok_or_else(|| format!("the {kind} has no `metadata.name`"))?
             .to_owned();
@@ -405,7 +406,11 @@ fn manifests(text: &str, tenant: &str, checksum: Option<&str>) -> Result<Vec<(St
         labels.insert(TENANT_LABEL.into(), Value::String(tenant.into()));
         if kind == "Deployment"
             && let Some(sum) = checksum
-            && let Some(tmeta) = m.pointer_mut("/spec/template/metadata").and_then(Value::as_object_mut)
+            && let Some(tmeta) = m
+                .get_mut("spec")
+                .and_then(|s| s.get_mut("template"))
+                .and_then(|t| t.get_mut("metadata"))
+                .and_then(Value::as_object_mut)
         {
             let ann = tmeta.entry("annotations").or_insert_with(|| Value::Object(Map::new()));
             if let Some(ann) = ann.as_object_mut() {
