@@ -129,6 +129,10 @@ pub fn credential_pattern(text: &str) -> Option<&'static str> {
     }
     // The first pattern in the list that matches names it.
     let p = patterns();
+    // `matches` allocates its answer; almost no string matches, and `is_match` does not.
+    if !p.set.is_match(text) {
+        return None;
+    }
     p.set.matches(text).iter().next().map(|i| p.names[i])
 }
 
