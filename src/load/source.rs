@@ -223,6 +223,36 @@ impl FileStat {
         }
     }
 
+    /// The `stat` of `rel` (a path without `..`) under the folder `dir`, not following a
+    /// final link, with whether it is a plain file and whether it is a folder.
+    ///
+    /// Relative to an open folder, the kernel walks the path's own one or two components
+    /// instead of the repository's whole path again: a no-op plan of 100,000 tenants takes
+    /// 400,000 `stat`s, which spent most of their time looking up the same leading folders.
+    fn at(dir: &std::fs::File, rel: &str) -> Option<(FileStat, bool, bool)> {
+        use std::os::fd::AsRawFd;
+        let path = std::ffi::CString::new(rel).ok()?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: a valid folder descriptor, a NUL-terminated path and a buffer of the
+        // struct's size; the struct is read only after the call succeeded.
+        let st = unsafe {
+            if libc::fstatat(dir.as_raw_fd(), path.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) != 0 {
+                return None;
+            }
+            st.assume_init()
+        };
+        let kind = st.st_mode & libc::S_IFMT;
+        let stat = FileStat {
+            mtime: st.st_mtime,
+            mtime_ns: st.st_mtime_nsec,
+            ctime: st.st_ctime,
+            ctime_ns: st.st_ctime_nsec,
+            size: st.st_size as u64,
+            ino: st.st_ino,
+        };
+        Some((stat, kind == libc::S_IFREG, kind == libc::S_IFDIR))
+    }
+
     /// Changed so recently before `started_ns` (or after it) that an equal `stat` later does
     /// not prove equal content.
     pub fn racy(&self, started_ns: i128) -> bool {
@@ -277,7 +307,14 @@ impl Worktree {
     /// folder's own `stat` is taken before it is listed, and its listing comes from `known`
     /// while the folder keeps the `stat` recorded with it; it is kept (to be recorded) only
     /// for a folder of plain files not changed just before this read.
-    fn list_unit(&self, name: &str, path: &Path, ft: &std::fs::FileType, known: KnownUnits<'_>) -> Listing {
+    fn list_unit(
+        &self,
+        tenants: Option<&std::fs::File>,
+        name: &str,
+        path: &Path,
+        ft: &std::fs::FileType,
+        known: KnownUnits<'_>,
+    ) -> Listing {
         let rel = format!("tenants/{name}");
         let mut l = Listing { found: Vec::new(), problems: Vec::new(), folder: None, from_cache: false };
         if !ft.is_dir() {
@@ -286,11 +323,11 @@ impl Worktree {
         }
         // Taken before the listing: an entry added after it moves the mtime past the one
         // recorded.
-        l.folder = std::fs::symlink_metadata(path)
-            .ok()
-            .filter(|m| m.is_dir())
-            .map(|m| FileStat::of(&m))
-            .filter(|st| !st.racy(self.started_ns));
+        l.folder = match tenants {
+            Some(dir) => FileStat::at(dir, name).filter(|&(_, _, is_dir)| is_dir).map(|(st, ..)| st),
+            None => std::fs::symlink_metadata(path).ok().filter(|m| m.is_dir()).map(|m| FileStat::of(&m)),
+        }
+        .filter(|st| !st.racy(self.started_ns));
         let cached = l.folder.as_ref().filter(|_| (known.has)(name)).and_then(|st| (known.listing)(name, st));
         if let Some(paths) = cached {
             l.found = paths.into_iter().map(|p| (p, false)).collect();
@@ -303,13 +340,21 @@ impl Worktree {
 
     /// The `stat`s of a folder's files in path order, if every one can vouch for its content
     /// by it: plain files (not links), none changed just before this read.
-    fn vouching_stats(&self, root: &Path, found: &[(String, bool)]) -> Option<Vec<(String, FileStat)>> {
+    fn vouching_stats(
+        &self,
+        root: &Path,
+        tenants: Option<&std::fs::File>,
+        found: &[(String, bool)],
+    ) -> Option<Vec<(String, FileStat)>> {
         if found.is_empty() || found.iter().any(|(_, link)| *link) {
             return None;
         }
         let mut stats = Vec::with_capacity(found.len());
         for (p, _) in found {
-            let st = FileStat::of(&std::fs::symlink_metadata(root.join(p)).ok().filter(|m| m.is_file())?);
+            let st = match (tenants, p.strip_prefix("tenants/")) {
+                (Some(dir), Some(rel)) => FileStat::at(dir, rel).filter(|&(_, is_file, _)| is_file)?.0,
+                _ => FileStat::of(&std::fs::symlink_metadata(root.join(p)).ok().filter(|m| m.is_file())?),
+            };
             if st.racy(self.started_ns) {
                 return None;
             }
@@ -337,6 +382,9 @@ impl Worktree {
             .filter(|(name, _, _)| scope.wants_unit(name) && !name.starts_with('.'))
             .collect();
         units.sort_by(|a, b| a.0.cmp(&b.0));
+        // The folder the `stat`s are taken relative to (without it, by their whole paths).
+        let tenants = std::fs::File::open(&dir).ok();
+        let tenants = tenants.as_ref();
         enum One {
             Read(Vec<Result<RawFile, FileProblem>>, Vec<FileProblem>),
             Unread(UnreadUnit),
@@ -345,11 +393,12 @@ impl Worktree {
             units
                 .par_iter()
                 .map(|(name, path, ft)| {
-                    let Listing { mut found, problems, folder, from_cache } = self.list_unit(name, path, ft, known);
+                    let Listing { mut found, problems, folder, from_cache } =
+                        self.list_unit(tenants, name, path, ft, known);
                     found.retain(|(p, _)| role_of(p).is_some());
                     if problems.is_empty()
                         && (known.has)(name)
-                        && let Some(stats) = self.vouching_stats(root, &found)
+                        && let Some(stats) = self.vouching_stats(root, tenants, &found)
                         && let Some(digest) = (known.digest)(name, &stats)
                     {
                         // A folder listed from the cache and not read keeps its entry as it is:
