@@ -16,7 +16,7 @@ use jiff::Timestamp;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A repository validated and rendered (through the render cache), with its state and
 /// providers open.
@@ -45,6 +45,11 @@ fn scope_of(tenants: &[String]) -> TenantScope {
     if tenants.is_empty() { TenantScope::All } else { TenantScope::Only(tenants.iter().cloned().collect()) }
 }
 
+/// Where whether the work tree is its commit is remembered (`WorktreeIndex`).
+fn git_clean_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("cache").join("git-clean")
+}
+
 /// Opens the repository; with `strict`, any error in it stops here (after printing them).
 pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool, early: Early) -> Result<Prepared> {
     let root = load::find_root(g.repo.as_deref())?;
@@ -54,16 +59,21 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool, ear
     // settings name the state folder (tenant folders are `stat`ed meanwhile, and the
     // render cache's tenants made desired ones, which leave a core free).
     let (ws, worktree_revision, early_records) = std::thread::scope(|s| {
+        // Where an earlier run's answer about git's index is kept is known once the
+        // settings name the state folder; the thread reading the index waits for that.
+        let (state_dir_tx, state_dir_rx) = std::sync::mpsc::channel::<PathBuf>();
+        let root = &root;
         let status = g.rev.is_none().then(|| {
-            s.spawn(|| {
+            s.spawn(move || {
                 let t = std::time::Instant::now();
-                let i = source::worktree_index(&root);
-                tracing::debug!(elapsed = ?t.elapsed(), "read git's index");
+                let i = source::worktree_index(root, || Some(git_clean_file(&state_dir_rx.recv().ok()?)));
+                tracing::debug!(elapsed = ?t.elapsed(), read = i.as_ref().map(|i| i.was_read()), "git's index");
                 i
             })
         });
         let reading = std::sync::Mutex::new(None);
         let start = |settings: &crate::load::settings::Settings, state_dir: &Path| {
+            let _ = state_dir_tx.send(state_dir.to_path_buf());
             let Some(dir) = engine::local_state(settings, state_dir).filter(|_| early == Early::Records) else {
                 return;
             };
@@ -78,7 +88,9 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool, ear
             });
             *reading.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         };
-        let ws = Workspace::open_with(&root, g.rev.as_deref(), now, &start);
+        let ws = Workspace::open_with(root, g.rev.as_deref(), now, &start);
+        // Settings that never named the state folder: the index thread stops waiting.
+        drop(state_dir_tx);
         let records = reading.into_inner().unwrap_or_else(|p| p.into_inner()).and_then(|h| h.join().ok());
         (ws, status.and_then(|h| h.join().ok().flatten()), records)
     });
@@ -118,7 +130,10 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool, ear
                     .map(Cow::Borrowed)
                     .or_else(|| std::fs::read_to_string(ws.loaded.root.join(p)).ok().map(Cow::Owned))
             };
-            worktree_revision.and_then(|i| i.commit_if_clean(&ws.loaded.stats, text_of, Some(&cache)))
+            let remember = git_clean_file(&ws.state_dir);
+            worktree_revision.and_then(|i| {
+                i.commit_if_clean(&ws.loaded.stats, text_of, Some(&cache), Some((&remember, ws.loaded.read_started_ns)))
+            })
         }
     };
     // Records read early count if they came from the store the validated settings name.

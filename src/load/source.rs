@@ -785,8 +785,12 @@ pub fn resolve_link(link_path: &str, target: &str) -> Option<String> {
 pub struct WorktreeIndex {
     head: String,
     /// By path relative to the repository root: (mtime, mtime ns, size, inode, blob), as
-    /// git keeps them (32-bit size and inode).
-    entries: rustc_hash::FxHashMap<String, (i64, i64, u32, u32, git2::Oid)>,
+    /// git keeps them (32-bit size and inode). `None` while a remembered answer may stand in
+    /// for them: they are read only if it does not.
+    entries: Option<IndexEntries>,
+    /// The answer of an earlier run under the same index file and HEAD, with the digest of
+    /// the files' `stat`s it was given for.
+    remembered: Option<([u8; 32], Option<String>)>,
     /// When the index file was written: an entry not older than it may hide a change made
     /// in the same clock tick (git's "racily clean" entries), so its content is compared.
     written_ns: i128,
@@ -797,15 +801,11 @@ pub struct WorktreeIndex {
     prefix: String,
 }
 
-/// Reads git's index for the work tree at `root`; `None` outside git or without a commit.
-pub fn worktree_index(root: &Path) -> Option<WorktreeIndex> {
-    use std::os::unix::fs::MetadataExt;
-    let (repo, prefix) = open_git(root).ok()?;
-    let head = repo.head().ok()?.peel_to_commit().ok()?;
-    let index_path = repo.path().join("index");
-    let m = std::fs::metadata(&index_path).ok()?;
+type IndexEntries = rustc_hash::FxHashMap<String, (i64, i64, u32, u32, git2::Oid)>;
+
+/// The index entries of the engine's files.
+fn index_entries(repo: &git2::Repository, prefix: &str) -> Option<IndexEntries> {
     let index = repo.index().ok()?;
-    let written_ns = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
     let entries = index
         .iter()
         .filter_map(|e| {
@@ -816,6 +816,54 @@ pub fn worktree_index(root: &Path) -> Option<WorktreeIndex> {
             Some((rel, stat))
         })
         .collect();
+    Some(entries)
+}
+
+/// The digest of the files' `stat`s (paths included) an answer is remembered for.
+fn stats_digest(stats: &[(String, FileStat)]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for (path, st) in stats {
+        h.update((path.len() as u64).to_le_bytes());
+        h.update(path.as_bytes());
+        for n in [st.mtime, st.mtime_ns, st.ctime, st.ctime_ns] {
+            h.update(n.to_le_bytes());
+        }
+        h.update(st.size.to_le_bytes());
+        h.update(st.ino.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+/// A remembered answer, if `file` holds one for `stamp`: `(digest, commit or none)`.
+fn remembered_answer(file: &Path, stamp: &str) -> Option<([u8; 32], Option<String>)> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let mut lines = text.lines();
+    if lines.next()? != stamp {
+        return None;
+    }
+    let digest = unhex32(lines.next()?)?;
+    let answer = match lines.next()? {
+        "-" => None,
+        commit => Some(commit.to_owned()),
+    };
+    Some((digest, answer))
+}
+
+/// Reads git's index for the work tree at `root`; `None` outside git or without a commit.
+///
+/// `remembered` names the file where an earlier run left its answer (once the caller knows
+/// where the state folder is; `None` if it never does): while the index file and HEAD are
+/// the ones it was given under, the index is not read now, and read later only if the
+/// files' `stat`s are not the remembered ones either. At 100,000 tenants reading it took a
+/// core for half a second.
+pub fn worktree_index(root: &Path, remembered: impl FnOnce() -> Option<PathBuf>) -> Option<WorktreeIndex> {
+    use std::os::unix::fs::MetadataExt;
+    let (repo, prefix) = open_git(root).ok()?;
+    let head = repo.head().ok()?.peel_to_commit().ok()?;
+    let index_path = repo.path().join("index");
+    let m = std::fs::metadata(&index_path).ok()?;
+    let written_ns = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
     let stamp = format!(
         "{} {} {} {} {} {} {}",
         head.id(),
@@ -826,9 +874,15 @@ pub fn worktree_index(root: &Path) -> Option<WorktreeIndex> {
         m.size(),
         m.ino()
     );
+    let remembered = remembered().and_then(|file| remembered_answer(&file, &stamp));
+    let entries = match remembered {
+        Some(_) => None,
+        None => Some(index_entries(&repo, &prefix)?),
+    };
     Some(WorktreeIndex {
         head: head.id().to_string(),
         entries,
+        remembered,
         written_ns,
         stamp,
         repo: repo.path().to_path_buf(),
@@ -837,6 +891,11 @@ pub fn worktree_index(root: &Path) -> Option<WorktreeIndex> {
 }
 
 impl WorktreeIndex {
+    /// Whether the index was read (`false`: an answer of an earlier run may stand in).
+    pub fn was_read(&self) -> bool {
+        self.entries.is_some()
+    }
+
     /// Something the engine reads is staged but not committed (`true` also when git cannot
     /// tell).
     fn staged(&self, cache: Option<&Path>) -> bool {
@@ -882,19 +941,61 @@ impl WorktreeIndex {
     /// Whether anything is staged is remembered in `cache` (a file) under the index file's
     /// `stat` and HEAD: comparing HEAD's tree with the index reads every tree object, which
     /// for 100,000 tenant folders takes most of a second.
+    ///
+    /// The answer is remembered in `remember` (a file) under the index file's `stat`, HEAD
+    /// and the digest of `stats`, unless a file changed so recently before `started_ns`
+    /// that an equal `stat` later would not prove equal content (as the render cache's
+    /// rule): the same index and the same `stat`s give the same answer.
     pub fn commit_if_clean<'a>(
         self,
         stats: &[(String, FileStat)],
         text_of: impl Fn(&str) -> Option<std::borrow::Cow<'a, str>>,
         cache: Option<&Path>,
+        remember: Option<(&Path, i128)>,
     ) -> Option<String> {
-        if stats.len() != self.entries.len() {
+        let digest = stats_digest(stats);
+        if let Some((d, answer)) = &self.remembered
+            && *d == digest
+        {
+            return answer.clone();
+        }
+        let answer = self.compare(stats, text_of, cache);
+        if let Some((file, started_ns)) = remember
+            && !stats.iter().any(|(_, st)| st.racy(started_ns))
+        {
+            let text = format!("{}\n{}\n{}\n", self.stamp, hex32(&digest), answer.as_deref().unwrap_or("-"));
+            if let Some(dir) = file.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let tmp = file.with_extension(format!("{}.tmp", std::process::id()));
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, file);
+            }
+        }
+        answer
+    }
+
+    fn compare<'a>(
+        &self,
+        stats: &[(String, FileStat)],
+        text_of: impl Fn(&str) -> Option<std::borrow::Cow<'a, str>>,
+        cache: Option<&Path>,
+    ) -> Option<String> {
+        let read;
+        let entries = match &self.entries {
+            Some(e) => e,
+            None => {
+                read = index_entries(&git2::Repository::open(&self.repo).ok()?, &self.prefix)?;
+                &read
+            }
+        };
+        if stats.len() != entries.len() {
             return None; // a file untracked, ignored or deleted
         }
         // The files first: a work tree that differs from the index (the usual case while
         // someone edits) is told at its first changed file, without the staged check.
         let unchanged = stats.iter().all(|(path, st)| {
-            let Some(&(mtime, mtime_ns, size, ino, blob)) = self.entries.get(path) else { return false };
+            let Some(&(mtime, mtime_ns, size, ino, blob)) = entries.get(path) else { return false };
             let racy = i128::from(mtime) * 1_000_000_000 + i128::from(mtime_ns) >= self.written_ns;
             let same_stat =
                 mtime == st.mtime && mtime_ns == st.mtime_ns && size == st.size as u32 && ino == st.ino as u32;
@@ -903,8 +1004,24 @@ impl WorktreeIndex {
                     git2::Oid::hash_object(git2::ObjectType::Blob, t.as_bytes()).is_ok_and(|id| id == blob)
                 })
         });
-        (unchanged && !self.staged(cache)).then_some(self.head)
+        (unchanged && !self.staged(cache)).then(|| self.head.clone())
     }
+}
+
+fn hex32(d: &[u8; 32]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -978,5 +1095,66 @@ mod tests {
             ["tenants/t1/extra.yaml", "tenants/t1/tenant.yaml", "tenants/t2/more/x.yaml", "tenants/t2/tenant.yaml"]
         );
         assert_ne!(third.folders[0].1, recorded["t1"]);
+    }
+
+    /// Whether the work tree is its commit is remembered under git's index file, HEAD and
+    /// the files' `stat`s: while all three are the same the index is not read and the
+    /// remembered answer stands; a file whose `stat` moved brings the index back.
+    #[test]
+    fn the_work_tree_answer_is_remembered_while_index_head_and_stats_stay() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("tenants/t1")).unwrap();
+        std::fs::write(root.join("dotmac.toml"), "[render]\n").unwrap();
+        std::fs::write(root.join("tenants/t1/tenant.yaml"), "id: t1\n").unwrap();
+        let repo = git2::Repository::init(root).unwrap();
+        let mut index = repo.index().unwrap();
+        index.add_all(["*"].iter(), git2::IndexAddOption::DEFAULT, None).unwrap();
+        index.write().unwrap();
+        let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
+        let head = repo.commit(Some("HEAD"), &sig, &sig, "c", &tree, &[]).unwrap().to_string();
+        let stats = || -> Vec<(String, FileStat)> {
+            ["dotmac.toml", "tenants/t1/tenant.yaml"]
+                .iter()
+                .map(|p| (p.to_string(), FileStat::of(&std::fs::symlink_metadata(root.join(p)).unwrap())))
+                .collect()
+        };
+        let text = |p: &str| std::fs::read_to_string(root.join(p)).ok().map(std::borrow::Cow::Owned);
+        let memo = root.join(".dotmac/cache/git-clean");
+        let staged = root.join(".dotmac/cache/git-staged");
+        // As if read well after the files were written (nothing is racy).
+        let later = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128
+            + 10 * RACY_NS;
+        let ask = |started_ns: i128| {
+            let i = worktree_index(root, || Some(memo.clone())).unwrap();
+            let read = i.was_read();
+            (read, i.commit_if_clean(&stats(), text, Some(&staged), Some((&memo, started_ns))))
+        };
+
+        // A file changed just before the read: answered, not remembered.
+        assert_eq!(ask(0), (true, Some(head.clone())));
+        assert!(!memo.exists());
+        assert_eq!(ask(later), (true, Some(head.clone())));
+        assert!(memo.exists());
+        assert_eq!(ask(later), (false, Some(head.clone())), "the index is not read again");
+
+        // What is remembered is what is answered (shown by a doctored answer).
+        let kept = std::fs::read_to_string(&memo).unwrap();
+        std::fs::write(&memo, kept.replace(&format!("{head}\n"), "-\n")).unwrap();
+        assert_eq!(ask(later), (false, None));
+
+        // A file's `stat` moved: the index is read after all, and the new answer kept.
+        std::fs::write(root.join("tenants/t1/tenant.yaml"), "id: t1\nname: x\n").unwrap();
+        assert_eq!(ask(later), (false, None), "modified, not the commit");
+        std::fs::write(root.join("tenants/t1/tenant.yaml"), "id: t1\n").unwrap();
+        assert_eq!(ask(later), (false, Some(head.clone())), "the same content again: git's content check");
+        assert_eq!(ask(later), (false, Some(head.clone())));
+
+        // The index written again (a stage): its `stat` moved, and it is read.
+        let mut index = repo.index().unwrap();
+        index.add_path(Path::new("tenants/t1/tenant.yaml")).unwrap();
+        index.write().unwrap();
+        assert!(ask(later).0, "a new index is read");
     }
 }
