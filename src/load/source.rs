@@ -909,14 +909,7 @@ impl WorktreeIndex {
         }
         let staged = self.diff_head_to_index().unwrap_or(true);
         if let Some(c) = cache {
-            let text = format!("{} {}\n", self.stamp, if staged { "staged" } else { "clean" });
-            if let Some(dir) = c.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let tmp = c.with_extension(format!("{}.tmp", std::process::id()));
-            if std::fs::write(&tmp, text).is_ok() {
-                let _ = std::fs::rename(&tmp, c);
-            }
+            remember_in(c, &format!("{} {}\n", self.stamp, if staged { "staged" } else { "clean" }));
         }
         staged
     }
@@ -963,14 +956,7 @@ impl WorktreeIndex {
         if let Some((file, started_ns)) = remember
             && !stats.iter().any(|(_, st)| st.racy(started_ns))
         {
-            let text = format!("{}\n{}\n{}\n", self.stamp, hex32(&digest), answer.as_deref().unwrap_or("-"));
-            if let Some(dir) = file.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            let tmp = file.with_extension(format!("{}.tmp", std::process::id()));
-            if std::fs::write(&tmp, text).is_ok() {
-                let _ = std::fs::rename(&tmp, file);
-            }
+            remember_in(file, &format!("{}\n{}\n{}\n", self.stamp, hex32(&digest), answer.as_deref().unwrap_or("-")));
         }
         answer
     }
@@ -1005,6 +991,18 @@ impl WorktreeIndex {
                 })
         });
         (unchanged && !self.staged(cache)).then(|| self.head.clone())
+    }
+}
+
+/// Writes a remembered answer whole or not at all (a temporary file renamed over it); a
+/// cache, so a failure only costs the next run the work again.
+fn remember_in(file: &Path, text: &str) {
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let tmp = file.with_extension(format!("{}.tmp", std::process::id()));
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, file);
     }
 }
 
