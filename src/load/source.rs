@@ -5,6 +5,7 @@
 //! `tenants/` (YAML) and `templates/` (anything). Each file is checked on the way in: a size
 //! limit, UTF-8, and symbolic links that stay inside the repository.
 
+use crate::fingerprint::Fingerprint;
 use rayon::prelude::*;
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
@@ -790,7 +791,7 @@ pub struct WorktreeIndex {
     entries: Option<IndexEntries>,
     /// The answer of an earlier run under the same index file and HEAD, with the digest of
     /// the files' `stat`s it was given for.
-    remembered: Option<([u8; 32], Option<String>)>,
+    remembered: Option<(Fingerprint, Option<String>)>,
     /// When the index file was written: an entry not older than it may hide a change made
     /// in the same clock tick (git's "racily clean" entries), so its content is compared.
     written_ns: i128,
@@ -820,7 +821,7 @@ fn index_entries(repo: &git2::Repository, prefix: &str) -> Option<IndexEntries> 
 }
 
 /// The digest of the files' `stat`s (paths included) an answer is remembered for.
-fn stats_digest(stats: &[(String, FileStat)]) -> [u8; 32] {
+fn stats_digest(stats: &[(String, FileStat)]) -> Fingerprint {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     for (path, st) in stats {
@@ -832,17 +833,17 @@ fn stats_digest(stats: &[(String, FileStat)]) -> [u8; 32] {
         h.update(st.size.to_le_bytes());
         h.update(st.ino.to_le_bytes());
     }
-    h.finalize().into()
+    Fingerprint::sha256(h.finalize().into())
 }
 
 /// A remembered answer, if `file` holds one for `stamp`: `(digest, commit or none)`.
-fn remembered_answer(file: &Path, stamp: &str) -> Option<([u8; 32], Option<String>)> {
+fn remembered_answer(file: &Path, stamp: &str) -> Option<(Fingerprint, Option<String>)> {
     let text = std::fs::read_to_string(file).ok()?;
     let mut lines = text.lines();
     if lines.next()? != stamp {
         return None;
     }
-    let digest = unhex32(lines.next()?)?;
+    let digest = Fingerprint::from(lines.next()?);
     let answer = match lines.next()? {
         "-" => None,
         commit => Some(commit.to_owned()),
@@ -956,7 +957,7 @@ impl WorktreeIndex {
         if let Some((file, started_ns)) = remember
             && !stats.iter().any(|(_, st)| st.racy(started_ns))
         {
-            remember_in(file, &format!("{}\n{}\n{}\n", self.stamp, hex32(&digest), answer.as_deref().unwrap_or("-")));
+            remember_in(file, &format!("{}\n{digest}\n{}\n", self.stamp, answer.as_deref().unwrap_or("-")));
         }
         answer
     }
@@ -1004,22 +1005,6 @@ fn remember_in(file: &Path, text: &str) {
     if std::fs::write(&tmp, text).is_ok() {
         let _ = std::fs::rename(&tmp, file);
     }
-}
-
-fn hex32(d: &[u8; 32]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in b.chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]
