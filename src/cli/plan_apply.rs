@@ -45,9 +45,10 @@ fn scope_of(tenants: &[String]) -> TenantScope {
     if tenants.is_empty() { TenantScope::All } else { TenantScope::Only(tenants.iter().cloned().collect()) }
 }
 
-/// Where whether the work tree is its commit is remembered (`WorktreeIndex`).
-fn git_clean_file(state_dir: &Path) -> PathBuf {
-    state_dir.join("cache").join("git-clean")
+/// Where an answer about git's index is remembered (`WorktreeIndex`): `git-clean`, whether
+/// the work tree is its commit; `git-staged`, whether anything is staged.
+fn git_cache(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join("cache").join(name)
 }
 
 /// Opens the repository; with `strict`, any error in it stops here (after printing them).
@@ -66,7 +67,7 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool, ear
         let status = g.rev.is_none().then(|| {
             s.spawn(move || {
                 let t = std::time::Instant::now();
-                let i = source::worktree_index(root, || Some(git_clean_file(&state_dir_rx.recv().ok()?)));
+                let i = source::worktree_index(root, || Some(git_cache(&state_dir_rx.recv().ok()?, "git-clean")));
                 tracing::debug!(elapsed = ?t.elapsed(), read = i.as_ref().map(|i| i.was_read()), "git's index");
                 i
             })
@@ -122,7 +123,7 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool, ear
     let revision = match &ws.loaded.origin {
         Origin::Commit(c) => Some(c.clone()),
         Origin::WorkTree => {
-            let cache = ws.state_dir.join("cache").join("git-staged");
+            let cache = git_cache(&ws.state_dir, "git-staged");
             // A file of a tenant folder known by its `stat` was not read: it is read now.
             let text_of = |p: &str| {
                 ws.loaded
@@ -130,7 +131,7 @@ pub fn prepare(g: &Global, tenants: &[String], now: Timestamp, strict: bool, ear
                     .map(Cow::Borrowed)
                     .or_else(|| std::fs::read_to_string(ws.loaded.root.join(p)).ok().map(Cow::Owned))
             };
-            let remember = git_clean_file(&ws.state_dir);
+            let remember = git_cache(&ws.state_dir, "git-clean");
             worktree_revision.and_then(|i| {
                 i.commit_if_clean(&ws.loaded.stats, text_of, Some(&cache), Some((&remember, ws.loaded.read_started_ns)))
             })
