@@ -114,7 +114,9 @@ pub(super) fn run(store: &LocalStore) -> Result<()> {
             }
             let s = slot.get_or_insert_with(super::Shard::absent);
             store.prepare(n, s)?;
-            store.set(s, &a, a.to_string(), Some((&text, fingerprint::of(&content), meta)));
+            let key = a.to_string();
+            let framed = super::shard::framed(&key, &text);
+            store.set(s, &a, key, Some((framed, fingerprint::of(&content), meta)));
         }
         moved += 1;
     }

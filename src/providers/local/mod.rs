@@ -55,14 +55,12 @@ use crate::fingerprint::{self, Fingerprint};
 use crate::load::settings::ProviderSettings;
 use crate::load::yaml;
 use crate::model::{Address, Content, ProviderId, Resource, ResourceKind, SecretMeta};
-use crate::yamlfmt;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use index::Stamp;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::ops::Range;
@@ -586,14 +584,12 @@ impl LocalStore {
         Ok(())
     }
 
-    /// Changes the image: `key` now holds `text` (with this fingerprint and metadata), or
-    /// nothing.
-    fn set(&self, s: &mut Shard, a: &Address, key: String, new: Option<(&str, Fingerprint, Option<SecretMeta>)>) {
+    /// Changes the image: `key` now holds the framed entry (`shard::framed`, with this
+    /// fingerprint and metadata), or nothing.
+    fn set(&self, s: &mut Shard, a: &Address, key: String, new: Option<(Vec<u8>, Fingerprint, Option<SecretMeta>)>) {
         let base_of = |e: &Entry| Some(Base { hash: e.hash, fingerprint: e.fingerprint.clone() });
         match new {
-            Some((text, fingerprint, meta)) => {
-                let mut framed = Vec::with_capacity(text.len() + text.len() / 16 + key.len() + 32);
-                shard::frame(&mut framed, &key, text);
+            Some((framed, fingerprint, meta)) => {
                 let entry =
                     Entry { address: a.clone(), fingerprint, meta, hash: digest(&framed), body: Body::New(framed) };
                 if s.born {
@@ -638,7 +634,8 @@ impl LocalStore {
         let meta = rec.meta();
         let content = Content::SecretMeta(meta.clone());
         let fp = fingerprint::of(&content);
-        self.set(s, a, key, Some((&text, fp.clone(), Some(meta))));
+        let framed = shard::framed(&key, &text);
+        self.set(s, a, key, Some((framed, fp.clone(), Some(meta))));
         Ok(LiveResource { address: a.clone(), fingerprint: fp, content: Some(Box::new(content)) })
     }
 
@@ -1041,20 +1038,20 @@ impl Provider for LocalStore {
             let v = NewVersion { value: value.expose(), placeholder, written: None };
             return self.write_secret_version(n, s, a, v, expect);
         }
-        // The entry's text and fingerprint are made before the shard is locked.
-        let text: Cow<'_, str> = match &*r.content {
-            Content::Text(t) => Cow::Borrowed(t),
-            Content::Json(v) => Cow::Owned(yamlfmt::to_yaml(v)),
+        // The entry and its fingerprint are made before the shard is locked.
+        let key = a.text();
+        let framed = match &*r.content {
+            Content::Text(t) => shard::framed(&key, t),
+            Content::Json(v) => shard::framed_yaml(&key, v),
             other => return Err(ProviderError::Other(format!("{a}: cannot store {other:?} here"))),
         };
         let fp = r.fingerprint.clone().unwrap_or_else(|| fingerprint::of(&r.content));
         debug_assert_eq!(fp, fingerprint::of(&r.content), "{a}: the caller's fingerprint is the content's");
         let mut slot = self.loaded(n)?;
         let s = slot.get_or_insert_with(Shard::absent);
-        let key = a.text();
         self.prepare(n, s)?;
         self.check(s, a, &key, expect)?;
-        self.set(s, a, key, Some((&text, fp.clone(), None)));
+        self.set(s, a, key, Some((framed, fp.clone(), None)));
         // The content is the caller's already: it is not copied back.
         Ok(LiveResource { address: a.clone(), fingerprint: fp, content: None })
     }
