@@ -12,7 +12,12 @@ impl Paint {
     /// `s` in the color `code` (an SGR code) when colors are on; written where it is
     /// printed, not into a string of its own (a plan of 130,000 changes prints a million).
     fn c<'a, T: std::fmt::Display>(&self, code: &'a str, s: T) -> Painted<'a, T> {
-        Painted { code: self.0.then_some(code), s }
+        self.maybe(Some(code), s)
+    }
+
+    /// `s` in the color `code`, if there is one and colors are on.
+    fn maybe<'a, T: std::fmt::Display>(&self, code: Option<&'a str>, s: T) -> Painted<'a, T> {
+        Painted { code: code.filter(|_| self.0), s }
     }
 }
 
@@ -135,12 +140,13 @@ fn tenant_changes(changes: &[Change], color: bool, max_diff_lines: usize) -> Str
                     let _ = writeln!(out, "      … ({} more lines)", diff.lines().count() - 2 - n);
                     break;
                 }
-                let colored = match line.as_bytes().first() {
-                    Some(b'+') => p.c("32", line),
-                    Some(b'-') => p.c("31", line),
-                    Some(b'@') => p.c("36", line),
-                    _ => Paint(false).c("", line),
+                let color = match line.as_bytes().first() {
+                    Some(b'+') => Some("32"),
+                    Some(b'-') => Some("31"),
+                    Some(b'@') => Some("36"),
+                    _ => None,
                 };
+                let colored = p.maybe(color, line);
                 let _ = writeln!(out, "      {colored}");
             }
         }
