@@ -1113,17 +1113,7 @@ mod tests {
     fn the_index_s_cached_tree_answers_only_while_it_is_whole() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        std::fs::create_dir_all(root.join("tenants/t1")).unwrap();
-        std::fs::write(root.join("dotmac.toml"), "[render]\n").unwrap();
-        std::fs::write(root.join("tenants/t1/tenant.yaml"), "id: t1\n").unwrap();
-        let repo = git2::Repository::init(root).unwrap();
-        let mut index = repo.index().unwrap();
-        index.add_all(["*"].iter(), git2::IndexAddOption::DEFAULT, None).unwrap();
-        // Written after its tree, so that the file keeps the cache, as `git commit` leaves it.
-        let tree = index.write_tree().unwrap();
-        index.write().unwrap();
-        let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
-        repo.commit(Some("HEAD"), &sig, &sig, "c", &repo.find_tree(tree).unwrap(), &[]).unwrap();
+        let (repo, tree, _) = committed(root);
         let objects = || files_under(&root.join(".git/objects"));
         let staged = || {
             let i = worktree_index(root, || None).unwrap();
@@ -1131,6 +1121,14 @@ mod tests {
         };
 
         assert_eq!(cached_tree(&mut repo.index().unwrap()), Some(tree));
+        assert!(!staged());
+
+        // A file added again unchanged: the record is no longer whole, the trees are compared
+        // and agree.
+        let mut index = repo.index().unwrap();
+        index.add_path(Path::new("dotmac.toml")).unwrap();
+        index.write().unwrap();
+        assert_eq!(cached_tree(&mut repo.index().unwrap()), None);
         assert!(!staged());
 
         // Staged: the cache is no longer whole, and the trees are compared.
@@ -1151,6 +1149,23 @@ mod tests {
         assert!(staged());
     }
 
+    /// A repository at `root` holding `dotmac.toml` and one tenant, committed as `git commit`
+    /// leaves it: the index written after its tree, so that the file keeps its record of
+    /// the tree. Returns the tree and the commit.
+    fn committed(root: &Path) -> (git2::Repository, git2::Oid, String) {
+        std::fs::create_dir_all(root.join("tenants/t1")).unwrap();
+        std::fs::write(root.join("dotmac.toml"), "[render]\n").unwrap();
+        std::fs::write(root.join("tenants/t1/tenant.yaml"), "id: t1\n").unwrap();
+        let repo = git2::Repository::init(root).unwrap();
+        let mut index = repo.index().unwrap();
+        index.add_all(["*"].iter(), git2::IndexAddOption::DEFAULT, None).unwrap();
+        let tree = index.write_tree().unwrap();
+        index.write().unwrap();
+        let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
+        let head = repo.commit(Some("HEAD"), &sig, &sig, "c", &repo.find_tree(tree).unwrap(), &[]).unwrap();
+        (repo, tree, head.to_string())
+    }
+
     fn files_under(dir: &Path) -> usize {
         std::fs::read_dir(dir)
             .unwrap()
@@ -1168,16 +1183,7 @@ mod tests {
     fn the_work_tree_answer_is_remembered_while_index_head_and_stats_stay() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        std::fs::create_dir_all(root.join("tenants/t1")).unwrap();
-        std::fs::write(root.join("dotmac.toml"), "[render]\n").unwrap();
-        std::fs::write(root.join("tenants/t1/tenant.yaml"), "id: t1\n").unwrap();
-        let repo = git2::Repository::init(root).unwrap();
-        let mut index = repo.index().unwrap();
-        index.add_all(["*"].iter(), git2::IndexAddOption::DEFAULT, None).unwrap();
-        index.write().unwrap();
-        let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
-        let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
-        let head = repo.commit(Some("HEAD"), &sig, &sig, "c", &tree, &[]).unwrap().to_string();
+        let (repo, _, head) = committed(root);
         let stats = || -> Vec<(String, FileStat)> {
             ["dotmac.toml", "tenants/t1/tenant.yaml"]
                 .iter()
