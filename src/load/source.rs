@@ -785,10 +785,9 @@ pub fn resolve_link(link_path: &str, target: &str) -> Option<String> {
 /// again.
 pub struct WorktreeIndex {
     head: String,
-    /// By path relative to the repository root: (mtime, mtime ns, size, inode, blob), as
-    /// git keeps them (32-bit size and inode). `None` while a remembered answer may stand in
-    /// for them: they are read only if it does not.
-    entries: Option<IndexEntries>,
+    /// What the index says, `None` while a remembered answer may stand in for it: it is
+    /// read only if that does not.
+    index: Option<IndexRead>,
     /// The answer of an earlier run under the same index file and HEAD, with the digest of
     /// the files' `stat`s it was given for.
     remembered: Option<(Fingerprint, Option<String>)>,
@@ -798,13 +797,20 @@ pub struct WorktreeIndex {
     /// The index file's `stat` (git replaces the file to change it) and what staged changes
     /// are looked for in, to tell whether anything is staged (see [`WorktreeIndex::staged`]).
     stamp: String,
-    /// The index, as read, records HEAD's tree as its own: nothing at all is staged.
-    holds_head_tree: bool,
     repo: PathBuf,
     prefix: String,
 }
 
 type IndexEntries = rustc_hash::FxHashMap<String, (i64, i64, u32, u32, git2::Oid)>;
+
+/// Git's index as read.
+struct IndexRead {
+    /// The engine's files by path relative to the repository root: (mtime, mtime ns, size,
+    /// inode, blob), as git keeps them (32-bit size and inode).
+    entries: IndexEntries,
+    /// The index records HEAD's tree as its own: nothing at all is staged.
+    holds_head_tree: bool,
+}
 
 /// The index entries of the engine's files.
 fn index_entries(index: &git2::Index, prefix: &str) -> IndexEntries {
@@ -876,31 +882,26 @@ pub fn worktree_index(root: &Path, remembered: impl FnOnce() -> Option<PathBuf>)
         m.ino()
     );
     let remembered = remembered().and_then(|file| remembered_answer(&file, &stamp));
-    let (entries, holds_head_tree) = match remembered {
-        Some(_) => (None, false),
-        None => {
-            let (entries, holds) = read_index(&repo, head.tree_id(), &prefix)?;
-            (Some(entries), holds)
-        }
+    let index = match remembered {
+        Some(_) => None,
+        None => Some(read_index(&repo, head.tree_id(), &prefix)?),
     };
     Some(WorktreeIndex {
         head: head.id().to_string(),
-        entries,
+        index,
         remembered,
         written_ns,
         stamp,
-        holds_head_tree,
         repo: repo.path().to_path_buf(),
         prefix,
     })
 }
 
-/// The index entries of the engine's files, and whether the index records `head_tree` as
-/// its own (nothing at all staged).
-fn read_index(repo: &git2::Repository, head_tree: git2::Oid, prefix: &str) -> Option<(IndexEntries, bool)> {
+/// Reads git's index: the engine's files in it, and whether it records `head_tree`.
+fn read_index(repo: &git2::Repository, head_tree: git2::Oid, prefix: &str) -> Option<IndexRead> {
     let mut index = repo.index().ok()?;
-    let holds = cached_tree(&mut index) == Some(head_tree);
-    Some((index_entries(&index, prefix), holds))
+    let holds_head_tree = cached_tree(&mut index) == Some(head_tree);
+    Some(IndexRead { entries: index_entries(&index, prefix), holds_head_tree })
 }
 
 /// The tree `index` would commit, when git's record of it (the cache-tree extension) is
@@ -915,7 +916,7 @@ fn cached_tree(index: &mut git2::Index) -> Option<git2::Oid> {
 impl WorktreeIndex {
     /// Whether the index was read (`false`: an answer of an earlier run may stand in).
     pub fn was_read(&self) -> bool {
-        self.entries.is_some()
+        self.index.is_some()
     }
 
     /// Something the engine reads is staged but not committed (`true` also when git cannot
@@ -995,16 +996,16 @@ impl WorktreeIndex {
         cache: Option<&Path>,
     ) -> Option<String> {
         let read;
-        let (entries, holds_head_tree) = match &self.entries {
-            Some(e) => (e, self.holds_head_tree),
+        let index = match &self.index {
+            Some(i) => i,
             None => {
                 let repo = git2::Repository::open(&self.repo).ok()?;
                 let head_tree = repo.find_commit(git2::Oid::from_str(&self.head).ok()?).ok()?.tree_id();
-                let (entries, holds) = read_index(&repo, head_tree, &self.prefix)?;
-                read = entries;
-                (&read, holds)
+                read = read_index(&repo, head_tree, &self.prefix)?;
+                &read
             }
         };
+        let entries = &index.entries;
         if stats.len() != entries.len() {
             return None; // a file untracked, ignored or deleted
         }
@@ -1020,7 +1021,7 @@ impl WorktreeIndex {
                     git2::Oid::hash_object(git2::ObjectType::Blob, t.as_bytes()).is_ok_and(|id| id == blob)
                 })
         });
-        (unchanged && !self.staged(cache, holds_head_tree)).then(|| self.head.clone())
+        (unchanged && !self.staged(cache, index.holds_head_tree)).then(|| self.head.clone())
     }
 }
 
@@ -1120,7 +1121,7 @@ mod tests {
         let objects = || files_under(&root.join(".git/objects"));
         let staged = || {
             let i = worktree_index(root, || None).unwrap();
-            i.staged(None, i.holds_head_tree)
+            i.staged(None, i.index.as_ref().unwrap().holds_head_tree)
         };
 
         assert_eq!(cached_tree(&mut repo.index().unwrap()), Some(tree));
