@@ -31,6 +31,8 @@ pub const SHARDS: usize = 64;
 
 const HEADER: &str = "=== ";
 const NO_EOL: &str = " (no final newline)";
+/// What each content line of an entry starts with.
+const INDENT: &str = "  ";
 
 /// The shard holding a tenant: FNV-1a (64 bits) of its name, modulo [`SHARDS`]. Stored files
 /// depend on it: it must never change.
@@ -72,7 +74,7 @@ pub fn framed_yaml(address: &str, v: &serde_json::Value) -> Vec<u8> {
     out.push_str(HEADER);
     out.push_str(address);
     out.push('\n');
-    crate::yamlfmt::write_indented(v, 2, &mut out);
+    crate::yamlfmt::write_indented(v, INDENT.len(), &mut out);
     out.into_bytes()
 }
 
@@ -91,7 +93,7 @@ pub fn frame(out: &mut Vec<u8>, address: &str, text: &str) {
     out.push(b'\n');
     for line in body.into_iter().flat_map(|b| b.split('\n')) {
         if !line.is_empty() {
-            out.extend_from_slice(b"  ");
+            out.extend_from_slice(INDENT.as_bytes());
             out.extend_from_slice(line.as_bytes());
         }
         out.push(b'\n');
@@ -112,7 +114,7 @@ pub fn unframe(entry: &str) -> Option<(&str, String)> {
     let lines = (!rest.is_empty()).then(|| rest.strip_suffix('\n').unwrap_or(rest).split('\n'));
     for line in lines.into_iter().flatten() {
         if !line.is_empty() {
-            text.push_str(line.strip_prefix("  ")?);
+            text.push_str(line.strip_prefix(INDENT)?);
         }
         text.push('\n');
     }
@@ -149,7 +151,7 @@ pub fn split(text: &str) -> Result<Vec<Raw<'_>>, (usize, String)> {
             let address = head.strip_suffix(NO_EOL).unwrap_or(head);
             out.push(Raw { address, start: pos, end: text.len(), line: line_no });
         } else if line.is_empty() || (line.starts_with('#') && out.is_empty()) {
-        } else if line.starts_with("  ") {
+        } else if line.starts_with(INDENT) {
             if out.is_empty() {
                 return Err((line_no, "content before the first `=== <address>` header".into()));
             }
