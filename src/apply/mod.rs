@@ -330,8 +330,12 @@ pub fn apply(plan: &Plan, providers: &Providers, state: &dyn StateStore, opts: &
             {
                 commit_error = Some(e);
             }
-            // Freed here instead if the freeing thread is gone.
-            let _ = spent_tx.send(commit);
+            if crate::engine::keeps_memory() {
+                std::mem::forget(commit);
+            } else {
+                // Freed here instead if the freeing thread is gone.
+                let _ = spent_tx.send(commit);
+            }
         };
         loop {
             match rx.recv_timeout(std::time::Duration::from_millis(200)) {
