@@ -148,21 +148,36 @@ pub fn load(dir: &Path) -> Option<Loaded> {
     Some(Loaded { file, parts, written: Stamp::of(&meta).nanos() })
 }
 
-/// The encoded index, one shard at a time.
-#[derive(Default)]
+/// The index being written, one shard at a time, straight to its temp file: built whole in
+/// memory (20 MB for a first apply of 10,000 tenants), its buffer was copied and touched
+/// about twice over as it grew, at the end of the apply.
 pub struct Writer {
-    out: Vec<u8>,
+    tmp: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    /// One shard's part, encoded before it is written (its length comes first).
+    part: Vec<u8>,
     shards: u32,
     /// The newest mtime of the shards written in (nanoseconds).
     newest: i128,
+    /// The first write that failed: the index is then not saved.
+    failed: Option<std::io::Error>,
 }
 
 impl Writer {
+    /// Starts the index of the store folder `dir` in a temp file there.
+    pub fn create(dir: &Path) -> std::io::Result<Writer> {
+        let tmp = dir.join(format!(".index.{}.tmp", std::process::id()));
+        let mut out = std::io::BufWriter::with_capacity(1 << 18, std::fs::File::create(&tmp)?);
+        out.write_all(MAGIC)?;
+        // The number of shards, written again once known.
+        out.write_all(&0u32.to_le_bytes())?;
+        Ok(Writer { tmp, out, part: Vec::new(), shards: 0, newest: 0, failed: None })
+    }
+
     pub fn shard<'a>(&mut self, shard: usize, stamp: &Stamp, entries: impl ExactSizeIterator<Item = Cached<'a>>) {
-        self.head(shard, stamp, entries.len());
-        let at = self.out.len();
-        self.out.extend_from_slice(&0u64.to_le_bytes());
-        let out = &mut self.out;
+        let count = entries.len();
+        let out = &mut self.part;
+        out.clear();
         for e in entries {
             put_str(out, e.address);
             out.extend_from_slice(&(e.start as u64).to_le_bytes());
@@ -181,52 +196,76 @@ impl Writer {
                 }
             }
         }
-        let len = (self.out.len() - at - 8) as u64;
-        self.out[at..at + 8].copy_from_slice(&len.to_le_bytes());
+        let part = std::mem::take(&mut self.part);
+        self.write_part(shard, stamp, count, &part);
+        self.part = part;
     }
 
     /// A shard's part copied from a loaded index, unchanged.
     pub fn copy(&mut self, from: &Loaded, shard: usize) {
         let Some((part, bytes)) = from.raw(shard) else { return };
-        self.head(shard, &part.stamp, part.count);
-        self.out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        self.out.extend_from_slice(&bytes);
+        self.write_part(shard, &part.stamp, part.count, &bytes);
     }
 
-    fn head(&mut self, shard: usize, stamp: &Stamp, count: usize) {
+    /// A shard's head, then its part's length and bytes.
+    fn write_part(&mut self, shard: usize, stamp: &Stamp, count: usize, bytes: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
         self.shards += 1;
         self.newest = self.newest.max(stamp.nanos());
-        let out = &mut self.out;
-        out.push(shard as u8);
-        out.extend_from_slice(&stamp.mtime.to_le_bytes());
-        out.extend_from_slice(&stamp.mtime_ns.to_le_bytes());
-        out.extend_from_slice(&stamp.size.to_le_bytes());
-        out.extend_from_slice(&stamp.ino.to_le_bytes());
-        out.extend_from_slice(&(count as u32).to_le_bytes());
+        let mut head = [0u8; 1 + 8 * 4 + 4 + 8];
+        head[0] = shard as u8;
+        for (i, v) in
+            [stamp.mtime.to_le_bytes(), stamp.mtime_ns.to_le_bytes(), stamp.size.to_le_bytes(), stamp.ino.to_le_bytes()]
+                .iter()
+                .enumerate()
+        {
+            head[1 + 8 * i..9 + 8 * i].copy_from_slice(v);
+        }
+        head[33..37].copy_from_slice(&(count as u32).to_le_bytes());
+        head[37..45].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+        if let Err(e) = self.out.write_all(&head).and_then(|()| self.out.write_all(bytes)) {
+            self.failed = Some(e);
+        }
     }
 
-    /// Writes the index (through a temp file and a rename) and returns its mtime, which is
-    /// made later than every shard's: a shard written just before is then trusted by the next
-    /// run instead of being read again as "racily clean".
+    /// Finishes the index (its shard count, then a rename over the old one) and returns its
+    /// mtime, which is made later than every shard's: a shard written just before is then
+    /// trusted by the next run instead of being read again as "racily clean".
     pub fn save(self, dir: &Path) -> std::io::Result<i128> {
-        let tmp = dir.join(format!(".index.{}.tmp", std::process::id()));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(MAGIC)?;
-        f.write_all(&self.shards.to_le_bytes())?;
-        f.write_all(&self.out)?;
-        let mut written = Stamp::of(&f.metadata()?).nanos();
-        // File times come from a clock that ticks every few milliseconds: wait out the tick.
-        for _ in 0..50 {
-            if written > self.newest {
-                break;
+        let Writer { tmp, out, shards, newest, failed, .. } = self;
+        let written = (|| {
+            if let Some(e) = failed {
+                return Err(e);
             }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            f.set_modified(std::time::SystemTime::now())?;
-            written = Stamp::of(&f.metadata()?).nanos();
+            let f = out.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+            {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&shards.to_le_bytes(), MAGIC.len() as u64)?;
+            }
+            let mut written = Stamp::of(&f.metadata()?).nanos();
+            // File times come from a clock that ticks every few milliseconds: wait out the tick.
+            for _ in 0..50 {
+                if written > newest {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                f.set_modified(std::time::SystemTime::now())?;
+                written = Stamp::of(&f.metadata()?).nanos();
+            }
+            Ok(written)
+        })();
+        match written {
+            Ok(w) => {
+                std::fs::rename(&tmp, path(dir))?;
+                Ok(w)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
         }
-        drop(f);
-        std::fs::rename(&tmp, path(dir))?;
-        Ok(written)
     }
 }
 
@@ -304,7 +343,7 @@ mod tests {
         let meta =
             SecretMeta { version: 2, updated: "u".into(), created: "c".into(), deleted: false, placeholder: true };
         let sha = format!("sha256:{}", "ab".repeat(32));
-        let mut w = Writer::default();
+        let mut w = Writer::create(d.path()).unwrap();
         let entries = [
             Cached {
                 address: "t1/openbao.secret[db]",

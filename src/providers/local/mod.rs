@@ -875,7 +875,13 @@ impl LocalStore {
         if !self.index_stale.swap(false, Ordering::Relaxed) || !self.dir.is_dir() {
             return;
         }
-        let mut w = index::Writer::default();
+        let mut w = match index::Writer::create(&self.dir) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(dir = %self.dir.display(), "cannot save the index: {e}");
+                return;
+            }
+        };
         let mut saved: Vec<(usize, Stamp)> = Vec::new();
         for n in 0..SHARDS {
             let slot = self.lock(n);
