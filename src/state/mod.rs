@@ -247,7 +247,14 @@ pub trait StateStore: Send + Sync {
     /// Starts an apply: moves the serial and returns the new one.
     fn begin_apply(&self) -> Result<u64>;
     /// Applies one transaction at `serial`.
-    fn commit(&self, serial: u64, commit: &Commit) -> Result<()>;
+    fn commit(&self, serial: u64, commit: &Commit) -> Result<()> {
+        self.commit_parts(serial, std::slice::from_ref(commit))
+    }
+    /// Applies `parts` in one transaction at `serial`, as [`commit`](Self::commit) would
+    /// their concatenation: the apply commits a batch of tenants' results at a time, each as
+    /// its worker made it (merged first, the batches' vectors were grown and copied on the
+    /// thread the apply waits for).
+    fn commit_parts(&self, serial: u64, parts: &[Commit]) -> Result<()>;
     fn journal_add(&self, entries: &[JournalEntry]) -> Result<()>;
     fn journal(&self) -> Result<Vec<JournalEntry>>;
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>>;

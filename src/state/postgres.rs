@@ -692,10 +692,14 @@ impl StateStore for PgStore {
         Ok(serial as u64)
     }
 
-    fn commit(&self, serial: u64, c: &Commit) -> Result<()> {
-        if c.is_empty() {
+    fn commit_parts(&self, serial: u64, parts: &[Commit]) -> Result<()> {
+        if parts.iter().all(Commit::is_empty) {
             return Ok(());
         }
+        let upserts: Vec<&super::Upsert> = parts.iter().flat_map(|c| &c.upserts).collect();
+        let audit: Vec<&AuditEntry> = parts.iter().flat_map(|c| &c.audit).collect();
+        let clear_journal: Vec<&String> = parts.iter().flat_map(|c| &c.clear_journal).collect();
+        let drop_journal: Vec<&(String, String)> = parts.iter().flat_map(|c| &c.drop_journal).collect();
         let mut conn = self.conn()?;
         let e = self.err("recording the apply");
         let mut tx = conn.transaction().map_err(&e)?;
@@ -704,7 +708,7 @@ impl StateStore for PgStore {
         let serial = serial as i64;
         // One row per address, the last upsert winning (as one statement cannot touch a row twice).
         let mut last: HashMap<&str, usize> = HashMap::new();
-        let texts: Vec<&str> = c.upserts.iter().map(|u| u.address_text.as_str()).collect();
+        let texts: Vec<&str> = upserts.iter().map(|u| u.address_text.as_str()).collect();
         for (i, t) in texts.iter().enumerate() {
             last.insert(t, i);
         }
@@ -716,7 +720,7 @@ impl StateStore for PgStore {
             let mut fingerprint: Vec<&str> = Vec::with_capacity(chunk.len());
             let mut content: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
             for &i in chunk {
-                let u = &c.upserts[i];
+                let u = upserts[i];
                 address.push(texts[i]);
                 tenant.push(u.address.tenant.as_str());
                 provider.push(u.address.provider().as_str());
@@ -733,12 +737,12 @@ impl StateStore for PgStore {
             )
             .map_err(&e)?;
         }
-        let forget: Vec<String> = c.forget.iter().map(Address::to_string).collect();
+        let forget: Vec<String> = parts.iter().flat_map(|c| &c.forget).map(Address::to_string).collect();
         for chunk in forget.chunks(CHUNK) {
             tx.execute("DELETE FROM dotmac_resources WHERE address = ANY($1)", &[&chunk]).map_err(&e)?;
         }
-        for chunk in c.audit.chunks(CHUNK) {
-            let col = |f: fn(&AuditEntry) -> &str| chunk.iter().map(f).collect::<Vec<&str>>();
+        for chunk in audit.chunks(CHUNK) {
+            let col = |f: fn(&AuditEntry) -> &str| chunk.iter().map(|a| f(a)).collect::<Vec<&str>>();
             let json = |f: fn(&AuditEntry) -> &Option<JsonText>| {
                 chunk.iter().map(|a| f(a).as_ref().map(JsonText::as_str)).collect::<Vec<Option<&str>>>()
             };
@@ -769,13 +773,13 @@ impl StateStore for PgStore {
             )
             .map_err(&e)?;
         }
-        if c.clear_whole_journal {
+        if parts.iter().any(|c| c.clear_whole_journal) {
             tx.execute("DELETE FROM dotmac_journal", &[]).map_err(&e)?;
         }
-        for chunk in c.clear_journal.chunks(CHUNK) {
+        for chunk in clear_journal.chunks(CHUNK) {
             tx.execute("DELETE FROM dotmac_journal WHERE address = ANY($1)", &[&chunk]).map_err(&e)?;
         }
-        for chunk in c.drop_journal.chunks(CHUNK) {
+        for chunk in drop_journal.chunks(CHUNK) {
             let addresses: Vec<&str> = chunk.iter().map(|(a, _)| a.as_str()).collect();
             let plans: Vec<&str> = chunk.iter().map(|(_, p)| p.as_str()).collect();
             tx.execute(

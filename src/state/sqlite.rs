@@ -187,9 +187,11 @@ fn tenant_range(tenant: &str) -> (String, String) {
 
 /// Takes entries out of the journal: every plan's of the addresses in `clear`, and one plan's
 /// of an address in `dropped`. A row left with none is deleted.
-fn settle_journal(tx: &rusqlite::Transaction<'_>, clear: &[String], dropped: &[(String, String)]) -> Result<()> {
-    let clear: BTreeSet<&str> = clear.iter().map(String::as_str).collect();
-    let dropped: BTreeSet<(&str, &str)> = dropped.iter().map(|(a, p)| (a.as_str(), p.as_str())).collect();
+fn settle_journal(
+    tx: &rusqlite::Transaction<'_>,
+    clear: BTreeSet<&str>,
+    dropped: BTreeSet<(&str, &str)>,
+) -> Result<()> {
     let tenants: BTreeSet<&str> = clear.iter().copied().chain(dropped.iter().map(|(a, _)| *a)).map(tenant_of).collect();
     let mut read = tx.prepare_cached("SELECT plan_id, entries FROM journal WHERE tenant = ?1")?;
     let mut write = tx.prepare_cached("UPDATE journal SET entries = ?3 WHERE tenant = ?1 AND plan_id = ?2")?;
@@ -415,8 +417,8 @@ impl StateStore for SqliteStore {
         Ok(next)
     }
 
-    fn commit(&self, serial: u64, c: &Commit) -> Result<()> {
-        if c.is_empty() {
+    fn commit_parts(&self, serial: u64, parts: &[Commit]) -> Result<()> {
+        if parts.iter().all(Commit::is_empty) {
             return Ok(());
         }
         let mut conn = self.conn();
@@ -436,7 +438,7 @@ impl StateStore for SqliteStore {
             up.raw_bind_parameter(6, &now)?;
             up.raw_bind_parameter(7, serial as i64)?;
             let (mut tenant_bound, mut provider_bound) = (Sticky::default(), Sticky::default());
-            for u in &c.upserts {
+            for u in parts.iter().flat_map(|c| &c.upserts) {
                 let tenant = u.address.tenant.as_str();
                 up.raw_bind_parameter(1, &u.address_text)?;
                 tenant_bound.bind(&mut up, 2, tenant)?;
@@ -452,7 +454,7 @@ impl StateStore for SqliteStore {
             }
             let mut del = tx.prepare_cached("DELETE FROM resources WHERE address = ?1")?;
             let mut emptied = BTreeSet::new();
-            for a in &c.forget {
+            for a in parts.iter().flat_map(|c| &c.forget) {
                 del.execute(params![a.text()])?;
                 emptied.insert(a.tenant.as_str());
             }
@@ -471,7 +473,7 @@ impl StateStore for SqliteStore {
             // An apply's entries share their time, correlation id and actor, and a tenant's
             // its name (one text each, not copies): bound again only where the text changes.
             let mut shared: [Sticky<'_>; 4] = Default::default();
-            for e in &c.audit {
+            for e in parts.iter().flat_map(|c| &c.audit) {
                 for (i, (bound, v)) in
                     shared.iter_mut().zip([&e.time, &e.correlation_id, &e.actor, &e.tenant]).enumerate()
                 {
@@ -486,10 +488,15 @@ impl StateStore for SqliteStore {
                 au.raw_bind_parameter(11, &e.message)?;
                 au.raw_execute()?;
             }
-            if c.clear_whole_journal {
+            if parts.iter().any(|c| c.clear_whole_journal) {
                 tx.execute("DELETE FROM journal", [])?;
-            } else if !c.clear_journal.is_empty() || !c.drop_journal.is_empty() {
-                settle_journal(&tx, &c.clear_journal, &c.drop_journal)?;
+            } else {
+                let clear: BTreeSet<&str> = parts.iter().flat_map(|c| &c.clear_journal).map(String::as_str).collect();
+                let dropped: BTreeSet<(&str, &str)> =
+                    parts.iter().flat_map(|c| &c.drop_journal).map(|(a, p)| (a.as_str(), p.as_str())).collect();
+                if !clear.is_empty() || !dropped.is_empty() {
+                    settle_journal(&tx, clear, dropped)?;
+                }
             }
         }
         tx.commit()?;
