@@ -113,17 +113,43 @@ fn plain_ok(s: &str) -> bool {
     }
     let mut after_colon = false;
     for &c in b {
-        // Control characters include every ASCII space but ' ' itself: tab, line breaks.
-        if c < 0x20 || c == 0x7f || matches!(c, b'#' | b'"' | b'\'' | b'{' | b'}' | b'[' | b']' | b',') {
-            return false;
+        match PLAIN[usize::from(c)] {
+            OTHER => after_colon = false,
+            NEVER => return false,
+            SPACE if after_colon => return false,
+            SPACE => {}
+            _ => after_colon = true,
         }
-        if c == b' ' && after_colon {
-            return false;
-        }
-        after_colon = c == b':';
     }
     reads_as_text(s)
 }
+
+/// What an ASCII byte is to [`plain_ok`], looked up once per byte (the branches of the
+/// comparisons were most of the stores' YAML writing).
+const OTHER: u8 = 0;
+/// Never in a plain scalar as written here: control characters (every ASCII space but ' '
+/// itself: tab, line breaks), DEL, and `#"'{}[],`.
+const NEVER: u8 = 1;
+const SPACE: u8 = 2;
+const COLON: u8 = 3;
+const PLAIN: [u8; 256] = {
+    let mut t = [OTHER; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = NEVER;
+        c += 1;
+    }
+    t[0x7f] = NEVER;
+    let never = b"#\"'{}[],";
+    let mut i = 0;
+    while i < never.len() {
+        t[never[i] as usize] = NEVER;
+        i += 1;
+    }
+    t[b' ' as usize] = SPACE;
+    t[b':' as usize] = COLON;
+    t
+};
 
 /// Whether `s` can be written plain, for any string.
 fn plain_ok_any(s: &str) -> bool {
