@@ -339,8 +339,6 @@ pub fn main() -> ExitCode {
     }
     if matches!(cli.command, Command::Apply { .. }) {
         crate::render::budget::small_pages_only();
-    }
-    if matches!(cli.command, Command::Apply { .. } | Command::Plan { .. }) {
         crate::engine::keep_memory_below(1024);
     }
     init_logging(&cli.global, daemon);
