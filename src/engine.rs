@@ -713,8 +713,8 @@ static KEEP_BELOW_MIB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 /// the committed batches, the stores' written entries: millions of small blocks made on
 /// other threads) cost more CPU, on the freeing threads and on the threads that then
 /// collect the freed blocks and allocate from them scattered, than the fresh pages used
-/// instead: at 10,000 tenants, CPU medians 4.0-4.4 → 3.8-4.3 s and wall 2.25-2.47 →
-/// 2.11-2.40 s (four sets of 8-10 alternated cold applies), peak RSS 700 → 950 MiB. Past
+/// instead: at 10,000 tenants, CPU medians 4.0-4.6 → 3.8-4.3 s and wall 2.24-2.57 →
+/// 2.11-2.40 s (five sets of 8-10 alternated cold applies), peak RSS 700 → 950 MiB. Past
 /// the bound (100,000 tenants, where a fresh page costs more) memory is freed as before.
 /// `plan` frees as before: its no-op run took the same time either way (0.215 s at 10,000
 /// tenants), and a no-op plan's peak memory has limits of its own (300 MiB; 2 GiB at
