@@ -727,7 +727,8 @@ pub fn keep_memory_below(mib: u64) {
 /// [`keep_memory_below`]).
 pub fn keeps_memory() -> bool {
     let bound = KEEP_BELOW_MIB.load(std::sync::atomic::Ordering::Relaxed);
-    bound > 0 && rss_mib() < bound
+    // Where the resident size cannot be read (0), nothing is kept.
+    bound > 0 && (1..bound).contains(&rss_mib())
 }
 
 /// The process's resident memory in MiB, for the debug log of each stage (0 where
@@ -738,4 +739,53 @@ pub(crate) fn rss_mib() -> u64 {
     // SAFETY: sysconf only reads a constant of the system.
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     pages * page / (1024 * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts its drops.
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits (up to 5 s) for `n` drops.
+    fn dropped(count: &AtomicUsize, n: usize) -> bool {
+        (0..500).any(|_| {
+            let done = count.load(Ordering::SeqCst) >= n;
+            if !done {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            done
+        })
+    }
+
+    #[test]
+    fn what_is_handed_over_is_kept_only_under_the_bound() {
+        // The bound is the process's: other tests running meanwhile keep or free theirs
+        // by it too, which changes nothing they check.
+        let count = Arc::new(AtomicUsize::new(0));
+        super::keep_memory_below(0);
+        assert!(!super::keeps_memory(), "no bound: everything is freed");
+        super::drop_later(Counted(Arc::clone(&count)));
+        assert!(dropped(&count, 1), "freed on its thread");
+
+        super::keep_memory_below(u64::MAX);
+        assert!(super::keeps_memory(), "under the bound");
+        super::drop_later(Counted(Arc::clone(&count)));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(count.load(Ordering::SeqCst), 1, "kept: never freed");
+
+        // A process of this size is past a bound of 1 MiB.
+        super::keep_memory_below(1);
+        assert!(!super::keeps_memory(), "past the bound");
+        super::drop_later(Counted(Arc::clone(&count)));
+        assert!(dropped(&count, 2), "freed again past the bound");
+        super::keep_memory_below(0);
+    }
 }
