@@ -118,14 +118,15 @@ fn plain_ok(s: &str) -> bool {
             NEVER => return false,
             SPACE if after_colon => return false,
             SPACE => {}
-            _ => after_colon = true,
+            _ /* COLON */ => after_colon = true,
         }
     }
     reads_as_text(s)
 }
 
-/// What an ASCII byte is to [`plain_ok`], looked up once per byte (the branches of the
-/// comparisons were most of the stores' YAML writing).
+/// What an ASCII byte is to [`plain_ok`], looked up once per byte: with a chain of
+/// comparisons per byte instead, `string` was three quarters of the YAML writer's
+/// instructions under callgrind (113.5 M of 148.8 M at 2,000 tenants; 82.7 M with this).
 const OTHER: u8 = 0;
 /// Never in a plain scalar as written here: control characters (every ASCII space but ' '
 /// itself: tab, line breaks), DEL, and `#"'{}[],`.

@@ -214,18 +214,16 @@ impl Writer {
         }
         self.shards += 1;
         self.newest = self.newest.max(stamp.nanos());
-        let mut head = [0u8; 1 + 8 * 4 + 4 + 8];
-        head[0] = shard as u8;
-        for (i, v) in
-            [stamp.mtime.to_le_bytes(), stamp.mtime_ns.to_le_bytes(), stamp.size.to_le_bytes(), stamp.ino.to_le_bytes()]
-                .iter()
-                .enumerate()
-        {
-            head[1 + 8 * i..9 + 8 * i].copy_from_slice(v);
-        }
-        head[33..37].copy_from_slice(&(count as u32).to_le_bytes());
-        head[37..45].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
-        if let Err(e) = self.out.write_all(&head).and_then(|()| self.out.write_all(bytes)) {
+        let head: [&[u8]; 7] = [
+            &[shard as u8],
+            &stamp.mtime.to_le_bytes(),
+            &stamp.mtime_ns.to_le_bytes(),
+            &stamp.size.to_le_bytes(),
+            &stamp.ino.to_le_bytes(),
+            &(count as u32).to_le_bytes(),
+            &(bytes.len() as u64).to_le_bytes(),
+        ];
+        if let Err(e) = head.iter().chain([&bytes]).try_for_each(|b| self.out.write_all(b)) {
             self.failed = Some(e);
         }
     }
