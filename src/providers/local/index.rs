@@ -152,7 +152,9 @@ pub fn load(dir: &Path) -> Option<Loaded> {
 /// memory (20 MB for a first apply of 10,000 tenants), its buffer was copied and touched
 /// about twice over as it grew, at the end of the apply.
 pub struct Writer {
+    /// The temp file, in the store folder, and the index's path there.
     tmp: PathBuf,
+    dest: PathBuf,
     out: std::io::BufWriter<std::fs::File>,
     /// One shard's part, encoded before it is written (its length comes first).
     part: Vec<u8>,
@@ -171,7 +173,7 @@ impl Writer {
         out.write_all(MAGIC)?;
         // The number of shards, written again once known.
         out.write_all(&0u32.to_le_bytes())?;
-        Ok(Writer { tmp, out, part: Vec::new(), shards: 0, newest: 0, failed: None })
+        Ok(Writer { tmp, dest: path(dir), out, part: Vec::new(), shards: 0, newest: 0, failed: None })
     }
 
     pub fn shard<'a>(&mut self, shard: usize, stamp: &Stamp, entries: impl ExactSizeIterator<Item = Cached<'a>>) {
@@ -231,8 +233,8 @@ impl Writer {
     /// Finishes the index (its shard count, then a rename over the old one) and returns its
     /// mtime, which is made later than every shard's: a shard written just before is then
     /// trusted by the next run instead of being read again as "racily clean".
-    pub fn save(self, dir: &Path) -> std::io::Result<i128> {
-        let Writer { tmp, out, shards, newest, failed, .. } = self;
+    pub fn save(self) -> std::io::Result<i128> {
+        let Writer { tmp, dest, out, shards, newest, failed, .. } = self;
         let written = (|| {
             if let Some(e) = failed {
                 return Err(e);
@@ -256,7 +258,7 @@ impl Writer {
         })();
         match written {
             Ok(w) => {
-                std::fs::rename(&tmp, path(dir))?;
+                std::fs::rename(&tmp, &dest)?;
                 Ok(w)
             }
             Err(e) => {
@@ -361,7 +363,7 @@ mod tests {
             },
         ];
         w.shard(3, &stamp, entries.into_iter());
-        let written = w.save(d.path()).unwrap();
+        let written = w.save().unwrap();
         assert!(written > stamp.nanos(), "the index is newer than the shard it describes");
         let back = load(d.path()).unwrap();
         assert_eq!(back.written, written);

@@ -907,7 +907,7 @@ impl LocalStore {
             w.shard(n, &stamp, entries.collect::<Vec<_>>().into_iter());
             saved.push((n, stamp));
         }
-        match w.save(&self.dir) {
+        match w.save() {
             Ok(written) => {
                 for (n, stamp) in saved {
                     if let Some(s) = self.lock(n).as_mut()
